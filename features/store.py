@@ -1,0 +1,204 @@
+"""The HDF5 feature store: create, resume, write rows, mark complete, and read lazily.
+
+The layout is in features/schema.py. Crash safety comes from the layout never changing after
+creation: every dataset is allocated in full when the store is made (HDF5 early allocation), so a
+later write only touches raw chunk bytes, never the file's metadata; a row's `done` flag is written
+and flushed only after its data, and `complete` is set only once every row is done.
+"""
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from features import schema
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be used as asked (wrong config, incomplete, missing dataset)."""
+
+
+@dataclass
+class StoreDims:
+    n_frames: int      # F
+    frame_dim: int     # D
+    text_dim: int      # Dt
+    n_tokens: int      # T
+
+
+def _early_dcpl():
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl
+
+
+def create_dataset(h5, name, shape, dtype):
+    """A dataset chunked by row and allocated in full now, so later writes never touch metadata."""
+    chunks = (1,) + tuple(shape[1:]) if len(shape) > 1 else (min(max(shape[0], 1), 4096),)
+    # fill_time never: allocation must not write N rows of zeros; every row is written whole.
+    return h5.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks,
+                             dcpl=_early_dcpl(), fill_time="never")
+
+
+def _video_datasets(n, dims):
+    """(name, shape, dtype) of every per-video dataset written by `extract`."""
+    f, t, nf = dims.n_frames, dims.n_tokens, len(schema.TEXT_FIELDS)
+    return [
+        (schema.FRAME_EMB, (n, f, dims.frame_dim), "f2"),
+        (schema.FRAME_MASK, (n, f), "bool"),
+        (schema.TEXT_POOLED, (n, nf, dims.text_dim), "f2"),
+        (schema.TEXT_FIELD_MASK, (n, nf), "bool"),
+        (schema.TEXT_LEN, (n, nf), "int32"),
+        (schema.TEXT_TOKENS, (n, t, dims.text_dim), "f2"),
+        (schema.TEXT_TOKEN_MASK, (n, t), "bool"),
+        (schema.DONE, (n,), "bool"),
+    ]
+
+
+def config_json(config):
+    return json.dumps(config, sort_keys=True)
+
+
+def create_store(path, split, ids, label_fine, label_coarse, dims, config, category_map):
+    """Make a new, empty store at `path` (written to `path.tmp` first, then renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = len(ids)
+    with h5py.File(tmp, "w") as h5:
+        h5.create_dataset(schema.IDS, data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
+        h5.create_dataset(schema.LABEL_FINE, data=np.asarray(label_fine, np.int32))
+        h5.create_dataset(schema.LABEL_COARSE, data=np.asarray(label_coarse, np.int32))
+        for name, shape, dtype in _video_datasets(n, dims):
+            create_dataset(h5, name, shape, dtype)
+        h5.attrs["schema_version"] = schema.SCHEMA_VERSION
+        h5.attrs["split"] = split
+        h5.attrs["complete"] = False
+        h5.attrs["config"] = config_json(config)
+        h5.attrs["fine_classes"] = np.array(category_map.fine_ids, dtype=h5py.string_dtype())
+        h5.attrs["coarse_classes"] = np.array(category_map.coarse_ids, dtype=h5py.string_dtype())
+        h5.attrs["fine_to_coarse"] = np.asarray(category_map.fine_to_coarse, np.int32)
+    os.replace(tmp, path)
+
+
+def check_config(path, config):
+    """Refuse to resume into a store made with other encoders or options."""
+    with h5py.File(path, "r") as h5:
+        stored = h5.attrs.get("config")
+        version = h5.attrs.get("schema_version")
+    if version != schema.SCHEMA_VERSION:
+        raise StoreError(f"{path}: schema version {version}, this code writes {schema.SCHEMA_VERSION}; "
+                         "use --overwrite to rebuild it")
+    if stored != config_json(config):
+        diff = _config_diff(json.loads(stored), config)
+        raise StoreError(f"{path} was made with other encoders or options ({diff}); "
+                         "use --overwrite to rebuild it or --out for a new cache directory")
+
+
+def _config_diff(old, new):
+    keys = sorted(set(old) | set(new))
+    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return "; ".join(parts)
+
+
+class StoreWriter:
+    """Writes rows into an existing store, for one process at a time."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.h5 = h5py.File(self.path, "r+")
+
+    def done_rows(self):
+        return self.h5[schema.DONE][:]          # (N,) bool
+
+    def write_rows(self, start, arrays):
+        """Write `arrays` ({dataset name: (B, ...)}) at rows start..start+B, then mark them done."""
+        b = None
+        for name, values in arrays.items():
+            b = len(values)
+            self.h5[name][start:start + b] = values
+        self.h5.flush()
+        self.h5[schema.DONE][start:start + b] = True
+        self.h5.flush()
+
+    def mark_complete(self):
+        if not self.h5[schema.DONE][:].all():
+            raise StoreError(f"{self.path}: not every row is done")
+        self.h5.attrs["complete"] = True
+        self.h5.flush()
+
+    def close(self):
+        self.h5.close()
+
+
+def is_complete(path):
+    with h5py.File(path, "r") as h5:
+        return bool(h5.attrs.get("complete", False))
+
+
+class StoreReader:
+    """Lazy reader: opens the file on first use in each process (one handle per DataLoader worker)."""
+
+    def __init__(self, path, require_complete=True):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"{self.path}: no feature store here; run `python run.py extract` first")
+        self._h5, self._pid = None, None
+        with h5py.File(self.path, "r") as h5:
+            self.attrs = dict(h5.attrs)
+            self.n = len(h5[schema.IDS])
+            self.names = set()
+            h5.visititems(lambda name, obj: self.names.add(name) if isinstance(obj, h5py.Dataset) else None)
+        if require_complete and not self.attrs.get("complete", False):
+            raise StoreError(f"{self.path}: store is incomplete (an extract was interrupted); "
+                             "run `python run.py extract` again to finish it")
+
+    @property
+    def h5(self):
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5, self._pid = h5py.File(self.path, "r"), os.getpid()
+        return self._h5
+
+    def __len__(self):
+        return self.n
+
+    def __getstate__(self):          # a DataLoader worker reopens its own handle
+        state = dict(self.__dict__)
+        state["_h5"], state["_pid"] = None, None
+        return state
+
+    def require(self, name, command="python run.py extract"):
+        if name not in self.names:
+            raise StoreError(f"{self.path}: dataset '{name}' is missing; run `{command}` to produce it")
+
+    def read(self, name, rows):
+        """Rows of one dataset; `rows` a slice or a sorted array of indices."""
+        self.require(name)
+        return self.h5[name][rows]
+
+    @property
+    def ids(self):
+        return np.array([s.decode() if isinstance(s, bytes) else s for s in self.h5[schema.IDS][:]])
+
+    @property
+    def config(self):
+        return json.loads(self.attrs["config"])
+
+    @property
+    def fine_classes(self):
+        return [str(c) for c in self.attrs["fine_classes"]]
+
+    @property
+    def coarse_classes(self):
+        return [str(c) for c in self.attrs["coarse_classes"]]
+
+    @property
+    def fine_to_coarse(self):
+        return np.asarray(self.attrs["fine_to_coarse"], np.int64)
+
+    def close(self):
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
