@@ -61,7 +61,7 @@ def config_json(config):
     return json.dumps(config, sort_keys=True)
 
 
-def create_store(path, split, ids, label_fine, label_coarse, dims, config, category_map):
+def create_store(path, split, ids, label_fine, label_coarse, dims, config, category_map, environment=None):
     """Make a new, empty store at `path` (written to `path.tmp` first, then renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +77,7 @@ def create_store(path, split, ids, label_fine, label_coarse, dims, config, categ
         h5.attrs["split"] = split
         h5.attrs["complete"] = False
         h5.attrs["config"] = config_json(config)
+        h5.attrs["environment"] = json.dumps(environment or {})   # package versions; not compared
         h5.attrs["fine_classes"] = np.array(category_map.fine_ids, dtype=h5py.string_dtype())
         h5.attrs["coarse_classes"] = np.array(category_map.coarse_ids, dtype=h5py.string_dtype())
         h5.attrs["fine_to_coarse"] = np.asarray(category_map.fine_to_coarse, np.int32)

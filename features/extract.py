@@ -1,0 +1,342 @@
+"""`extract`: annotations + frames -> frozen-encoder embeddings in one HDF5 store per split.
+
+Workers decode and tokenise (DataLoader), the main process runs the encoders, a writer thread
+writes finished batches, so the three overlap. Batches are fixed row ranges: a resumed run skips
+the ranges already marked done and computes the rest exactly as an uninterrupted run would.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from features import schema
+from features.annotations import annotations_path, read_annotations
+from features.categories import BUILTIN_MAP, load_category_map
+from features.frames import MediaFault, detect_source, open_source
+from features.store import StoreDims, StoreError, StoreWriter, check_config, create_store, is_complete
+
+
+class ExtractError(RuntimeError):
+    pass
+
+
+@dataclass
+class ExtractOptions:
+    frame_encoder: str = "efficientnet-lite0"   # or clip:<arch>@<tag or checkpoint>
+    text_encoder: str = "minilm"                # or bert:<dir or hub name>
+    frames: int = 32                            # F: frames kept per video, sampled uniformly
+    max_tokens: int = 128                       # T: tokens of title [SEP] ocr [SEP] asr kept
+    frames_from: str = "auto"                   # auto | zip | npy | video
+    category_map: str | None = None             # CSV; None = the challenge's 200-class map
+    annotations: str | None = None              # overrides DATA/annotations/<split>.json (one split)
+    limit: int | None = None                    # only the first N videos of each split
+    batch_size: int = 32
+    workers: int = 2                            # DataLoader processes decoding and tokenising
+    device: str = "auto"                        # auto | cpu | cuda
+    on_error: str = "skip"                      # skip (mask, count, report) | fail
+    overwrite: bool = False
+
+
+IDENTITY_OPTIONS = ("frame_encoder", "text_encoder", "frames", "max_tokens", "frames_from", "limit")
+
+
+def resolve_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExtractError("--device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+def extract(data_dir, splits, cache_dir, options):
+    """Extract every split into CACHE_DIR/<split>.h5; returns {split: report dict}."""
+    from features.encoders import build_frame_encoder, build_text_encoder
+    if options.annotations and len(splits) != 1:
+        raise ExtractError("--annotations names one file, so give exactly one --split")
+    device = resolve_device(options.device)
+    category_map = load_category_map(options.category_map)
+    text_encoder = build_text_encoder(options.text_encoder, device)
+    frame_encoder = None
+    reports = {}
+    for split in splits:
+        kind = options.frames_from if options.frames_from != "auto" else detect_source(data_dir, split)
+        if kind != "npy" and frame_encoder is None:
+            frame_encoder = build_frame_encoder(options.frame_encoder, device)
+        reports[split] = extract_split(data_dir, split, cache_dir, options, kind, category_map,
+                                       frame_encoder if kind != "npy" else None, text_encoder, device)
+    return reports
+
+
+def extract_split(data_dir, split, cache_dir, options, kind, category_map, frame_encoder, text_encoder, device):
+    ann_path = Path(options.annotations) if options.annotations else annotations_path(data_dir, split)
+    videos = read_annotations(ann_path, category_map)[: options.limit]
+    source = open_source(kind, data_dir, split, options.frames)
+    if kind == "npy":
+        source.dim = source.probe_dim()
+    frame_dim = source.dim if kind == "npy" else frame_encoder.dim
+    config = _store_config(options, kind, category_map, frame_encoder, text_encoder)
+    path = schema.store_path(cache_dir, split)
+    _prepare_store(path, split, videos, category_map, config, options,
+                   StoreDims(options.frames, frame_dim, text_encoder.dim, options.max_tokens))
+    faults_path = path.with_name(f"{split}.faults.jsonl")
+    writer = StoreWriter(path)
+    try:
+        done = writer.done_rows()
+        batches = [list(range(s, min(s + options.batch_size, len(videos))))
+                   for s in range(0, len(videos), options.batch_size)
+                   if not done[s:s + options.batch_size].all()]
+        items = VideoItems(videos, source, frame_encoder.preprocess if frame_encoder else None,
+                           text_encoder.tokenizer, options.max_tokens)
+        loader = DataLoader(items, batch_sampler=batches, collate_fn=list, num_workers=options.workers,
+                            persistent_workers=False, prefetch_factor=4 if options.workers else None)
+        bar = tqdm(total=len(videos), initial=int(done.sum()), unit="video", desc=f"extract {split}")
+        with _BatchWriter(writer, faults_path, bar) as sink:
+            for batch in loader:
+                faults = [dict(id=it["id"], file=f, reason=r) for it in batch for f, r in it["faults"]]
+                arrays = encode_batch(batch, frame_encoder, text_encoder, options, frame_dim, device, faults)
+                if faults and options.on_error == "fail":
+                    first = faults[0]
+                    raise ExtractError(f"{first['file']}: video {first['id']}: {first['reason']} "
+                                       "(--on-error fail; use --on-error skip to mask and report it)")
+                sink.put(batch[0]["row"], arrays, faults)
+        bar.close()
+        writer.mark_complete()
+    finally:
+        writer.close()
+    return _write_report(path, split, len(videos), faults_path)
+
+
+def _store_config(options, kind, category_map, frame_encoder, text_encoder):
+    identity = {k: getattr(options, k) for k in IDENTITY_OPTIONS}
+    identity["frames_from"] = kind
+    map_file = Path(options.category_map) if options.category_map else BUILTIN_MAP
+    return {
+        "frame_encoder": frame_encoder.name if frame_encoder else "precomputed",
+        "frame_encoder_checksum": frame_encoder.checksum if frame_encoder else None,
+        "text_encoder": text_encoder.name,
+        "text_encoder_checksum": text_encoder.checksum,
+        "category_map_sha256": hashlib.sha256(map_file.read_bytes()).hexdigest(),
+        "options": identity,
+    }
+
+
+def _prepare_store(path, split, videos, category_map, config, options, dims):
+    """Create the store, or check that an existing one is this run's to resume."""
+    if path.exists() and options.overwrite:
+        path.unlink()
+        path.with_name(f"{split}.faults.jsonl").unlink(missing_ok=True)
+    if path.exists():
+        check_config(path, config)
+        _check_same_ids(path, videos)
+        return
+    fine = [category_map.fine_index(v.category_id) if v.category_id else -1 for v in videos]
+    coarse = [int(category_map.fine_to_coarse[f]) if f >= 0 else -1 for f in fine]
+    create_store(path, split, [v.id for v in videos], fine, coarse, dims, config, category_map,
+                 environment=_environment())
+
+
+def _check_same_ids(path, videos):
+    import h5py
+    with h5py.File(path, "r") as h5:
+        stored = h5[schema.IDS].asstr()[:]
+    if len(stored) != len(videos) or any(a != b.id for a, b in zip(stored, videos)):
+        raise StoreError(f"{path}: holds other videos than the annotations now list; "
+                         "use --overwrite to rebuild it")
+
+
+def _environment():
+    import h5py
+    import transformers
+    versions = {"torch": torch.__version__, "numpy": np.__version__, "h5py": h5py.__version__,
+                "transformers": transformers.__version__}
+    try:
+        import open_clip
+        versions["open_clip"] = open_clip.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+class VideoItems(Dataset):
+    """One video's frames (preprocessed) and tokenised text; runs in DataLoader workers."""
+
+    def __init__(self, videos, source, preprocess, tokenizer, max_tokens):
+        self.videos, self.source, self.preprocess = videos, source, preprocess
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, row):
+        video = self.videos[row]
+        frames, faults = None, []
+        try:
+            loaded = self.source.load(video.id)
+            faults = [(loaded.file, reason) for reason in loaded.faults]
+            frames = loaded.frames
+            if self.preprocess is not None:
+                frames = torch.stack([self.preprocess(image) for image in frames])   # (n, 3, H, W)
+        except MediaFault as fault:
+            faults.append((fault.file, fault.reason))
+        tok = dict(truncation=True, max_length=self.max_tokens)
+        sep = f" {self.tokenizer.sep_token or '|'} "
+        return {
+            "row": row, "id": video.id, "frames": frames, "faults": faults,
+            "field_ids": [self.tokenizer(t, **tok)["input_ids"] if t else None for t in video.texts],
+            "joined_ids": self.tokenizer(sep.join(video.texts), **tok)["input_ids"],
+            "text_len": [len(t) for t in video.texts],
+        }
+
+
+def encode_batch(batch, frame_encoder, text_encoder, options, frame_dim, device, faults):
+    """A batch of items -> {dataset name: (B, ...) array} as the store holds them."""
+    frame_emb, frame_mask = _encode_frames(batch, frame_encoder, options.frames, frame_dim, device, faults)
+    pooled, field_mask = _encode_fields(batch, text_encoder, device)
+    tokens, token_mask = _encode_joined(batch, text_encoder, options.max_tokens, device)
+    return {
+        schema.FRAME_EMB: frame_emb, schema.FRAME_MASK: frame_mask,
+        schema.TEXT_POOLED: pooled, schema.TEXT_FIELD_MASK: field_mask,
+        schema.TEXT_LEN: np.array([it["text_len"] for it in batch], np.int32),
+        schema.TEXT_TOKENS: tokens, schema.TEXT_TOKEN_MASK: token_mask,
+    }
+
+
+def _encode_frames(batch, frame_encoder, n_frames, frame_dim, device, faults):
+    frame_emb = np.zeros((len(batch), n_frames, frame_dim), np.float16)     # (B, F, D)
+    frame_mask = np.zeros((len(batch), n_frames), bool)                    # (B, F)
+    present = [(b, it["frames"]) for b, it in enumerate(batch) if it["frames"] is not None]
+    if not present:
+        return frame_emb, frame_mask
+    if frame_encoder is None:
+        vectors = [np.asarray(frames, np.float16) for _, frames in present]
+    else:
+        images = torch.cat([frames for _, frames in present]).to(device)   # (sum n, 3, H, W)
+        flat = frame_encoder.encode(images).float().cpu().numpy()          # (sum n, D)
+        cuts = np.cumsum([len(frames) for _, frames in present])[:-1]
+        vectors = np.split(flat, cuts)
+    for (b, _), vec in zip(present, vectors):
+        if not np.isfinite(vec).all():
+            faults.append(dict(id=batch[b]["id"], file="(encoder output)", reason="NaN or inf in frame embedding"))
+            continue
+        frame_emb[b, : len(vec)] = vec
+        frame_mask[b, : len(vec)] = True
+    return frame_emb, frame_mask
+
+
+def _pad(id_lists, pad_id):
+    width = max(len(ids) for ids in id_lists)
+    input_ids = torch.full((len(id_lists), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(id_lists), width), dtype=torch.long)
+    for i, ids in enumerate(id_lists):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+    return input_ids, attention
+
+
+def _encode_fields(batch, text_encoder, device):
+    n_fields = len(schema.TEXT_FIELDS)
+    pooled = np.zeros((len(batch), n_fields, text_encoder.dim), np.float16)   # (B, 3, Dt)
+    field_mask = np.zeros((len(batch), n_fields), bool)                      # (B, 3)
+    pad_id = text_encoder.tokenizer.pad_token_id or 0
+    for f in range(n_fields):
+        rows = [b for b, it in enumerate(batch) if it["field_ids"][f] is not None]
+        if not rows:
+            continue
+        input_ids, attention = _pad([batch[b]["field_ids"][f] for b in rows], pad_id)
+        _, field_pooled = text_encoder.encode(input_ids.to(device), attention.to(device))
+        pooled[rows, f] = field_pooled.float().cpu().numpy()
+        field_mask[rows, f] = True
+    return pooled, field_mask
+
+
+def _encode_joined(batch, text_encoder, max_tokens, device):
+    tokens = np.zeros((len(batch), max_tokens, text_encoder.dim), np.float16)   # (B, T, Dt)
+    token_mask = np.zeros((len(batch), max_tokens), bool)                      # (B, T)
+    input_ids, attention = _pad([it["joined_ids"] for it in batch], text_encoder.tokenizer.pad_token_id or 0)
+    hidden, _ = text_encoder.encode(input_ids.to(device), attention.to(device))
+    width = hidden.shape[1]
+    tokens[:, :width] = hidden.float().cpu().numpy() * attention.numpy()[..., None]
+    token_mask[:, :width] = attention.numpy().astype(bool)
+    return tokens, token_mask
+
+
+class _BatchWriter:
+    """Writes batches on a thread of its own (bounded queue), faults first, then rows, then done flags."""
+
+    def __init__(self, writer, faults_path, bar):
+        self.writer, self.faults_path, self.bar = writer, faults_path, bar
+        self.queue = queue.Queue(maxsize=2)
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def put(self, start, arrays, faults):
+        if self.error:
+            raise self.error
+        self.queue.put((start, arrays, faults))
+
+    def _run(self):
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if self.error:
+                continue
+            try:
+                start, arrays, faults = job
+                if faults:
+                    with open(self.faults_path, "a", encoding="utf-8") as fh:
+                        fh.writelines(json.dumps(f) + "\n" for f in faults)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                self.writer.write_rows(start, arrays)
+                self.bar.update(len(arrays[schema.FRAME_MASK]))
+            except Exception as err:     # re-raised in the main thread by put() or __exit__
+                self.error = err
+
+    def __exit__(self, exc_type, exc, tb):
+        self.queue.put(None)
+        self.thread.join()
+        if self.error and exc_type is None:
+            raise self.error
+
+
+def _write_report(path, split, n_videos, faults_path):
+    """The JSON report beside the store: every faulted video with its file and reason, counted."""
+    faults, seen = [], set()
+    if faults_path.exists():
+        for line in faults_path.read_text(encoding="utf-8").splitlines():
+            fault = json.loads(line)
+            key = (fault["id"], fault["file"], fault["reason"])
+            if key not in seen:                # a resumed batch may have reported it twice
+                seen.add(key)
+                faults.append(fault)
+    counts = {}
+    for fault in faults:
+        kind = fault["reason"].split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    report = {"split": split, "store": str(path), "n_videos": n_videos,
+              "n_videos_with_faults": len({f["id"] for f in faults}), "fault_counts": counts, "faults": faults}
+    report_path = path.with_name(f"{split}.report.json")
+    report_path.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    return report
+
+
+def list_splits(data_dir):
+    """Every split that has an annotations file, labelled first."""
+    names = sorted(p.stem for p in (Path(data_dir) / "annotations").glob("*.json"))
+    if not names:
+        raise ExtractError(f"{data_dir}/annotations: no <split>.json annotation files")
+    return sorted(names, key=lambda n: (n != "labeled", n))

@@ -1,0 +1,207 @@
+"""Frame sources: JPEG zips per video, one zip of pre-extracted .npy features per split, or video files.
+
+Each source is picklable (it runs inside DataLoader workers, opening its files lazily there) and
+`load(video_id)` returns up to `n_frames` frames sampled uniformly in time. A fault of the media of
+one video raises MediaFault; the caller masks that video's frames and reports it.
+"""
+import io
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".flv", ".m4v")
+
+
+class MediaFault(Exception):
+    """The media of one video cannot be used; `file` and `reason` go into the extract report."""
+
+    def __init__(self, file, reason):
+        super().__init__(f"{file}: {reason}")
+        self.file, self.reason = str(file), reason
+
+
+@dataclass
+class LoadedFrames:
+    frames: object                     # list of PIL images, or (n, D) float16 array of features
+    file: str
+    faults: list = field(default_factory=list)   # per-frame faults that left other frames usable
+
+
+def uniform_indices(n_available, n_frames):
+    """Up to n_frames indices spread evenly over 0..n_available-1, in time order."""
+    if n_available <= n_frames:
+        return np.arange(n_available)
+    return np.unique(np.linspace(0, n_available - 1, n_frames).round().astype(int))
+
+
+def _frame_number(name):
+    stem = Path(name).stem
+    return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
+
+
+class JpegZipFrames:
+    """DATA/zip_frames/<split>/<id[-3:]>/<id>.zip, one JPEG a frame (final-round layout)."""
+    kind = "images"
+
+    def __init__(self, data_dir, split, n_frames):
+        self.root = Path(data_dir) / "zip_frames" / split
+        self.n_frames = n_frames
+
+    def path(self, video_id):
+        return self.root / video_id[-3:] / f"{video_id}.zip"
+
+    def load(self, video_id):
+        path = self.path(video_id)
+        if not path.exists():
+            raise MediaFault(path, "missing zip")
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = sorted((n for n in zf.namelist() if not n.endswith("/")), key=_frame_number)
+                if not names:
+                    raise MediaFault(path, "zero frames")
+                chosen = [names[i] for i in uniform_indices(len(names), self.n_frames)]
+                frames, faults = [], []
+                for name in chosen:
+                    try:
+                        frames.append(_decode_jpeg(zf.read(name)))
+                    except (OSError, ValueError, zipfile.BadZipFile) as err:
+                        faults.append(f"corrupt JPEG {name}: {err}")
+        except (zipfile.BadZipFile, OSError) as err:
+            raise MediaFault(path, f"unreadable zip: {err}") from err
+        if not frames:
+            raise MediaFault(path, "no decodable frame (" + "; ".join(faults) + ")")
+        return LoadedFrames(frames, str(path), faults)
+
+
+def _decode_jpeg(data):
+    image = Image.open(io.BytesIO(data))
+    image.load()                      # decode now, so a truncated file fails here
+    return image.convert("RGB")
+
+
+class NpyZipFrames:
+    """DATA/zip_feats/<split>.zip holding <id>.npy float16 [n_frames, D] (preliminary layout)."""
+    kind = "features"
+
+    def __init__(self, data_dir, split, n_frames, dim=None):
+        self.path = Path(data_dir) / "zip_feats" / f"{split}.zip"
+        self.n_frames, self.dim = n_frames, dim
+        self._zip, self._pid, self._members = None, None, None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_zip"], state["_pid"] = None, None
+        return state
+
+    def _open(self):
+        if self._zip is None or self._pid != os.getpid():
+            if not self.path.exists():
+                raise FileNotFoundError(f"{self.path}: feature zip not found")
+            self._zip, self._pid = zipfile.ZipFile(self.path), os.getpid()
+            self._members = {Path(n).stem: n for n in self._zip.namelist() if n.endswith(".npy")}
+        return self._zip
+
+    def probe_dim(self):
+        """D of the first readable member, so the store can be sized before extraction."""
+        zf = self._open()
+        for name in list(self._members.values())[:100]:
+            try:
+                arr = np.load(io.BytesIO(zf.read(name)), allow_pickle=False)
+            except ValueError:
+                continue
+            if arr.ndim == 2:
+                return int(arr.shape[1])
+        raise ValueError(f"{self.path}: no readable [n_frames, D] .npy member among the first 100")
+
+    def load(self, video_id):
+        zf = self._open()
+        where = f"{self.path}:{video_id}.npy"
+        if video_id not in self._members:
+            raise MediaFault(where, "missing npy member")
+        try:
+            arr = np.load(io.BytesIO(zf.read(self._members[video_id])), allow_pickle=False)
+        except (ValueError, OSError, zipfile.BadZipFile) as err:
+            raise MediaFault(where, f"unreadable npy: {err}") from err
+        _check_features(where, arr, self.dim)
+        return LoadedFrames(arr[uniform_indices(len(arr), self.n_frames)], where)
+
+
+def _check_features(where, arr, dim):
+    if arr.dtype != np.float16:
+        raise MediaFault(where, f"dtype {arr.dtype}, expected float16")
+    if arr.ndim != 2 or (dim is not None and arr.shape[1] != dim):
+        raise MediaFault(where, f"shape {arr.shape}, expected [n_frames, {dim}]")
+    if arr.shape[0] == 0:
+        raise MediaFault(where, "zero frames")
+    if not np.isfinite(arr).all():
+        raise MediaFault(where, "NaN or inf values")
+
+
+class VideoFileFrames:
+    """DATA/videos/<split>/<id>.<mp4|mkv|...>, decoded with PyAV."""
+    kind = "images"
+
+    def __init__(self, data_dir, split, n_frames):
+        self.root = Path(data_dir) / "videos" / split
+        self.n_frames = n_frames
+
+    def path(self, video_id):
+        for suffix in VIDEO_SUFFIXES:
+            candidate = self.root / f"{video_id}{suffix}"
+            if candidate.exists():
+                return candidate
+        return None
+
+    def load(self, video_id):
+        import av
+        path = self.path(video_id)
+        if path is None:
+            raise MediaFault(self.root / f"{video_id}.*", "missing video file")
+        try:
+            n_available = _count_frames(av, path)
+            if n_available == 0:
+                raise MediaFault(path, "zero frames")
+            wanted = set(uniform_indices(n_available, self.n_frames).tolist())
+            with av.open(str(path)) as container:   # keep only the sampled frames in memory
+                frames = [f.to_image() for i, f in enumerate(container.decode(video=0)) if i in wanted]
+        except (av.error.FFmpegError, OSError, ValueError, IndexError) as err:
+            raise MediaFault(path, f"undecodable video: {err}") from err
+        if not frames:
+            raise MediaFault(path, "zero frames")
+        return LoadedFrames(frames, str(path))
+
+
+def _count_frames(av, path):
+    """Frames in the first video stream; containers that do not say are counted by demuxing."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        if stream.frames:
+            return stream.frames
+        return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+SOURCES = {"zip": JpegZipFrames, "npy": NpyZipFrames, "video": VideoFileFrames}
+
+
+def detect_source(data_dir, split):
+    """Which layout DATA holds for this split: 'npy', 'zip' or 'video'."""
+    data_dir = Path(data_dir)
+    found = [name for name, where in (("npy", data_dir / "zip_feats" / f"{split}.zip"),
+                                      ("zip", data_dir / "zip_frames" / split),
+                                      ("video", data_dir / "videos" / split)) if where.exists()]
+    if not found:
+        raise FileNotFoundError(
+            f"{data_dir}: no frames for split '{split}': expected zip_feats/{split}.zip, "
+            f"zip_frames/{split}/ or videos/{split}/")
+    if len(found) > 1:
+        raise ValueError(f"{data_dir}: split '{split}' has frames in several layouts ({', '.join(found)}); "
+                         "choose one with --frames-from")
+    return found[0]
+
+
+def open_source(kind, data_dir, split, n_frames):
+    return SOURCES[kind](data_dir, split, n_frames)
