@@ -1,0 +1,77 @@
+"""Options of a `train-neural` run: one plain dataclass, recorded in run.json and every predictions.h5."""
+from dataclasses import asdict, dataclass, fields
+
+MODEL_NAMES = ("single", "dual", "cross", "vlad", "mlp")
+RUNTIME_ONLY = ("num_workers", "threads", "splits")     # do not change what a fold model learns
+
+
+@dataclass
+class NeuralOptions:
+    n_folds: int = 5
+    seed: int = 0
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1          # of all steps; then cosine decay to zero
+    hidden: int = 128                 # H, width of every model
+    n_layers: int = 1                 # transformer layers per stack (single, dual, cross)
+    n_heads: int = 4
+    dropout: float = 0.2
+    max_tokens: int = 64              # text tokens kept (T is also trimmed per batch to the longest)
+    coarse_weight: float = 0.5        # auxiliary coarse-head loss weight (multi-task)
+    vlad_pooling: str = "nextvlad"    # "nextvlad" or "netvlad", initialised from CACHE_DIR/codebook.h5
+    # regularisers, each measured by bench/bench_neural.py --options
+    label_smoothing: float = 0.1
+    class_balanced: bool = False      # loss weights (1 - beta) / (1 - beta ** n_c), Cui et al. 2019
+    balance_beta: float = 0.999
+    ema: bool = True                  # evaluate and predict with an exponential moving average of weights
+    ema_decay: float = 0.995
+    fgm: bool = False                 # adversarial step on the input embeddings (Miyato et al.)
+    fgm_eps: float = 0.05             # perturbation norm, relative to each input row's norm
+    rdrop: bool = False               # two dropout passes + symmetric KL (Liang et al. 2021)
+    rdrop_alpha: float = 1.0
+    num_workers: int = 0              # DataLoader workers; each opens its own store handle
+    threads: int = 0                  # torch CPU threads; 0 leaves torch's default
+    splits: tuple = ()                # other splits to predict; () = every other store in CACHE_DIR
+
+    def result_dict(self):
+        """The options that can change the predictions (compared when a run is resumed)."""
+        out = self.to_dict()
+        for name in RUNTIME_ONLY:
+            out.pop(name)
+        return out
+
+    def to_dict(self):
+        out = asdict(self)
+        out["splits"] = list(self.splits)
+        return out
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown neural options: {', '.join(sorted(unknown))}")
+        values = dict(values)
+        if "splits" in values:
+            values["splits"] = tuple(values["splits"])
+        return cls(**values)
+
+    def check(self):
+        if self.n_folds < 2:
+            raise ValueError(f"n_folds must be at least 2, got {self.n_folds}")
+        if self.vlad_pooling not in ("nextvlad", "netvlad"):
+            raise ValueError(f"vlad_pooling must be 'nextvlad' or 'netvlad', got {self.vlad_pooling!r}")
+        if self.hidden % self.n_heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of n_heads ({self.n_heads})")
+        return self
+
+
+def parse_models(text):
+    """'single,dual' -> ('single', 'dual'), refusing unknown names."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in MODEL_NAMES]
+    if bad or not names:
+        raise ValueError(f"unknown model(s) {bad or text!r}; choose from {', '.join(MODEL_NAMES)}")
+    return names

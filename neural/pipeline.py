@@ -1,0 +1,203 @@
+"""train_neural: folds once, then every model out-of-fold, resumable per model and fold.
+
+RUN_DIR layout: the "Neural run directory" contract in notes/CONTRACTS.md (run.json, folds.h5,
+<model>/predictions.h5, <model>/fold<k>.pt). Training uses no early stopping on the held-out fold (a
+fixed number of epochs), so out-of-fold predictions are honest estimates.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from features import schema
+from features.store import StoreReader
+from neural import outputs
+from neural.data import StoreBatches, model_inputs
+from neural.folds import load_folds, make_folds, save_folds
+from neural.metrics import metric_from_proba
+from neural.options import NeuralOptions
+from neural.outputs import RunError
+from neural.predict import check_classes, codebook_path, predict_split
+from neural.train import device_of, fit_fold, predict_rows
+
+LABELED = "labeled"
+
+
+def other_splits(cache_dir, options):
+    """Stores to predict beside the labelled one: those named, or every other store in CACHE_DIR."""
+    if options.splits:
+        return list(options.splits)
+    found = []
+    for path in sorted(Path(cache_dir).glob("*.h5")):
+        with h5py.File(path, "r") as h5:
+            is_store = "schema_version" in h5.attrs
+        if is_store and path.stem != LABELED:
+            found.append(path.stem)
+    return found
+
+
+def labelled_rows(reader):
+    """Store rows with a known label, their ids and labels (N_lab,); unlabelled rows are left out."""
+    label = reader.read(schema.LABEL_FINE, slice(None)).astype(np.int64)     # (N,) small: one int per row
+    rows = np.flatnonzero(label >= 0)
+    if not len(rows):
+        raise RunError(f"{reader.path}: no labelled rows (label_fine is -1 everywhere)")
+    return rows, reader.ids[rows], label
+
+
+def prepare_folds(run_dir, ids, labels, options):
+    """Draw the folds once; on a rerun, reuse them after checking they belong to this data."""
+    path = Path(run_dir) / "folds.h5"
+    if path.exists():
+        stored_ids, fold, n_folds, seed = load_folds(path)
+        if n_folds != options.n_folds or seed != options.seed or not np.array_equal(stored_ids, ids):
+            raise RunError(f"{path}: folds were drawn for other ids, n_folds or seed "
+                           f"({n_folds} folds, seed {seed}); use another --out or --overwrite")
+        return fold
+    fold = make_folds(labels, options.n_folds, options.seed)
+    save_folds(path, ids, fold, options.n_folds, options.seed)
+    return fold
+
+
+def write_run_json(run_dir, cache_dir, reader, models, options):
+    path = Path(run_dir) / "run.json"
+    run = {"cache_dir": str(Path(cache_dir).resolve()), "store_config": reader.config,
+           "fine_classes": reader.fine_classes, "coarse_classes": reader.coarse_classes,
+           "fine_to_coarse": reader.fine_to_coarse.tolist(), "options": options.to_dict(),
+           "seed": options.seed, "n_folds": options.n_folds, "models": list(models)}
+    if path.exists():
+        old = json.loads(path.read_text())
+        old_opts = NeuralOptions.from_dict(old["options"]).result_dict()
+        if old_opts != options.result_dict():
+            diff = "; ".join(f"{k}: {old_opts[k]!r} -> {v!r}" for k, v in options.result_dict().items()
+                             if old_opts.get(k) != v)
+            raise RunError(f"{run_dir} was made with other options ({diff}); use another --out or --overwrite")
+        run["models"] = list(dict.fromkeys(old["models"] + list(models)))
+    tmp = path.with_name("run.json.tmp")
+    tmp.write_text(json.dumps(run, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return run
+
+
+def model_spec(model, reader, options, names):
+    spec = {"model": model, "n_fine": len(reader.fine_classes), "n_coarse": len(reader.coarse_classes),
+            "hidden": options.hidden, "n_layers": options.n_layers, "n_heads": options.n_heads,
+            "dropout": options.dropout, "max_tokens": options.max_tokens, "vlad_pooling": options.vlad_pooling}
+    h5 = reader.h5
+    if schema.FRAME_EMB in names:
+        spec["n_frames"], spec["frame_dim"] = h5[schema.FRAME_EMB].shape[1:]
+    text = schema.TEXT_TOKENS if schema.TEXT_TOKENS in names else schema.TEXT_POOLED
+    spec["text_dim"] = h5[text].shape[-1]
+    spec["aggregates"] = [n for n in names if n.startswith(schema.AGG_GROUP + "/")]
+    spec["aggregate_widths"] = [h5[n].shape[1] for n in spec["aggregates"]]
+    return spec
+
+
+class ModelRun:
+    """One model's folds and outputs inside RUN_DIR/<model>/."""
+
+    def __init__(self, name, run_dir, cache_dir, reader, split_readers, options, fold, rows, labels):
+        self.name, self.options, self.fold, self.rows = name, options, fold, rows
+        self.dir = Path(run_dir) / name
+        self.reader, self.split_readers = reader, split_readers
+        names = model_inputs(name, reader)
+        for r in split_readers.values():           # fail before training, not after
+            model_inputs(name, r, [n for n in names if n.startswith(schema.AGG_GROUP + "/")])
+        self.spec = model_spec(name, reader, options, names)
+        self.dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, options.max_tokens)
+        self.codebook = codebook_path(cache_dir)
+        self.device = device_of()
+        self.preds = self.dir / "predictions.h5"
+        self.record = dict(options.result_dict(), model=name, spec=self.spec)
+
+    def open(self, ids, labels_lab, split_ids):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.preds.exists():
+            outputs.open_predictions(self.preds, ids, self.options.n_folds, split_ids, self.record)
+        else:
+            outputs.create_predictions(self.preds, ids, labels_lab, self.spec["n_fine"],
+                                       self.options.n_folds, split_ids, self.record)
+
+    def run_fold(self, k):
+        """Train (or reload) fold k and store its out-of-fold rows."""
+        ckpt = self.dir / f"fold{k}.pt"
+        held = np.flatnonzero(self.fold == k)              # positions in the labelled ids
+        train = np.flatnonzero(self.fold != k)
+        assert not np.intersect1d(held, train).size        # a fold model never sees its own OOF rows
+        if ckpt.exists():
+            model = self.load(ckpt)
+        else:
+            seed = self.options.seed * 100 + k
+            model, info = fit_fold(self.spec, self.dataset, self.rows[train], self.options, seed,
+                                   self.device, self.codebook, desc=f"{self.name} fold {k}")
+            self.save(ckpt, model, k, info)
+        proba = predict_rows([model], self.dataset, self.rows[held], self.options.batch_size,
+                             self.device, self.options.num_workers)
+        outputs.write_fold(self.preds, k, held, proba)      # self.rows is sorted, so held order matches
+
+    def save(self, path, model, k, info):
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"spec": self.spec, "state_dict": model.state_dict(), "fold": k, "info": info,
+                    "options": self.options.to_dict()}, tmp)
+        os.replace(tmp, path)
+
+    def load(self, path):
+        from neural.models import build_model
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        model = build_model(ckpt["spec"], self.codebook).to(self.device)
+        model.load_state_dict(ckpt["state_dict"])
+        return model.eval()
+
+    def finish(self, labels_lab, fine_to_coarse):
+        models = [self.load(self.dir / f"fold{k}.pt") for k in range(self.options.n_folds)]
+        with h5py.File(self.preds, "r+") as h5:
+            for split, r in self.split_readers.items():
+                for rows, proba in predict_split(models, self.spec, r, self.options.batch_size, self.device,
+                                                 self.options.num_workers):
+                    outputs.write_split_rows(h5, split, rows, proba)
+        oof, _ = outputs.read_oof(self.preds)
+        metrics = {"oof": metric_from_proba(labels_lab, oof, fine_to_coarse), "folds": [],
+                   "seconds_per_epoch": []}
+        for k in range(self.options.n_folds):
+            held = self.fold == k
+            metrics["folds"].append(metric_from_proba(labels_lab[held], oof[held], fine_to_coarse))
+            info = torch.load(self.dir / f"fold{k}.pt", map_location="cpu", weights_only=False)["info"]
+            metrics["seconds_per_epoch"].append(float(np.mean(info["seconds_per_epoch"])))
+        outputs.finish(self.preds, metrics)
+        return metrics
+
+
+def train_neural(cache_dir, out_dir, models, options=None, overwrite=False):
+    """Train each model out-of-fold on CACHE_DIR/labeled.h5 and predict the other splits.
+
+    -> {model name: metrics dict (per fold and out-of-fold challenge metric, seconds per epoch)}."""
+    options = (options or NeuralOptions()).check()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    run_dir = Path(out_dir)
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    reader = StoreReader(schema.store_path(cache_dir, LABELED))
+    split_readers = {s: StoreReader(schema.store_path(cache_dir, s)) for s in other_splits(cache_dir, options)}
+    for r in split_readers.values():
+        check_classes(r, {"fine_classes": reader.fine_classes})
+    rows, ids, labels = labelled_rows(reader)
+    fold = prepare_folds(run_dir, ids, labels[rows], options)
+    write_run_json(run_dir, cache_dir, reader, models, options)
+    split_ids = {s: r.ids for s, r in split_readers.items()}
+    results = {}
+    for name in models:
+        run = ModelRun(name, run_dir, cache_dir, reader, split_readers, options, fold, rows, labels)
+        run.open(ids, labels[rows], split_ids)
+        done, complete = outputs.fold_done(run.preds)
+        for k in range(options.n_folds):
+            if not (done[k] and (run.dir / f"fold{k}.pt").exists()):
+                run.run_fold(k)
+        results[name] = outputs.read_metrics(run.preds) if complete else \
+            run.finish(labels[rows], reader.fine_to_coarse)
+    return results

@@ -1,0 +1,163 @@
+"""Training of one fold model: one loop, read top to bottom (multi-task loss, EMA, FGM, R-Drop)."""
+import copy
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from neural.data import loader, ordered_batches, shuffled_batches, to_device
+from neural.models import build_model
+
+LABEL_KEYS = ("rows", "label_fine", "label_coarse")
+
+
+def device_of():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast(device):
+    """bf16 autocast on GPU (no loss scaling needed); plain float32 on CPU, which keeps runs bit-exact."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+
+
+def class_weights(train_labels, n_classes, beta):
+    """Class-balanced weights (Cui et al. 2019): (1 - beta) / (1 - beta^n_c), mean 1 over the items."""
+    counts = np.bincount(train_labels, minlength=n_classes).astype(np.float64)        # (C,)
+    w = np.where(counts > 0, (1 - beta) / (1 - beta ** np.maximum(counts, 1)), 0.0)
+    w *= len(train_labels) / (w * counts).sum()
+    return torch.tensor(w, dtype=torch.float32)
+
+
+class EMA:
+    """Exponential moving average of a model's weights and buffers; the average is what gets predicted."""
+
+    def __init__(self, model, decay):
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.decay, self.steps = decay, 0
+
+    @torch.no_grad()
+    def update(self, model):
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))      # short warm-up of the average
+        for shadow, live in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if shadow.dtype.is_floating_point:
+                shadow.mul_(d).add_(live.detach(), alpha=1 - d)
+            else:
+                shadow.copy_(live)
+
+
+def task_loss(model, batch, weights, options):
+    """Fine cross-entropy + coarse_weight * coarse cross-entropy; with R-Drop, two dropout passes
+    averaged plus alpha * the symmetric KL between their fine distributions."""
+    def one_pass():
+        fine, coarse = model(batch)                                    # (B, C), (B, C1)
+        loss = F.cross_entropy(fine.float(), batch["label_fine"], weight=weights,
+                               label_smoothing=options.label_smoothing)
+        loss = loss + options.coarse_weight * F.cross_entropy(
+            coarse.float(), batch["label_coarse"], label_smoothing=options.label_smoothing)
+        return loss, fine.float()
+
+    loss, fine = one_pass()
+    if not options.rdrop:
+        return loss
+    loss2, fine2 = one_pass()
+    logp, logq = F.log_softmax(fine, -1), F.log_softmax(fine2, -1)
+    kl = 0.5 * (F.kl_div(logp, logq, log_target=True, reduction="batchmean")
+                + F.kl_div(logq, logp, log_target=True, reduction="batchmean"))
+    return 0.5 * (loss + loss2) + options.rdrop_alpha * kl
+
+
+def fgm_inputs(batch, grads, eps):
+    """Inputs moved along their loss gradient by eps times each row's norm (scale-free FGM)."""
+    adv = dict(batch)
+    for name, g in grads.items():
+        x = batch[name].detach()
+        dims = tuple(range(1, x.dim()))
+        g_norm = g.norm(dim=dims, keepdim=True).clamp(min=1e-12)
+        adv[name] = x + eps * x.norm(dim=dims, keepdim=True) * g / g_norm
+    return adv
+
+
+def schedule(total_steps, warmup_frac):
+    warm = max(1, int(total_steps * warmup_frac))
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+    return factor
+
+
+def train_step(model, batch, weights, options, optimizer, device):
+    optimizer.zero_grad(set_to_none=True)
+    float_inputs = [k for k, v in batch.items() if k not in LABEL_KEYS and v.is_floating_point()]
+    if options.fgm:
+        for name in float_inputs:
+            batch[name].requires_grad_(True)
+    with autocast(device):
+        loss = task_loss(model, batch, weights, options)
+    loss.backward()
+    if options.fgm:
+        grads = {n: batch[n].grad for n in float_inputs if batch[n].grad is not None}
+        with autocast(device):
+            adv_loss = task_loss(model, fgm_inputs(batch, grads, options.fgm_eps), weights, options)
+        adv_loss.backward()                                             # gradients accumulate
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def fit_fold(spec, dataset, train_rows, options, seed, device, codebook_path=None, desc="fold"):
+    """Train one model on `train_rows` (store rows). -> (model to predict with, info dict).
+
+    Everything random is drawn from `seed`, so a fold trains identically whether or not the folds
+    before it ran in the same process (what makes resuming exact)."""
+    torch.manual_seed(seed)
+    model = build_model(spec, codebook_path).to(device)
+    labels = dataset.labels[train_rows]
+    weights = class_weights(labels, spec["n_fine"], options.balance_beta).to(device) \
+        if options.class_balanced else None
+    n_batches = math.ceil(len(train_rows) / options.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, schedule(options.epochs * n_batches, options.warmup_frac))
+    ema = EMA(model, options.ema_decay) if options.ema else None
+    info = {"epoch_loss": [], "seconds_per_epoch": []}
+    bar = tqdm(total=options.epochs * n_batches, desc=desc, leave=False, mininterval=2)
+    for epoch in range(options.epochs):
+        model.train()
+        start, losses = time.perf_counter(), []
+        batches = shuffled_batches(train_rows, options.batch_size, seed * 1000 + epoch)
+        for batch in loader(dataset, batches, options.num_workers):
+            losses.append(train_step(model, to_device(batch, device), weights, options, optimizer, device))
+            scheduler.step()
+            if ema:
+                ema.update(model)
+            bar.update(1)
+        info["epoch_loss"].append(float(np.mean(losses)))
+        info["seconds_per_epoch"].append(time.perf_counter() - start)
+        bar.set_postfix(loss=f"{info['epoch_loss'][-1]:.3f}")
+    bar.close()
+    final = ema.model if ema else model
+    return final.eval(), info
+
+
+@torch.no_grad()
+def predict_batches(models, dataset, rows, batch_size, device, num_workers=0):
+    """Yield (rows (B,) sorted, proba (B, C) float32): the softmax averaged over `models` (eval mode)."""
+    for batch in loader(dataset, ordered_batches(rows, batch_size), num_workers):
+        batch = to_device(batch, device)
+        with autocast(device):
+            proba = sum(torch.softmax(m(batch)[0].float(), dim=-1) for m in models) / len(models)
+        yield batch["rows"].cpu().numpy(), proba.cpu().numpy().astype(np.float32)
+
+
+def predict_rows(models, dataset, rows, batch_size, device, num_workers=0):
+    """(len(rows), C) probabilities, in sorted row order."""
+    parts = [p for _, p in predict_batches(models, dataset, rows, batch_size, device, num_workers)]
+    return np.concatenate(parts)
