@@ -33,6 +33,7 @@ import json
 import shutil
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,6 @@ from tqdm import tqdm
 
 from features.categories import BUILTIN_MAP, load_category_map
 
-SPLIT_CODES = {"labeled": 0, "unlabeled": 1, "test": 2}   # part of each video's seed
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)                          # fixed member time: byte-identical zips
 JPEG_QUALITY = 90
 
@@ -291,7 +291,8 @@ def write_category_map(path, classes):
 
 
 def _video_rng(seed, split, index):
-    return np.random.default_rng([seed, SPLIT_CODES.get(split, 3), index])
+    """Each video's own generator: its content does not depend on what was drawn before it."""
+    return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
 
 
 def _video_id(prefix, index, width):
@@ -405,3 +406,87 @@ def _demo_summary(out_dir, classes, counts, splits, n_frames, image_size, seed, 
         "splits": splits,
         "total_frames": int(sum(s["n_frames"] for s in splits.values())),
     }
+
+
+# ---------------------------------------------------------------- the preliminary (feature zip) layout
+
+def _frame_count(rng, n_frames):
+    """Three videos in four are full length; the rest are shorter (1 .. n_frames-1 frames)."""
+    if n_frames == 1 or rng.random() < 0.75:
+        return n_frames
+    return int(rng.integers(1, n_frames))
+
+
+def _feature_text(category_id, rng):
+    """Neutral words; half the titles also name the class with one token (weak text signal)."""
+    title = _words(rng, 3, 10)
+    if category_id is not None and rng.random() < 0.5:
+        title = _insert_keyword(rng, title, [f"topic{category_id}"])
+    return {"title": " ".join(title), "asr": " ".join(_words(rng, 0, 12)), "ocr": []}
+
+
+def _npy_bytes(array):
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def generate_feature_zip_dataset(out_dir, n_videos, n_frames=32, dim=768, split="test", n_classes=200,
+                                 seed=0, with_labels=True, signal=0.1, tail_ratio=100.0, progress=True):
+    """Writes out_dir/zip_feats/<split>.zip (<id>.npy float16 (n_frames_i, dim), n_frames_i <= n_frames)
+    and out_dir/annotations/<split>.json over n_classes classes of the challenge's 200-class map with a
+    Zipf long tail; without labels the hidden ones go to out_dir/answers/<split>.csv. Frame features
+    are signal * class centroid + N(0, 1) noise, so a model has something to learn. One video is in
+    memory at a time. Returns the summary (also saved as out_dir/summary_<split>.json).
+    """
+    category_map = load_category_map()
+    if not 1 <= n_classes <= category_map.n_fine:
+        raise ValueError(f"n_classes={n_classes}: must be between 1 and {category_map.n_fine} (the map's classes)")
+    if n_videos < 1 or n_frames < 1 or dim < 1:
+        raise ValueError(f"n_videos={n_videos}, n_frames={n_frames}, dim={dim}: all must be >= 1")
+    out_dir, started = Path(out_dir), time.perf_counter()
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 2**32 - 1])
+    class_ids = [category_map.fine_ids[i] for i in rng.permutation(category_map.n_fine)[:n_classes]]
+    counts = long_tail_counts(n_videos, n_classes, tail_ratio)            # (n_classes,) head first
+    labels = np.repeat(np.arange(n_classes), counts)                       # (n_videos,)
+    rng.shuffle(labels)
+    centroids = rng.standard_normal((n_classes, dim), dtype=np.float32) * signal   # (n_classes, dim)
+    for sub in ("zip_feats", "annotations", "answers"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(BUILTIN_MAP, out_dir / "category_map.csv")
+    totals = _write_feature_split(out_dir, split, labels, class_ids, centroids, n_frames, seed,
+                                  with_labels, progress)
+    summary = {
+        "layout": "zip_feats", "out_dir": str(out_dir), "split": split,
+        "config": {"n_videos": n_videos, "n_frames": n_frames, "dim": dim, "n_classes": n_classes,
+                   "seed": seed, "with_labels": with_labels, "signal": signal, "tail_ratio": tail_ratio},
+        "n_videos": n_videos, **totals,
+        "largest_class": int(counts.max()), "smallest_class": int(counts.min()),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    (out_dir / f"summary_{split}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _write_feature_split(out_dir, split, labels, class_ids, centroids, n_frames, seed, with_labels,
+                         progress):
+    frame_total, zip_path = 0, out_dir / "zip_feats" / f"{split}.zip"
+    answers = None if with_labels else open(out_dir / "answers" / f"{split}.csv", "w", newline="")
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
+            JsonListWriter(out_dir / "annotations" / f"{split}.json") as ann:
+        for i, label in enumerate(tqdm(labels, desc=f"features {split}", disable=not progress)):
+            rng, vid, category_id = _video_rng(seed, split, i), _video_id(split[0], i, 7), class_ids[label]
+            n = _frame_count(rng, n_frames)
+            noise = rng.standard_normal((n, centroids.shape[1]), dtype=np.float32)
+            frames = (centroids[label] + noise).astype(np.float16)         # (n, dim)
+            _zip_member(zf, f"{vid}.npy", _npy_bytes(frames))
+            entry = {"id": vid, **_feature_text(category_id, rng)}
+            if with_labels:
+                entry["category_id"] = category_id
+            else:
+                answers.write(f"{vid},{category_id}\n")
+            ann.write(entry)
+            frame_total += n
+    if answers is not None:
+        answers.close()
+    return {"n_frames": frame_total, "zip_bytes": zip_path.stat().st_size}
