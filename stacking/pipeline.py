@@ -1,0 +1,229 @@
+"""`stack`: compare base models, their average and the stackers on the run's folds; fit and save the stack.
+
+Honest scores: every stacker is scored by its own out-of-fold pass over RUN_DIR/folds.h5 (the folds
+the base models' OOF probabilities came from), and the long-tail reweighting of outer fold k is tuned
+on an inner out-of-fold pass over the other folds only (nested), never on the predictions it is
+scored on. Then the stacker is refit on all labelled videos and the reweighting tuned on the full
+out-of-fold predictions, and both predict the other splits.
+"""
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import f1_score
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from features import schema
+from features.store import StoreReader
+from neural.metrics import challenge_metric, metric_from_proba
+from stacking.reweight import PriorReweighter
+from stacking.rundir import RunDirError, available_splits, load_run, rows_of, split_predictions
+from stacking.signals import prediction_signals, store_signal_names, store_signals
+from stacking.stackers import StackInput, make_stacker
+from stacking.submission import write_predictions
+
+
+@dataclass
+class StackOptions:
+    models: tuple = ()              # base models; empty = every model in run.json
+    stacker: str = "rerank"         # the LightGBM stacker: "rerank" (binary, top-k) or "lgbm" (multiclass)
+    top_k: int = 10                 # candidates per video for "rerank"
+    n_rounds: int = 0               # boosting rounds; 0 = the stacker's default
+    logreg_c: float = 1.0           # inverse regularisation of the logistic-regression stacker
+    reweight: str = "auto"          # "power", "inverse" or "auto" (the better of the two, chosen nested)
+    use_shift_stats: bool = True    # add agg/shift_stats to the signals when the store has it
+    split: str = "test"             # split written to submission.csv; "" for none
+    threads: int = 2
+    seed: int = 0
+    compare: tuple = ("logreg",)    # extra stackers scored side by side (not saved)
+    timings: dict = field(default_factory=dict)
+
+
+def lgbm_params(options):
+    params = {"threads": options.threads, "seed": options.seed}
+    if options.n_rounds:
+        params["n_rounds"] = options.n_rounds
+    if options.stacker == "rerank":
+        params["top_k"] = options.top_k
+    return params
+
+
+def stacker_factory(kind, options):
+    if kind == "logreg":
+        return lambda: make_stacker("logreg", C=options.logreg_c, seed=options.seed)
+    if kind == "average":
+        return lambda: make_stacker("average")
+    options_k = StackOptions(**{**asdict(options), "stacker": kind})
+    return lambda: make_stacker(kind, **lgbm_params(options_k))
+
+
+def build_input(models, probas, store_path, ids, signal_names):
+    """StackInput for videos `ids` of the store at store_path, from {model: (N, C)} probabilities."""
+    stacked = np.stack([probas[m] for m in models])                              # (M, N, C)
+    pred_sig, _ = prediction_signals(list(stacked))
+    store_names = [n for n in signal_names if not n.startswith(("margin_", "entropy_"))]
+    reader = StoreReader(store_path)
+    store_ids = reader.ids
+    reader.close()
+    rows = rows_of(store_ids, ids, store_path)
+    return StackInput(stacked, np.concatenate([pred_sig, store_signals(store_path, rows, store_names)], axis=1))
+
+
+def signal_names_for(run, options):
+    reader = StoreReader(run.store_path)
+    try:
+        store_names = store_signal_names(reader, options.use_shift_stats)
+    finally:
+        reader.close()
+    _, pred_names = prediction_signals([np.full((1, run.n_classes), 1.0 / run.n_classes)] * len(run.models))
+    return pred_names + store_names
+
+
+def cross_val_predict(make, X, y, fold, desc=None):
+    """(N, C) out-of-fold predictions of a fresh stacker per fold over `fold` (N,)."""
+    out = np.zeros((len(X), X.n_classes), np.float32)
+    folds = np.unique(fold)
+    for k in tqdm(folds, desc=desc, leave=False, disable=desc is None):
+        train, held = fold != k, fold == k
+        out[held] = make().fit(X.take(train), y[train]).predict_proba(X.take(held))
+    return out
+
+
+def nested_reweight(make, X, y, fold, stack_oof, fine_to_coarse, kind):
+    """Reweight each outer fold with a parameter tuned on an inner OOF pass over the other folds."""
+    out, chosen = np.zeros_like(stack_oof), []
+    for k in tqdm(np.unique(fold), desc="nested reweighting", leave=False):
+        train, held = fold != k, fold == k
+        inner = cross_val_predict(make, X.take(train), y[train], fold[train])
+        counts = np.bincount(y[train], minlength=X.n_classes)
+        rw = PriorReweighter(kind).fit(inner, y[train], counts, fine_to_coarse)
+        out[held] = rw.transform(stack_oof[held])
+        chosen.append({"fold": int(k), "kind": rw.kind_, "param": rw.param_, "inner_score": rw.score_})
+    return out, chosen
+
+
+def low_quartile_f1(y, pred_before, pred_after, counts):
+    """Macro-F1 over the classes in the lowest quartile of training frequency, before and after."""
+    present = np.where(counts > 0)[0]
+    cut = np.percentile(counts[present], 25)
+    rare = present[counts[present] <= cut]
+    before = f1_score(y, pred_before, labels=rare, average="macro", zero_division=0)
+    after = f1_score(y, pred_after, labels=rare, average="macro", zero_division=0)
+    return {"n_classes": int(len(rare)), "max_count": int(cut), "macro_f1_before": float(before),
+            "macro_f1_after": float(after), "change": float(after - before)}
+
+
+def _timed(timings, name, fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    timings[name] = round(time.perf_counter() - start, 2)
+    return out
+
+
+def evaluate(run, X, options, timings):
+    """The comparison table on the run's folds; returns (table, oof of the main stack, reweighted, extra)."""
+    y, fold, f2c = run.label, run.fold, run.fine_to_coarse
+    table = {f"base:{m}": metric_from_proba(y, run.oof[m], f2c) for m in run.models}
+    table["average"] = metric_from_proba(y, X.probas.mean(axis=0), f2c)
+    for kind in options.compare:
+        oof = _timed(timings, f"oof_{kind}", cross_val_predict, stacker_factory(kind, options), X, y, fold, kind)
+        table[kind] = metric_from_proba(y, oof, f2c)
+    make = stacker_factory(options.stacker, options)
+    stack_oof = _timed(timings, f"oof_{options.stacker}", cross_val_predict, make, X, y, fold, options.stacker)
+    table[options.stacker] = metric_from_proba(y, stack_oof, f2c)
+    reweighted, chosen = _timed(timings, "nested_reweight", nested_reweight, make, X, y, fold, stack_oof,
+                                f2c, options.reweight)
+    table[f"{options.stacker}+reweight"] = metric_from_proba(y, reweighted, f2c)
+    # for contrast only: the same reweighting tuned on the predictions it is scored on (optimistic)
+    counts = np.bincount(y, minlength=run.n_classes)
+    same = PriorReweighter(options.reweight).fit(stack_oof, y, counts, f2c)
+    table[f"{options.stacker}+reweight (tuned on its own scores; optimistic)"] = \
+        metric_from_proba(y, same.transform(stack_oof), f2c)
+    extra = {"reweight_per_fold": chosen,
+             "low_quartile": low_quartile_f1(y, stack_oof.argmax(1), reweighted.argmax(1), counts)}
+    return table, stack_oof, reweighted, extra
+
+
+def stack(run_dir, out_dir, options=None):
+    """Score, fit and save the stack of RUN_DIR into OUT_DIR; returns the metrics dict written."""
+    options = options or StackOptions()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    with threadpool_limits(options.threads):
+        run = _timed(timings, "load_run", load_run, run_dir, options.models)
+        splits = _check_split(run, options.split)
+        names = signal_names_for(run, options)
+        X = _timed(timings, "signals", build_input, run.models, run.oof, run.store_path, run.ids, names)
+        table, stack_oof, reweighted, extra = evaluate(run, X, options, timings)
+        stacker, reweighter = _timed(timings, "refit", refit, run, X, stack_oof, options)
+        save_stack(out_dir, run, stacker, reweighter, names, options)
+        written = _timed(timings, "predict_splits", predict_splits, run, splits, stacker, reweighter,
+                         names, out_dir, options)
+    from stacking.plots import plot_per_class_f1
+    counts = np.bincount(run.label, minlength=run.n_classes)
+    plot_per_class_f1(out_dir / "per_class_f1.png", run.label, stack_oof.argmax(1), reweighted.argmax(1),
+                      counts, options.stacker)
+    metrics = {"run_dir": str(run.run_dir), "fingerprint": run.fingerprint, "models": run.models,
+               "n_videos": len(run.ids), "n_folds": run.n_folds, "n_classes": run.n_classes,
+               "signals": names, "options": _options_json(options), "table": table,
+               "reweight_final": {"kind": reweighter.kind_, "param": reweighter.param_},
+               **extra, "predictions": written, "times_s": timings}
+    if options.stacker == "rerank":
+        metrics["rerank_train_recall_at_k"] = stacker.train_recall_
+        metrics["rerank_oof_recall_at_k"] = float((np.argsort(-X.probas.mean(0), axis=1)[:, :options.top_k]
+                                                    == run.label[:, None]).any(axis=1).mean())
+    with open(out_dir / "metrics.json", "w", encoding="utf-8") as fh:
+        json.dump(metrics, fh, indent=1)
+    return metrics
+
+
+def _options_json(options):
+    out = asdict(options)
+    out.pop("timings", None)
+    return out
+
+
+def _check_split(run, split):
+    """Splits to predict after the refit; refuses a submission split the run has no predictions for."""
+    splits = available_splits(run)
+    if split and split not in splits:
+        raise RunDirError(f"{run.run_dir}: the base models have no predictions for split '{split}' "
+                          f"(they have: {', '.join(splits) or 'none'}); pass --split NAME, or --split '' "
+                          "for no submission")
+    return splits
+
+
+def refit(run, X, stack_oof, options):
+    """The stacker on all labelled videos; the reweighting tuned on its full out-of-fold predictions."""
+    stacker = stacker_factory(options.stacker, options)().fit(X, run.label)
+    counts = np.bincount(run.label, minlength=run.n_classes)
+    reweighter = PriorReweighter(options.reweight).fit(stack_oof, run.label, counts, run.fine_to_coarse)
+    return stacker, reweighter
+
+
+def save_stack(out_dir, run, stacker, reweighter, signal_names, options):
+    stacker.save(out_dir / "stacker")
+    reweighter.save(out_dir / "reweight.json")
+    with open(out_dir / "stack.json", "w", encoding="utf-8") as fh:
+        json.dump({"run_dir": str(run.run_dir), "fingerprint": run.fingerprint, "models": run.models,
+                   "signals": signal_names, "fine_classes": run.fine_classes,
+                   "fine_to_coarse": run.fine_to_coarse.tolist(), "store_config": run.store_config,
+                   "options": _options_json(options)}, fh, indent=1)
+
+
+def predict_splits(run, splits, stacker, reweighter, names, out_dir, options):
+    """Final predictions of every split the run has; the submission split goes to submission.csv."""
+    written = {}
+    for split in splits:
+        ids, probas = split_predictions(run, split)
+        store_path = schema.store_path(run.config["cache_dir"], split)
+        X = build_input(run.models, probas, store_path, ids, names)
+        pred = reweighter.transform(stacker.predict_proba(X)).argmax(axis=1)
+        name = "submission.csv" if split == options.split else f"predictions_{split}.csv"
+        write_predictions(out_dir / name, ids, pred, run.fine_classes, store_path)
+        written[split] = {"file": name, "rows": int(len(ids))}
+    return written

@@ -1,0 +1,78 @@
+"""Long-tail reweighting: scale each class's probability by a weight from its training count n_c.
+
+Two families (n_c floored at 1 so a class unseen in training gets the largest weight, not infinity):
+    power:    w_c = n_c ** -tau          (tau = 0 leaves the prediction unchanged)
+    inverse:  w_c = a / n_c + 1          (the 2022 challenge teams' form; a = 0 leaves it unchanged)
+`fit` picks the family and parameter that maximise the challenge metric on the predictions it is
+given, so give it predictions it will not be scored on (stacking/pipeline.py tunes it inside the
+stacker's cross-validation).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from neural.metrics import challenge_metric
+
+TAUS = tuple(np.round(np.arange(0.0, 1.51, 0.05), 2))
+ALPHAS = (0.0, 0.1, 0.3, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0, 300.0, 1000.0)
+KINDS = ("power", "inverse")
+
+
+def class_weights(kind, param, class_counts):
+    """(C,) weights for class counts (C,)."""
+    n = np.maximum(np.asarray(class_counts, np.float64), 1.0)
+    if kind == "power":
+        return n ** -float(param)
+    if kind == "inverse":
+        return float(param) / n + 1.0
+    raise ValueError(f"unknown reweighting '{kind}'; choose one of {', '.join(KINDS)}")
+
+
+class PriorReweighter:
+    def __init__(self, kind="auto", taus=TAUS, alphas=ALPHAS):
+        if kind not in KINDS + ("auto",):
+            raise ValueError(f"unknown reweighting '{kind}'; choose auto or one of {', '.join(KINDS)}")
+        self.kind, self.taus, self.alphas = kind, tuple(taus), tuple(alphas)
+
+    def _candidates(self):
+        kinds = KINDS if self.kind == "auto" else (self.kind,)
+        return [(k, p) for k in kinds for p in (self.taus if k == "power" else self.alphas)]
+
+    def fit(self, proba, y, class_counts, fine_to_coarse):
+        """proba (N, C), y (N,), class_counts (C,) training counts -> self with kind_, param_, weights_."""
+        self.class_counts_ = np.asarray(class_counts, np.float64)
+        self.curve_ = []
+        for kind, param in self._candidates():
+            pred = (proba * class_weights(kind, param, class_counts)).argmax(axis=1)
+            self.curve_.append((kind, float(param), challenge_metric(y, pred, fine_to_coarse)["mean"]))
+        # the first best wins: candidates start with the identity, so ties keep the prediction as is
+        best = max(range(len(self.curve_)), key=lambda i: (self.curve_[i][2], -i))
+        self.kind_, self.param_, self.score_ = self.curve_[best]
+        self.weights_ = class_weights(self.kind_, self.param_, self.class_counts_)
+        return self
+
+    def transform(self, proba):
+        """(N, C) -> (N, C) reweighted and renormalised per row."""
+        out = np.asarray(proba, np.float64) * self.weights_
+        return (out / np.maximum(out.sum(axis=1, keepdims=True), 1e-300)).astype(np.float32)
+
+    def save(self, path):
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"kind": self.kind, "kind_": self.kind_, "param_": self.param_, "score_": self.score_,
+                       "class_counts_": self.class_counts_.tolist(), "weights_": self.weights_.tolist(),
+                       "curve_": self.curve_}, fh, indent=1)
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                state = json.load(fh)
+        except OSError as err:
+            raise ValueError(f"{path}: cannot read the fitted reweighting: {err}") from err
+        out = cls(state["kind"])
+        out.kind_, out.param_, out.score_ = state["kind_"], state["param_"], state["score_"]
+        out.class_counts_ = np.asarray(state["class_counts_"], np.float64)
+        out.weights_ = np.asarray(state["weights_"], np.float64)
+        out.curve_ = [tuple(c) for c in state["curve_"]]
+        return out

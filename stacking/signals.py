@@ -1,0 +1,54 @@
+"""Cheap per-video signals for the stacker: how sure each base model is, and how much input a video had.
+
+From the predictions: each model's top-1 margin (p1 - p2) and entropy. From the store, read in row
+batches: the number of real frames, the characters of title / ocr / asr, and optionally the
+low-dimensional agg/shift_stats.
+"""
+import numpy as np
+
+from features import schema
+from features.store import StoreReader
+
+SHIFT_STATS = f"{schema.AGG_GROUP}/shift_stats"
+
+
+def prediction_signals(probas):
+    """probas: list of M arrays (N, C) -> (signals (N, 2M), names)."""
+    columns, names = [], []
+    for m, proba in enumerate(probas):
+        top2 = -np.partition(-proba, 1, axis=1)[:, :2]                 # (N, 2) two largest
+        p = np.clip(proba, 1e-12, 1.0)
+        columns += [top2[:, 0] - top2[:, 1], -(p * np.log(p)).sum(axis=1)]
+        names += [f"margin_{m}", f"entropy_{m}"]
+    return np.stack(columns, axis=1).astype(np.float32), names
+
+
+def store_signal_names(reader, use_shift_stats):
+    names = ["n_frames"] + [f"{f}_len" for f in schema.TEXT_FIELDS]
+    if use_shift_stats and SHIFT_STATS in reader.names:
+        width = reader.h5[SHIFT_STATS].shape[1]
+        names += [f"shift_stats_{i}" for i in range(width)]
+    return names
+
+
+def store_signals(store_path, rows, names, batch_size=4096):
+    """Signals `names` (from store_signal_names) of the store rows `rows` (N,) -> (N, S) float32.
+
+    The store is read in contiguous row batches; only the small datasets are touched.
+    """
+    reader = StoreReader(store_path)
+    try:
+        want_shift = any(n.startswith("shift_stats_") for n in names)
+        if want_shift:
+            reader.require(SHIFT_STATS, "python run.py extract (aggregates)")
+        out = np.zeros((reader.n, len(names)), np.float32)              # (N_store, S)
+        for start in range(0, reader.n, batch_size):
+            rows_b = slice(start, min(start + batch_size, reader.n))
+            parts = [reader.read(schema.FRAME_MASK, rows_b).sum(axis=1, keepdims=True),
+                     reader.read(schema.TEXT_LEN, rows_b)]
+            if want_shift:
+                parts.append(reader.read(SHIFT_STATS, rows_b).astype(np.float32))
+            out[rows_b] = np.concatenate(parts, axis=1)
+        return out[np.asarray(rows)]
+    finally:
+        reader.close()
