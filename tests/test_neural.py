@@ -1,0 +1,145 @@
+"""train-neural on tiny fake stores: each model learns, folds, OOF construction, resume, errors."""
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from features.store import StoreError, StoreReader
+from neural import outputs, pipeline
+from neural.data import StoreBatches, model_inputs
+from neural.folds import load_folds, make_folds
+from neural.options import NeuralOptions
+from neural.pipeline import model_spec, train_neural
+from neural.predict import predict_store
+from neural.train import fit_fold
+from tests.fakes import write_fake_store
+
+torch.set_num_threads(1)
+
+
+def add_aggregates(cache_dir, splits):
+    """agg/* and CACHE_DIR/codebook.h5 by the real aggregates stage, with small settings."""
+    aggregates = pytest.importorskip("features.aggregates")
+    if not hasattr(aggregates, "run_aggregates"):
+        pytest.skip("features.aggregates.run_aggregates is not there yet")
+    opts = aggregates.AggregateOptions(pca_dim=8, n_clusters=4, n_gmm=2, nextvlad_groups=4,
+                                       sample_size=400, batch_size=32)
+    aggregates.run_aggregates(cache_dir, splits, opts)
+
+
+TINY = dict(n_folds=3, epochs=2, hidden=32, batch_size=16, n_heads=4)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A labelled and a test store with frames, text, aggregates and a codebook."""
+    d = tmp_path_factory.mktemp("cache")
+    write_fake_store(d / "labeled.h5", n=60)
+    write_fake_store(d / "test.h5", n=20, split="test", labelled=False, seed=1)
+    add_aggregates(d, ["labeled", "test"])
+    return d
+
+
+@pytest.mark.parametrize("model", ["single", "dual", "cross", "vlad", "mlp"])
+def test_each_model_loss_falls(cache, model):
+    reader = StoreReader(cache / "labeled.h5")
+    opts = NeuralOptions(**dict(TINY, epochs=10, lr=3e-3, label_smoothing=0.0, ema=False))
+    names = model_inputs(model, reader)
+    labels = reader.read("label_fine", slice(None))
+    dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, opts.max_tokens)
+    spec = model_spec(model, reader, opts, names)
+    _, info = fit_fold(spec, dataset, np.arange(len(reader)), opts, seed=0, device="cpu",
+                       codebook_path=cache / "codebook.h5")
+    losses = info["epoch_loss"]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_folds_are_stratified_and_keep_rare_classes():
+    labels = np.array([0] * 20 + [1] * 10 + [2] * 3 + [3] * 1 + [4] * 2)
+    fold = make_folds(labels, 5, seed=0)
+    assert fold.min() == 0 and fold.max() == 4 and (fold >= 0).all()
+    for c in (0, 1):                                   # common classes: same count in every fold
+        assert set(np.bincount(fold[labels == c], minlength=5)) == {len(labels[labels == c]) // 5}
+    for c in (2, 3, 4):                                # rare classes: each item in a different fold
+        assert len(set(fold[labels == c])) == (labels == c).sum()
+    assert np.array_equal(fold, make_folds(labels, 5, seed=0))
+    assert not np.array_equal(fold, make_folds(labels, 5, seed=1))
+
+
+def test_oof_rows_come_only_from_the_fold_model_that_did_not_see_them(cache, tmp_path, monkeypatch):
+    seen = {}                                          # fold seed -> store rows the model trained on
+    real_fit = pipeline.fit_fold
+
+    def recording_fit(spec, dataset, train_rows, options, seed, *args, **kw):
+        seen[seed] = set(train_rows.tolist())
+        return real_fit(spec, dataset, train_rows, options, seed, *args, **kw)
+
+    monkeypatch.setattr(pipeline, "fit_fold", recording_fit)
+    opts = NeuralOptions(**TINY)
+    train_neural(cache, tmp_path / "run", ["mlp"], opts)
+    ids, fold, n_folds, _ = load_folds(tmp_path / "run" / "folds.h5")
+    assert n_folds == 3 and len(ids) == 60
+    oof, _ = outputs.read_oof(tmp_path / "run" / "mlp" / "predictions.h5")
+    run = pipeline.ModelRun("mlp", tmp_path / "run", cache, StoreReader(cache / "labeled.h5"), {}, opts,
+                            fold, np.arange(60), StoreReader(cache / "labeled.h5").read("label_fine", slice(None)))
+    for k in range(n_folds):
+        held = np.flatnonzero(fold == k)
+        assert not seen[k] & set(held.tolist())                      # never trained on its OOF rows
+        assert seen[k] | set(held.tolist()) == set(range(60))        # trained on all the others
+        model = run.load(tmp_path / "run" / "mlp" / f"fold{k}.pt")
+        from neural.train import predict_rows
+        np.testing.assert_allclose(oof[held], predict_rows([model], run.dataset, held, 16, "cpu"), atol=1e-6)
+    np.testing.assert_allclose(oof.sum(1), 1, atol=1e-5)            # every row written, a distribution
+
+
+def test_resume_after_a_killed_fold_gives_the_same_oof(cache, tmp_path, monkeypatch):
+    opts = NeuralOptions(**TINY)
+    train_neural(cache, tmp_path / "straight", ["single"], opts)
+    straight, _ = outputs.read_oof(tmp_path / "straight" / "single" / "predictions.h5")
+
+    calls, real_fit = [], pipeline.fit_fold
+
+    def killed_in_fold_2(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_fit(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "fit_fold", killed_in_fold_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_neural(cache, tmp_path / "resumed", ["single"], opts)
+    done, complete = outputs.fold_done(tmp_path / "resumed" / "single" / "predictions.h5")
+    assert done.tolist() == [True, True, False] and not complete
+
+    trained = []
+    monkeypatch.setattr(pipeline, "fit_fold", lambda *a, **kw: trained.append(a[4]) or real_fit(*a, **kw))
+    metrics = train_neural(cache, tmp_path / "resumed", ["single"], opts)
+    assert trained == [2]                              # folds 0 and 1 were skipped
+    resumed, _ = outputs.read_oof(tmp_path / "resumed" / "single" / "predictions.h5")
+    np.testing.assert_array_equal(resumed, straight)
+    assert set(metrics["single"]["oof"]) == {"mean", "l2_micro", "l2_macro", "l1_micro", "l1_macro"}
+
+
+def test_outputs_follow_the_run_directory_contract(cache, tmp_path):
+    opts = NeuralOptions(**TINY)
+    train_neural(cache, tmp_path / "run", ["cross"], opts)
+    with h5py.File(tmp_path / "run" / "cross" / "predictions.h5", "r") as h5:
+        assert h5.attrs["complete"]
+        assert h5["oof_proba"].shape == (60, 6) and h5["proba/test"].shape == (20, 6)
+        assert len(h5["ids_test"]) == 20
+        test_proba = h5["proba/test"][:]
+    proba = predict_store(tmp_path / "run", cache / "test.h5")["cross"]
+    np.testing.assert_allclose(proba, test_proba, atol=1e-6)
+    np.testing.assert_allclose(proba.sum(1), 1, atol=1e-5)
+
+
+def test_a_resumed_run_with_other_options_is_refused(cache, tmp_path, monkeypatch):
+    train_neural(cache, tmp_path / "run", ["mlp"], NeuralOptions(**TINY))
+    with pytest.raises(outputs.RunError, match="lr"):
+        train_neural(cache, tmp_path / "run", ["mlp"], NeuralOptions(**dict(TINY, lr=0.1)))
+
+
+def test_a_store_without_aggregates_names_the_dataset_and_the_command(tmp_path):
+    write_fake_store(tmp_path / "labeled.h5", n=30)
+    with pytest.raises(StoreError, match=r"agg/first_frame.*python run.py extract"):
+        train_neural(tmp_path, tmp_path / "run", ["mlp"], NeuralOptions(**TINY))
