@@ -41,5 +41,53 @@ def extract(data_dir, splits, cache_dir, **options):
                    f"-> {report['store']} (report: {split}.report.json)")
 
 
+def _neural_defaults():
+    from neural.options import NeuralOptions
+    return NeuralOptions()
+
+
+_NEURAL = _neural_defaults()
+
+
+@cli.command("train-neural")
+@click.option("--cache", "cache_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Cache directory of `extract` (labeled.h5, other splits, codebook.h5).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--models", default="single,dual,cross,vlad,mlp", show_default=True,
+              help="Comma-separated: single, dual, cross, vlad, mlp.")
+@click.option("--split", "splits", multiple=True,
+              help="Other split to predict (repeatable); default: every other store in the cache.")
+@click.option("--folds", "n_folds", default=_NEURAL.n_folds, show_default=True)
+@click.option("--seed", default=_NEURAL.seed, show_default=True)
+@click.option("--epochs", default=_NEURAL.epochs, show_default=True)
+@click.option("--batch-size", default=_NEURAL.batch_size, show_default=True)
+@click.option("--lr", default=_NEURAL.lr, show_default=True)
+@click.option("--hidden", default=_NEURAL.hidden, show_default=True, help="Width of every model.")
+@click.option("--layers", "n_layers", default=_NEURAL.n_layers, show_default=True)
+@click.option("--dropout", default=_NEURAL.dropout, show_default=True)
+@click.option("--max-tokens", default=_NEURAL.max_tokens, show_default=True)
+@click.option("--vlad-pooling", type=click.Choice(["nextvlad", "netvlad"]), default=_NEURAL.vlad_pooling,
+              show_default=True)
+@click.option("--label-smoothing", default=_NEURAL.label_smoothing, show_default=True)
+@click.option("--class-balanced/--no-class-balanced", default=_NEURAL.class_balanced, show_default=True)
+@click.option("--ema/--no-ema", default=_NEURAL.ema, show_default=True)
+@click.option("--fgm/--no-fgm", default=_NEURAL.fgm, show_default=True)
+@click.option("--rdrop/--no-rdrop", default=_NEURAL.rdrop, show_default=True)
+@click.option("--workers", "num_workers", default=_NEURAL.num_workers, show_default=True,
+              help="DataLoader worker processes.")
+@click.option("--threads", default=_NEURAL.threads, show_default=True, help="Torch CPU threads (0: default).")
+@click.option("--overwrite", is_flag=True, help="Delete the run directory first.")
+def train_neural(cache_dir, out_dir, models, overwrite, **options):
+    """Train fusion models out-of-fold on the cached features; resumable per model and fold."""
+    from neural.options import NeuralOptions, parse_models
+    from neural.pipeline import train_neural as run_train
+    results = run_train(cache_dir, out_dir, parse_models(models), NeuralOptions(**options), overwrite)
+    for name, metrics in results.items():
+        oof = metrics["oof"]
+        click.echo(f"{name}: OOF mean-F1 {oof['mean']:.4f} (l2 micro {oof['l2_micro']:.4f}, "
+                   f"macro {oof['l2_macro']:.4f}; l1 micro {oof['l1_micro']:.4f}, macro {oof['l1_macro']:.4f}) "
+                   f"-> {out_dir}/{name}/predictions.h5")
+
+
 if __name__ == "__main__":
     cli()
