@@ -238,6 +238,7 @@ def sample_frames(store_paths, options):
             for s, rows in _rows_by_store(block):
                 frames = readers[s].read(schema.FRAME_EMB, rows).astype(np.float32)   # (b, F, D)
                 masks = readers[s].read(schema.FRAME_MASK, rows)                       # (b, F)
+                _check_frames(readers[s].path, readers[s].h5, rows, frames)
                 for frame, mask in zip(frames, masks):
                     valid = np.flatnonzero(mask)
                     pick = rng.choice(valid, min(len(valid), options.frames_per_video), replace=False)
@@ -453,10 +454,12 @@ def _prepare_agg_group(h5, path, codebook, options, widths, overwrite):
     return options.batch_size
 
 
-def _check_frames(path, h5, start, frames, mask):
+def _check_frames(path, h5, rows, frames):
+    """Refuse non-finite frame embeddings, naming the video; rows a start index or an index array."""
     bad = ~np.isfinite(frames).all(axis=(1, 2))
     if bad.any():
-        vid = h5[schema.IDS][start + int(np.argmax(bad))]
+        first = int(np.argmax(bad))
+        vid = h5[schema.IDS][rows + first if np.isscalar(rows) else rows[first]]
         vid = vid.decode() if isinstance(vid, bytes) else vid
         raise AggregateError(f"{path}: video {vid}: field {schema.FRAME_EMB} has non-finite values")
 
@@ -473,7 +476,7 @@ def write_store_aggregates(path, aggregator, codebook, options, overwrite=False,
             end = min(n, start + batch)
             frames = h5[schema.FRAME_EMB][start:end]                     # (b, F, D) float16
             mask = h5[schema.FRAME_MASK][start:end]                      # (b, F) bool
-            _check_frames(path, h5, start, frames, mask)
+            _check_frames(path, h5, start, frames)
             for name, values in aggregator(frames, mask).items():
                 h5[f"{schema.AGG_GROUP}/{name}"][start:end] = values
             h5.flush()
