@@ -349,15 +349,17 @@ def first_valid_frame(frames, mask):
 
 def shift_similarity(frames, mask):
     """cos(frame i, frame i + s) for s in SHIFTS -> sims (B, 3, F), pair_mask (B, 3, F), zero-padded."""
-    unit = torch.nn.functional.normalize(frames.float(), dim=-1)          # (B, F, D)
+    frames = frames.float()
+    gram = torch.bmm(frames, frames.transpose(1, 2))                      # (B, F, F): one BLAS call
+    norm = gram.diagonal(dim1=1, dim2=2).clamp_min(1e-24).sqrt()          # (B, F)
     n = frames.shape[1]
-    sims = unit.new_zeros(len(frames), len(SHIFTS), n)
+    sims = frames.new_zeros(len(frames), len(SHIFTS), n)
     pair_mask = torch.zeros_like(sims, dtype=torch.bool)
     for j, s in enumerate(SHIFTS):
         if s >= n:
             continue
         pair_mask[:, j, :n - s] = mask[:, :-s] & mask[:, s:]
-        sims[:, j, :n - s] = (unit[:, :-s] * unit[:, s:]).sum(-1)
+        sims[:, j, :n - s] = gram.diagonal(s, dim1=1, dim2=2) / (norm[:, :-s] * norm[:, s:])
     return sims * pair_mask, pair_mask
 
 
