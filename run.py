@@ -89,5 +89,59 @@ def train_neural(cache_dir, out_dir, models, overwrite, **options):
                    f"-> {out_dir}/{name}/predictions.h5")
 
 
+@cli.command()
+@click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Run directory of `train-neural` (run.json, folds.h5, <model>/predictions.h5).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Stack directory: submission.csv, metrics.json, per_class_f1.png, the fitted stack.")
+@click.option("--models", default="", help="Comma-separated base models; default: every model of the run.")
+@click.option("--stacker", type=click.Choice(["rerank", "lgbm"]), default="rerank", show_default=True,
+              help="rerank: binary LightGBM over each video's top-k classes; lgbm: one multiclass LightGBM.")
+@click.option("--top-k", default=10, show_default=True, help="Candidate classes per video (rerank).")
+@click.option("--rounds", "n_rounds", default=0, show_default=True, help="Boosting rounds; 0: the stacker's default.")
+@click.option("--reweight", type=click.Choice(["auto", "power", "inverse"]), default="auto", show_default=True,
+              help="Long-tail reweighting p_c * n_c^-tau (power) or p_c * (a / n_c + 1) (inverse), tuned nested.")
+@click.option("--compare", default="logreg", show_default=True,
+              help="Comma-separated extra stackers scored side by side: logreg, lgbm, rerank.")
+@click.option("--shift-stats/--no-shift-stats", "use_shift_stats", default=True, show_default=True,
+              help="Add the store's agg/shift_stats to the per-video signals.")
+@click.option("--split", default="test", show_default=True,
+              help="Split written to submission.csv ('' for none); other splits go to predictions_<split>.csv.")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def stack(run_dir, out_dir, models, compare, **options):
+    """Stack the run's base models (scored on the run's folds), reweight the long tail, write the submission."""
+    from stacking.pipeline import StackOptions, stack as run_stack
+    opts = StackOptions(models=tuple(m for m in models.split(",") if m),
+                        compare=tuple(c for c in compare.split(",") if c), **options)
+    metrics = run_stack(run_dir, out_dir, opts)
+    for name, m in metrics["table"].items():
+        click.echo(f"{name:64s} mean-F1 {m['mean']:.4f} (l2 {m['l2_micro']:.4f}/{m['l2_macro']:.4f}, "
+                   f"l1 {m['l1_micro']:.4f}/{m['l1_macro']:.4f})")
+    click.echo(f"-> {out_dir}/metrics.json, per_class_f1.png, stacker/, reweight.json"
+               + "".join(f", {v['file']}" for v in metrics["predictions"].values()))
+
+
+@cli.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Dataset root in the challenge layout holding the new videos.")
+@click.option("--split", required=True, help="Split of DATA to label (DATA/annotations/<split>.json).")
+@click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Run directory of `train-neural`.")
+@click.option("--stack", "stack_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Stack directory written by `stack --out` from the same run.")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
+              help="Output CSV: id,category_id lines, no header.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
+              help="Where the new split's features are cached; default: OUT.cache/ (never the run's cache).")
+@click.option("--category-map", type=click.Path(exists=True, dir_okay=False),
+              help="The category map the run was extracted with, when it was not the built-in one.")
+def predict(data_dir, split, run_dir, stack_dir, out_file, cache_dir, category_map):
+    """Label new videos: saved encoders -> aggregates -> fold models -> stacker, one CSV line per video."""
+    from stacking.predict import predict as run_predict
+    pred = run_predict(data_dir, split, run_dir, stack_dir, out_file, cache_dir, category_map)
+    click.echo(f"{len(pred)} videos -> {out_file}")
+
+
 if __name__ == "__main__":
     cli()

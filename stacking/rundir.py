@@ -71,7 +71,7 @@ def read_run_config(run_dir):
 
 
 def read_folds(run_dir):
-    """(ids (N,), fold (N,)) from RUN_DIR/folds.h5."""
+    """(ids (N,), fold (N,), attrs) from RUN_DIR/folds.h5."""
     path = Path(run_dir) / "folds.h5"
     if not path.exists():
         raise RunDirError(f"{path}: missing; RUN_DIR must come from `python run.py train-neural`")
@@ -80,13 +80,14 @@ def read_folds(run_dir):
             if name not in h5:
                 raise RunDirError(f"{path}: dataset '{name}' is missing")
         ids, fold = _decode(h5["ids"][:]), h5["fold"][:].astype(np.int64)
+        attrs = dict(h5.attrs)
     if len(ids) != len(fold) or len(ids) == 0:
         raise RunDirError(f"{path}: 'ids' ({len(ids)}) and 'fold' ({len(fold)}) must have the same, non-zero length")
     if len(set(ids)) != len(ids):
         raise RunDirError(f"{path}: duplicate video ids")
     if fold.min() < 0 or len(np.unique(fold)) < 2:
         raise RunDirError(f"{path}: 'fold' needs at least two folds numbered from 0, got {np.unique(fold)}")
-    return ids, fold
+    return ids, fold, attrs
 
 
 def predictions_path(run_dir, model):
@@ -125,14 +126,20 @@ def _first_mismatch(a, b):
     return f"row {i}: '{a[i]}' against '{b[i]}'"
 
 
-def _check_model_folds(path, model, fold):
-    """A model trained on another fold assignment would leak labels into the stacker's folds."""
+def _check_model_folds(path, model, attrs, fold, folds_attrs):
+    """A model trained on another fold assignment would leak labels into the stacker's folds.
+
+    The model records its n_folds and seed in attrs["options"] and has one fold_done flag per fold.
+    """
+    options = json.loads(attrs.get("options", "{}") or "{}")
+    for key in ("n_folds", "seed"):
+        if key in options and key in folds_attrs and int(options[key]) != int(folds_attrs[key]):
+            raise RunDirError(f"{path}: model '{model}' was trained with {key}={options[key]}, but folds.h5 "
+                              f"has {key}={folds_attrs[key]}: another fold assignment")
     with h5py.File(path, "r") as h5:
-        if "fold" not in h5:           # optional in the contract; ids and n_folds are checked anyway
-            return
-        model_fold = h5["fold"][:].astype(np.int64)
-    if model_fold.shape != fold.shape or (model_fold != fold).any():
-        raise RunDirError(f"{path}: model '{model}' was trained on another fold assignment than folds.h5")
+        n_done = len(h5["fold_done"]) if "fold_done" in h5 else None
+    if n_done is not None and n_done != len(np.unique(fold)):
+        raise RunDirError(f"{path}: model '{model}' has {n_done} folds, folds.h5 has {len(np.unique(fold))}")
 
 
 def load_run(run_dir, models=None):
@@ -146,13 +153,13 @@ def load_run(run_dir, models=None):
     if missing:
         raise RunDirError(f"{run_dir}: base model(s) missing: {', '.join(missing)} "
                           f"(no <model>/predictions.h5); run.json lists {', '.join(config['models'])}")
-    ids, fold = read_folds(run_dir)
+    ids, fold, folds_attrs = read_folds(run_dir)
     fine_classes = [str(c) for c in config["fine_classes"]]
     oof, label = {}, None
     for model in models:
         path = predictions_path(run_dir, model)
         oof[model], model_label, attrs = _check_model(path, model, ids, len(fine_classes))
-        _check_model_folds(path, model, fold)
+        _check_model_folds(path, model, attrs, fold, folds_attrs)
         if label is None:
             label = model_label
         elif (model_label != label).any():

@@ -31,7 +31,7 @@ def fake_proba(label, n_classes, strong, rng, clear=3.0, dim=0.5, confuse=2.5, n
     return _softmax(logits)
 
 
-def write_predictions(path, ids, label, oof, split_probas):
+def write_predictions(path, ids, label, oof, split_probas, n_folds=3, seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)
     strings = h5py.string_dtype()
     with h5py.File(path, "w") as h5:
@@ -43,7 +43,8 @@ def write_predictions(path, ids, label, oof, split_probas):
             h5.create_dataset(f"proba/{split}", data=proba)
         h5.attrs["complete"] = True
         h5.attrs["metrics"] = "{}"
-        h5.attrs["options"] = "{}"
+        h5.attrs["options"] = json.dumps({"n_folds": n_folds, "seed": seed})
+        h5.create_dataset("fold_done", data=np.ones(n_folds, bool))
 
 
 def write_fake_run(root, n=240, n_test=60, n_classes=6, n_folds=3, models=("a", "b"), seed=0):
@@ -66,7 +67,8 @@ def write_fake_run(root, n=240, n_test=60, n_classes=6, n_folds=3, models=("a", 
     for m, name in enumerate(models):
         oof = fake_proba(label, n_classes, halves[m], rng)
         test = fake_proba(test_label, n_classes, halves[m], rng)
-        write_predictions(run_dir / name / "predictions.h5", ids, label, oof, {"test": (test_ids, test)})
+        write_predictions(run_dir / name / "predictions.h5", ids, label, oof, {"test": (test_ids, test)},
+                          n_folds, seed)
     run = {"cache_dir": str(cache.resolve()), "store_config": reader.config,
            "fine_classes": reader.fine_classes, "coarse_classes": reader.coarse_classes,
            "fine_to_coarse": reader.fine_to_coarse.tolist(), "options": {}, "seed": seed,

@@ -1,0 +1,138 @@
+"""Stacking benchmark: the cost of a plain multiclass LightGBM stacker at scale, and the comparison table.
+
+    PYTHONPATH=. python bench/bench_stack.py synthetic [--n 100000 --models 5 --classes 200 --threads 2]
+    PYTHONPATH=. python bench/bench_stack.py runs RUN_DIR [RUN_DIR ...] --out DIR [--threads 2]
+
+`synthetic`: out-of-fold-like probabilities of M models for N videos over C long-tailed classes.
+Times the multiclass LightGBM stacker (dataset construction, then boosting rounds: it grows C trees
+per round, so a few rounds are timed and the per-round cost is extrapolated, printed as such), and the
+top-k rerank stacker fit in full; scores both (and the average, best single model) on a 20% hold-out.
+`runs`: `stack` on each run directory (all stackers side by side on the run's folds) and the time of
+each stage, then how much the stack with reweighting beats the best base model and the average.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from neural.metrics import metric_from_proba
+from stacking.pipeline import StackOptions, stack
+from stacking.stackers import LGBMStacker, RerankStacker, StackInput
+
+
+def synthetic_input(n, n_models, n_classes, seed=0, chunk=20000):
+    """StackInput with long-tailed labels; model m is sharp on its own slice of the classes."""
+    rng = np.random.default_rng(seed)
+    prior = 1.0 / np.arange(1, n_classes + 1) ** 0.9
+    label = rng.choice(n_classes, size=n, p=prior / prior.sum())
+    probas = np.empty((n_models, n, n_classes), np.float32)             # (M, N, C)
+    sharp = np.array_split(rng.permutation(n_classes), n_models)
+    for m in range(n_models):
+        for s in range(0, n, chunk):
+            y = label[s:s + chunk]
+            logits = rng.normal(scale=1.0, size=(len(y), n_classes)).astype(np.float32)
+            logits[np.arange(len(y)), y] += np.where(np.isin(y, sharp[m]), 3.5, 1.5)
+            logits += np.log(prior)[None, :] * 0.5                      # head classes favoured
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probas[m, s:s + chunk] = e / e.sum(axis=1, keepdims=True)
+    signals = np.stack([probas.max(axis=2).T[:, m] for m in range(n_models)], axis=1)   # (N, M)
+    return StackInput(probas, signals.astype(np.float32)), label
+
+
+def f2c_for(n_classes):
+    return np.arange(n_classes) // 10                                   # ten fine classes per coarse
+
+
+def bench_synthetic(args):
+    t0 = time.perf_counter()
+    X, y = synthetic_input(args.n, args.models, args.classes)
+    print(f"synthetic input {args.n} x {args.models} models x {args.classes} classes: "
+          f"{time.perf_counter() - t0:.1f} s to generate")
+    rng = np.random.default_rng(1)
+    held = rng.random(args.n) < 0.2
+    train_X, test_X, f2c = X.take(~held), X.take(held), f2c_for(args.classes)
+    rows = {"best single model": max((metric_from_proba(y[held], p, f2c)["mean"] for p in test_X.probas)),
+            "average": metric_from_proba(y[held], test_X.probas.mean(axis=0), f2c)["mean"]}
+    times = {}
+
+    # plain multiclass LightGBM: time a few rounds, extrapolate to its default round count
+    for rounds in (args.lgbm_rounds, 2 * args.lgbm_rounds):
+        start = time.perf_counter()
+        lgbm = LGBMStacker(n_rounds=rounds, threads=args.threads).fit(train_X, y[~held])
+        times[f"lgbm multiclass fit, {rounds} rounds"] = time.perf_counter() - start
+    t1, t2 = times[f"lgbm multiclass fit, {args.lgbm_rounds} rounds"], times[f"lgbm multiclass fit, {2 * args.lgbm_rounds} rounds"]
+    per_round = (t2 - t1) / args.lgbm_rounds
+    default_rounds = LGBMStacker().params["n_rounds"]
+    times["lgbm multiclass: per round (measured difference)"] = per_round
+    times[f"lgbm multiclass: {default_rounds} rounds (EXTRAPOLATED)"] = t1 + per_round * (default_rounds - args.lgbm_rounds)
+    rows[f"lgbm multiclass ({2 * args.lgbm_rounds} rounds only)"] = metric_from_proba(
+        y[held], lgbm.predict_proba(test_X), f2c)["mean"]
+
+    start = time.perf_counter()
+    rerank = RerankStacker(top_k=args.top_k, threads=args.threads).fit(train_X, y[~held])
+    times[f"rerank fit (top-{args.top_k}, {rerank.params['n_rounds']} rounds, in full)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    proba = rerank.predict_proba(test_X)
+    times[f"rerank predict {int(held.sum())} videos"] = time.perf_counter() - start
+    rows[f"rerank top-{args.top_k}"] = metric_from_proba(y[held], proba, f2c)["mean"]
+    print(f"rerank candidate recall@{args.top_k} on train: {rerank.train_recall_:.4f}")
+
+    print("\ntime (s), threads =", args.threads)
+    for k, v in times.items():
+        print(f"  {k:60s} {v:9.1f}")
+    print(f"  ratio lgbm multiclass (extrapolated) / rerank fit: "
+          f"{times[f'lgbm multiclass: {default_rounds} rounds (EXTRAPOLATED)'] / times[next(k for k in times if k.startswith('rerank fit'))]:.1f}x")
+    print("\nhold-out challenge metric (mean of four F1s), 20% of videos")
+    for k, v in rows.items():
+        print(f"  {k:60s} {v:.4f}")
+
+
+def bench_runs(args):
+    for run_dir in args.run_dirs:
+        out = Path(args.out) / Path(run_dir).name
+        options = StackOptions(threads=args.threads, split=args.split, compare=tuple(args.compare))
+        start = time.perf_counter()
+        metrics = stack(run_dir, out, options)
+        total = time.perf_counter() - start
+        table = metrics["table"]
+        print(f"\n== {run_dir} ({metrics['n_videos']} videos, {metrics['n_classes']} classes, "
+              f"{metrics['n_folds']} folds) -> {out}")
+        print(f"  {'method':62s} {'mean':>6s} {'l2mic':>6s} {'l2mac':>6s} {'l1mic':>6s} {'l1mac':>6s}")
+        for name, m in table.items():
+            print(f"  {name:62s} " + " ".join(f"{m[k]:6.4f}" for k in ("mean", "l2_micro", "l2_macro", "l1_micro", "l1_macro")))
+        final = table[f"{options.stacker}+reweight"]["mean"]
+        best_name, best = max(((k, v["mean"]) for k, v in table.items() if k.startswith("base:")), key=lambda t: t[1])
+        print(f"  stack+reweight {final:.4f} vs best base model {best_name} {best:.4f}: {final - best:+.4f}")
+        print(f"  stack+reweight {final:.4f} vs average {table['average']['mean']:.4f}: "
+              f"{final - table['average']['mean']:+.4f}")
+        lq = metrics["low_quartile"]
+        print(f"  lowest-frequency quartile ({lq['n_classes']} classes, <= {lq['max_count']} videos): macro-F1 "
+              f"{lq['macro_f1_before']:.4f} -> {lq['macro_f1_after']:.4f} ({lq['change']:+.4f})")
+        print(f"  reweighting per outer fold: {[(r['kind'], r['param']) for r in metrics['reweight_per_fold']]}")
+        print("  stage times (s): " + json.dumps(metrics["times_s"]) + f"; total {total:.1f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    syn = sub.add_parser("synthetic")
+    syn.add_argument("--n", type=int, default=100_000)
+    syn.add_argument("--models", type=int, default=5)
+    syn.add_argument("--classes", type=int, default=200)
+    syn.add_argument("--top-k", type=int, default=10)
+    syn.add_argument("--lgbm-rounds", type=int, default=2, help="rounds timed (then twice as many)")
+    syn.add_argument("--threads", type=int, default=2)
+    runs = sub.add_parser("runs")
+    runs.add_argument("run_dirs", nargs="+")
+    runs.add_argument("--out", required=True)
+    runs.add_argument("--split", default="")
+    runs.add_argument("--compare", nargs="*", default=["logreg", "lgbm"])
+    runs.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    bench_synthetic(args) if args.what == "synthetic" else bench_runs(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""`stack` on a small fake run directory: scores, refusals, saved stack, submission and predict."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from neural.metrics import metric_from_proba
+from stacking import pipeline
+from stacking.pipeline import StackOptions, stack
+from stacking.predict import predict_from_probas
+from stacking.rundir import RunDirError, load_run, split_predictions
+from stacking.stackers import STACKERS, StackInput, load_stacker, make_stacker
+from stacking.submission import SubmissionError, read_predictions
+from tests.test_stack_fakes import write_fake_run, write_predictions
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    run_dir, test_label = write_fake_run(root)
+    metrics = stack(run_dir, root / "out", StackOptions(threads=1, compare=("logreg", "lgbm"), n_rounds=60))
+    return run_dir, root / "out", metrics, test_label
+
+
+def test_table_scores_every_method_on_the_run_folds(stacked):
+    run_dir, out, metrics, _ = stacked
+    run = load_run(run_dir)
+    table = json.loads((out / "metrics.json").read_text())["table"]
+    # base models and the average, recomputed here from the run's own OOF probabilities
+    for m in run.models:
+        assert table[f"base:{m}"] == pytest.approx(metric_from_proba(run.label, run.oof[m], run.fine_to_coarse))
+    mean = np.mean([run.oof[m] for m in run.models], axis=0)
+    assert table["average"] == pytest.approx(metric_from_proba(run.label, mean, run.fine_to_coarse))
+    for name in ("logreg", "lgbm", "rerank", "rerank+reweight"):
+        assert set(table[name]) == {"mean", "l2_micro", "l2_macro", "l1_micro", "l1_macro"}
+    # the fake models make systematic, class-specific mistakes only a stacker can learn to discount
+    best_base = max(table[f"base:{m}"]["mean"] for m in run.models)
+    assert table["rerank"]["mean"] > table["average"]["mean"] > best_base
+    assert table["logreg"]["mean"] > table["average"]["mean"]
+
+
+def test_stacker_oof_pass_never_sees_the_scored_fold(stacked, monkeypatch):
+    run_dir, _, _, _ = stacked
+    run = load_run(run_dir)
+    seen = []
+
+    class Spy:
+        def fit(self, X, y):
+            seen.append(len(y))
+            return self
+
+        def predict_proba(self, X):
+            return np.full((len(X), X.n_classes), 1.0 / X.n_classes, np.float32)
+
+    X = StackInput(np.stack([run.oof[m] for m in run.models]), np.zeros((len(run.ids), 1), np.float32))
+    pipeline.cross_val_predict(Spy, X, run.label, run.fold)
+    assert seen == [int((run.fold != k).sum()) for k in range(run.n_folds)]
+    seen.clear()
+    fits = []
+    monkeypatch.setattr(pipeline.PriorReweighter, "fit",
+                        lambda self, proba, y, counts, f2c: (fits.append(len(y)), _identity(self, proba))[1])
+    pipeline.nested_reweight(Spy, X, run.label, run.fold, X.probas.mean(0), run.fine_to_coarse, "auto")
+    # the reweighting of outer fold k is tuned only on the other folds' rows (an inner OOF pass there)
+    assert fits == [int((run.fold != k).sum()) for k in range(run.n_folds)]
+    assert len(seen) == run.n_folds * (run.n_folds - 1)
+
+
+def _identity(rw, proba):
+    rw.kind_, rw.param_, rw.score_ = "power", 0.0, 0.0
+    rw.weights_ = np.ones(proba.shape[1])
+    return rw
+
+
+def test_submission_covers_the_test_split_and_is_right(stacked):
+    run_dir, out, metrics, test_label = stacked
+    run = load_run(run_dir)
+    lines = (out / "submission.csv").read_text().splitlines()
+    ids, probas = split_predictions(run, "test")
+    assert [ln.split(",")[0] for ln in lines] == list(ids)           # no header, one line per video
+    predicted = np.array([run.fine_classes.index(ln.split(",")[1]) for ln in lines])
+    average = np.mean([probas[m] for m in run.models], axis=0).argmax(axis=1)
+    assert (predicted == test_label).mean() > (average == test_label).mean()
+    assert metrics["predictions"]["test"] == {"file": "submission.csv", "rows": len(ids)}
+
+
+def test_saved_stack_reproduces_the_submission(stacked):
+    run_dir, out, _, _ = stacked
+    run = load_run(run_dir)
+    ids, probas = split_predictions(run, "test")
+    target = out.parent / "again.csv"
+    predict_from_probas(out, probas, run_dir.parent / "cache" / "test.h5", ids, target)
+    assert target.read_text() == (out / "submission.csv").read_text()
+    missing = {m: p for m, p in probas.items() if m != "b"}
+    with pytest.raises(ValueError, match="'b'"):
+        predict_from_probas(out, missing, run_dir.parent / "cache" / "test.h5", ids, target)
+
+
+def test_plot_and_low_quartile_report(stacked):
+    _, out, metrics, _ = stacked
+    assert Image.open(out / "per_class_f1.png").size[0] > 300
+    lq = metrics["low_quartile"]
+    assert lq["change"] == pytest.approx(lq["macro_f1_after"] - lq["macro_f1_before"])
+    assert 0 < lq["n_classes"] <= metrics["n_classes"]
+
+
+@pytest.mark.parametrize("kind", sorted(STACKERS))
+def test_each_stacker_saves_and_loads_to_the_same_predictions(kind, tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, size=150)
+    y[y == 4] = 3                                   # class 4 never seen in training
+    probas = rng.dirichlet(np.ones(5), size=(2, 150)).astype(np.float32)
+    probas[0, np.arange(150), y] += 1.0
+    X = StackInput(probas / probas.sum(axis=2, keepdims=True), rng.normal(size=(150, 3)).astype(np.float32))
+    params = {"threads": 1, "n_rounds": 20} if kind in ("lgbm", "rerank") else {}
+    if kind == "rerank":
+        params["top_k"] = 3
+    fitted = make_stacker(kind, **params).fit(X, y)
+    proba = fitted.predict_proba(X)
+    assert proba.shape == (150, 5)
+    assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    fitted.save(tmp_path / kind)
+    assert np.allclose(load_stacker(tmp_path / kind).predict_proba(X), proba, atol=1e-6)
+    if kind != "average":
+        assert (proba.argmax(axis=1) == y).mean() > 0.8
+
+
+def test_refuses_missing_models_and_other_stores_classes_or_folds(tmp_path):
+    run_dir, _ = write_fake_run(tmp_path, n=60, n_test=12)
+    with pytest.raises(RunDirError, match="missing: c"):
+        load_run(run_dir, models=["a", "c"])
+    config = json.loads((run_dir / "run.json").read_text())
+
+    other = dict(config, fine_classes=list(reversed(config["fine_classes"])))
+    (run_dir / "run.json").write_text(json.dumps(other))
+    with pytest.raises(RunDirError, match="fine_classes differ"):
+        load_run(run_dir)
+
+    other = dict(config, store_config={"fake": False})
+    (run_dir / "run.json").write_text(json.dumps(other))
+    with pytest.raises(RunDirError, match="different store"):
+        load_run(run_dir)
+    (run_dir / "run.json").write_text(json.dumps(config))
+
+    with h5py.File(run_dir / "folds.h5", "r+") as h5:          # folds drawn with another seed
+        h5.attrs["seed"] = 7
+    with pytest.raises(RunDirError, match="model 'a' was trained with seed=0.*another fold assignment"):
+        load_run(run_dir)
+    with h5py.File(run_dir / "folds.h5", "r+") as h5:          # another fold assignment's ids
+        h5.attrs["seed"] = 0
+        ids = h5["ids"][:]
+        h5["ids"][:] = np.roll(ids, 1)
+    with pytest.raises(RunDirError, match="model 'a' has other labelled ids"):
+        load_run(run_dir)
+
+
+def test_refuses_a_submission_split_the_run_lacks(tmp_path):
+    run_dir, _ = write_fake_run(tmp_path, n=60, n_test=12)
+    with pytest.raises(RunDirError, match="no predictions for split 'unlabeled'.*test"):
+        stack(run_dir, tmp_path / "out", StackOptions(split="unlabeled", threads=1))
+
+
+def test_submission_ids_are_checked_against_the_store(tmp_path):
+    run_dir, _ = write_fake_run(tmp_path, n=60, n_test=12)
+    path = run_dir / "a" / "predictions.h5"
+    with h5py.File(path, "r") as h5:
+        ids = [v.decode() for v in h5["ids"][:]]
+        label, oof = h5["label_fine"][:], h5["oof_proba"][:]
+        test_ids = [v.decode() for v in h5["ids_test"][:]]
+        test = h5["proba/test"][:]
+    def rewrite(split_ids, split_proba):
+        for model in ("a", "b"):
+            write_predictions(run_dir / model / "predictions.h5", ids, label, oof, {"test": (split_ids, split_proba)})
+
+    rewrite(test_ids[:-1], test[:-1])          # a test video without a prediction
+    with pytest.raises(SubmissionError, match="1 missing, 0 unknown; e.g. missing test00011"):
+        stack(run_dir, tmp_path / "out", StackOptions(threads=1, n_rounds=5, compare=()))
+    rewrite(test_ids[:-1] + ["intruder"], test)   # a prediction for a video the test store lacks
+    with pytest.raises(RunDirError, match="intruder"):
+        stack(run_dir, tmp_path / "out", StackOptions(threads=1, n_rounds=5, compare=()))
+
+
+def test_read_predictions_round_trip(stacked):
+    _, out, _, _ = stacked
+    rows = read_predictions(out / "submission.csv")
+    assert len(rows) == len((out / "submission.csv").read_text().splitlines())
+
+
+def test_cli_stack_and_its_one_line_errors(tmp_path):
+    from click.testing import CliRunner
+    from run import cli
+    run_dir, _ = write_fake_run(tmp_path, n=60, n_test=12)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["stack", "--model", str(run_dir), "--out", str(tmp_path / "out"),
+                                 "--rounds", "5", "--compare", "", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "rerank+reweight" in result.output
+    assert len((tmp_path / "out" / "submission.csv").read_text().splitlines()) == 12
+    result = runner.invoke(cli, ["stack", "--model", str(run_dir), "--out", str(tmp_path / "out2"),
+                                 "--models", "a,zz"])
+    assert result.exit_code != 0
+    assert "base model(s) missing: zz" in result.output and "Traceback" not in result.output
