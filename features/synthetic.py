@@ -14,9 +14,11 @@ come in four groups; inside a group everything but one thing is drawn from the s
                   equal areas (so every frame has the same mean colour); each video holds two kinds in
                   equal numbers, and the class says WHICH two: mix-1 = {h,v} or {fine,coarse},
                   mix-2 = {h,fine} or {v,coarse}, mix-3 = {h,coarse} or {v,fine}. Every kind is a
-                  quarter of every class's frames, and the two pairs of a class are mirror images
-                  about one common centre, so any linear model on mean-pooled frame features is at
-                  chance; a nonlinear head or per-cluster pooling is needed.
+                  quarter of every class's frames (a single frame says nothing), and the mean-pooled
+                  frames of a class's two pairs are mirror images about one centre common to all
+                  three classes, so a linear model on mean-pooled frame features can get both pairs
+                  right for one class only (balanced accuracy <= 2/3; near 1/2 in practice); a
+                  nonlinear head or per-cluster pooling finds the pairs.
 
 Groups differ from each other (order frames do not look like scenes), so the coarse level mixes them:
 coarse class j holds text-only-(j+1), frame-only-(j+1), order-(j+1) and mix-(j+1).
