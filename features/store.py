@@ -99,9 +99,21 @@ def check_config(path, config):
 
 
 def _config_diff(old, new):
-    keys = sorted(set(old) | set(new))
-    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-    return "; ".join(parts)
+    """'key: old -> new' for every differing leaf of two nested config dicts."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    keys = sorted(set(flat_old) | set(flat_new))
+    return "; ".join(f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}"
+                     for k in keys if flat_old.get(k) != flat_new.get(k))
+
+
+def _flatten(config, prefix=""):
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class StoreWriter:

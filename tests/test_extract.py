@@ -1,0 +1,201 @@
+"""extract end to end on tiny challenge-layout data with the embedded default encoders."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from features import schema
+from features.extract import ExtractOptions, extract
+from features.store import StoreReader
+from run import cli
+from tests.media import jpeg_bytes, write_annotations, write_feature_zip, write_jpeg_zip
+
+REPO = Path(__file__).resolve().parents[1]
+MAP_CSV = "category_id,level1_id,level1_name,level2_name\n0000,00,a,a0\n0001,00,a,a1\n0100,01,b,b0\n"
+CATS = ["0000", "0001", "0100"]
+
+
+def make_dataset(root, n=12, split="labeled", faults=True):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "category_map.csv").write_text(MAP_CSV)
+    videos = []
+    for i in range(n):
+        vid = f"v{i:03d}"
+        videos.append({"id": vid, "title": f"title {i}", "asr": "spoken words" if i % 2 else "",
+                       "ocr": [{"time": 2, "text": "later"}, {"time": 1, "text": "early"}],
+                       "category_id": CATS[i % 3]})
+        colours = [(20 * i % 255, 40 * k, 100) for k in range(1 + i % 4)]
+        if faults and i == 5:
+            continue                                              # missing zip
+        extra = {"9.jpg": jpeg_bytes((0, 0, 0))[:50]} if faults and i == 6 else None
+        write_jpeg_zip(root, split, vid, [] if faults and i == 7 else colours, extra)
+    write_annotations(root, split, videos)
+    return root
+
+
+def options(**kw):
+    base = dict(frames=4, max_tokens=16, batch_size=4, workers=0, device="cpu",
+                category_map=None)
+    base.update(kw)
+    return ExtractOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("data"))
+    cache = tmp_path_factory.mktemp("cache")
+    reports = extract(root, ["labeled"], cache, options(category_map=str(root / "category_map.csv")))
+    return root, cache, reports["labeled"]
+
+
+def test_store_holds_labels_masks_and_config(extracted):
+    root, cache, report = extracted
+    store = StoreReader(cache / "labeled.h5")
+    assert list(store.ids) == [f"v{i:03d}" for i in range(12)]
+    assert store.read(schema.LABEL_FINE, slice(None)).tolist() == [i % 3 for i in range(12)]
+    assert store.read(schema.LABEL_COARSE, slice(None)).tolist() == [0 if i % 3 < 2 else 1 for i in range(12)]
+    frame_mask = store.read(schema.FRAME_MASK, slice(None))               # (N, F)
+    expected = [min(1 + i % 4, 4) for i in range(12)]
+    expected[5] = expected[7] = 0                                          # missing zip, zero frames
+    assert frame_mask.sum(1).tolist() == expected
+    frame_emb = store.read(schema.FRAME_EMB, slice(None)).astype(np.float32)
+    assert frame_emb.shape == (12, 4, 1280)
+    assert np.all(frame_emb[~frame_mask] == 0) and np.abs(frame_emb[frame_mask]).sum(-1).min() > 0
+    field_mask = store.read(schema.TEXT_FIELD_MASK, slice(None))
+    assert field_mask[:, 0].all() and field_mask[:, 1].all() and field_mask[:, 2].tolist() == [i % 2 == 1 for i in range(12)]
+    assert store.read(schema.TEXT_LEN, slice(0, 1)).tolist() == [[7, len("early later"), 0]]
+    config = store.config
+    assert config["frame_encoder"] == "efficientnet-lite0" and len(config["frame_encoder_checksum"]) == 64
+    assert config["options"]["frames"] == 4 and store.attrs["schema_version"] == schema.SCHEMA_VERSION
+    assert "torch" in json.loads(store.attrs["environment"])
+
+
+def test_media_faults_are_counted_and_listed(extracted):
+    root, cache, report = extracted
+    on_disk = json.loads((cache / "labeled.report.json").read_text())
+    assert on_disk == report
+    by_id = {f["id"]: f for f in report["faults"]}
+    assert set(by_id) == {"v005", "v006", "v007"}
+    assert by_id["v005"]["reason"] == "missing zip" and by_id["v005"]["file"].endswith("v005.zip")
+    assert "corrupt JPEG 9.jpg" in by_id["v006"]["reason"]
+    assert by_id["v007"]["reason"] == "zero frames"
+    assert report["n_videos_with_faults"] == 3
+
+
+def test_tokens_are_masked_hidden_states(extracted):
+    _, cache, _ = extracted
+    store = StoreReader(cache / "labeled.h5")
+    tokens = store.read(schema.TEXT_TOKENS, slice(None)).astype(np.float32)   # (N, T, Dt)
+    token_mask = store.read(schema.TEXT_TOKEN_MASK, slice(None))
+    assert tokens.shape == (12, 16, 384)
+    assert np.all(tokens[~token_mask] == 0) and np.all(np.abs(tokens[token_mask]).sum(-1) > 0)
+    # [CLS] title i [SEP] early later [SEP] (spoken words) [SEP]: every field joined, in order
+    assert token_mask.sum(1).tolist() == [10 if i % 2 else 8 for i in range(12)]
+
+
+def test_rerun_with_same_options_skips_and_other_options_refuse(extracted, tmp_path):
+    root, cache, _ = extracted
+    before = h5py.File(cache / "labeled.h5", "r")["frame_emb"][:]
+    runner = CliRunner()
+    args = ["extract", "--data", str(root), "--split", "labeled", "--out", str(cache), "--frames", "4",
+            "--max-tokens", "16", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+            "--category-map", str(root / "category_map.csv")]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(before, h5py.File(cache / "labeled.h5", "r")["frame_emb"][:])
+    changed = [a if a != "16" else "32" for a in args]                      # --max-tokens 32
+    result = runner.invoke(cli, changed)
+    assert result.exit_code == 1 and "options.max_tokens: 16 -> 32" in result.output and "--overwrite" in result.output
+
+
+def test_overwrite_rebuilds_with_new_options(tmp_path):
+    root = make_dataset(tmp_path / "data", n=4, faults=False)
+    cmap = str(root / "category_map.csv")
+    extract(root, ["labeled"], tmp_path / "c", options(category_map=cmap, frames=2))
+    extract(root, ["labeled"], tmp_path / "c", options(category_map=cmap, frames=3, overwrite=True))
+    assert StoreReader(tmp_path / "c" / "labeled.h5").read(schema.FRAME_EMB, slice(None)).shape[1] == 3
+
+
+def test_on_error_fail_names_file_and_id(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    result = CliRunner().invoke(cli, ["extract", "--data", str(root), "--out", str(tmp_path / "c"),
+                                      "--category-map", str(root / "category_map.csv"), "--workers", "0",
+                                      "--on-error", "fail", "--frames", "2", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "v005.zip" in result.output and "video v005" in result.output and "missing zip" in result.output
+    assert not StoreReader(tmp_path / "c" / "labeled.h5", require_complete=False).attrs["complete"]
+
+
+def test_structural_fault_stops_the_command_with_one_line(tmp_path):
+    root = make_dataset(tmp_path / "data", n=3, faults=False)
+    videos = json.loads((root / "annotations" / "labeled.json").read_text())
+    videos[1]["category_id"] = "0999"
+    write_annotations(root, "labeled", videos)
+    result = CliRunner().invoke(cli, ["extract", "--data", str(root), "--out", str(tmp_path / "c"),
+                                      "--category-map", str(root / "category_map.csv")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "labeled.json" in result.output and "'v001'" in result.output and "'category_id'" in result.output
+
+
+def test_feature_zip_layout_needs_no_frame_encoder(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {f"f{i:03d}": rng.normal(size=(3 + i, 8)).astype(np.float16) for i in range(5)}
+    arrays["f002"] = arrays["f002"].astype(np.float32)                      # wrong dtype
+    arrays["f003"][1, 2] = np.inf
+    write_feature_zip(tmp_path, "test", arrays)
+    write_annotations(tmp_path, "test", [{"id": k, "title": "x", "asr": "", "ocr": []} for k in arrays])
+    report = extract(tmp_path, ["test"], tmp_path / "c", options(frames=4))["test"]
+    store = StoreReader(tmp_path / "c" / "test.h5")
+    assert store.config["frame_encoder"] == "precomputed"
+    assert store.read(schema.LABEL_FINE, slice(None)).tolist() == [-1] * 5
+    mask = store.read(schema.FRAME_MASK, slice(None))
+    assert mask.sum(1).tolist() == [3, 4, 0, 0, 4]
+    np.testing.assert_array_equal(store.read(schema.FRAME_EMB, slice(0, 1))[0, :3], arrays["f000"])
+    assert {f["id"]: f["reason"].split(",")[0] for f in report["faults"]} == {
+        "f002": "dtype float32", "f003": "NaN or inf values"}
+
+
+def _done_rows(path):
+    try:
+        with h5py.File(path, "r", locking=False) as h5:
+            return int(h5["done"][:].sum())
+    except (OSError, KeyError):
+        return 0
+
+
+def test_killed_extract_resumes_to_the_same_content(tmp_path):
+    """kill -9 a real extract mid-way; the rerun finishes and equals an uninterrupted run."""
+    root = make_dataset(tmp_path / "data", n=24)
+    args = [sys.executable, str(REPO / "run.py"), "extract", "--data", str(root), "--split", "labeled",
+            "--category-map", str(root / "category_map.csv"), "--frames", "4", "--max-tokens", "16",
+            "--batch-size", "2", "--workers", "0", "--device", "cpu"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _done_rows(killed / "labeled.h5") < 6 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = _done_rows(killed / "labeled.h5")
+    assert 6 <= interrupted_at < 24, "the run was not interrupted mid-way"
+    assert not h5py.File(killed / "labeled.h5", "r")["done"][:].all()
+    with pytest.raises(Exception, match="incomplete"):
+        StoreReader(killed / "labeled.h5")
+
+    subprocess.run(args + ["--out", str(killed)], env=env, check=True, capture_output=True)
+    subprocess.run(args + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
+    resumed, whole = StoreReader(killed / "labeled.h5"), StoreReader(tmp_path / "whole" / "labeled.h5")
+    for name in sorted(whole.names):
+        np.testing.assert_array_equal(resumed.read(name, slice(None)), whole.read(name, slice(None)), err_msg=name)
+    assert json.loads((killed / "labeled.report.json").read_text())["faults"] == \
+        json.loads((tmp_path / "whole" / "labeled.report.json").read_text())["faults"]
