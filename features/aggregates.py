@@ -236,13 +236,13 @@ def sample_frames(store_paths, options):
     with tqdm(total=options.sample_size, desc="codebook sample", unit="frame") as bar:
         for block in np.array_split(candidates, max(1, len(candidates) // options.batch_size)):
             for s, rows in _rows_by_store(block):
-                frames = readers[s].read(schema.FRAME_EMB, rows).astype(np.float32)   # (b, F, D)
-                masks = readers[s].read(schema.FRAME_MASK, rows)                       # (b, F)
+                frames = _read_rows(readers[s], schema.FRAME_EMB, rows)                # (b, F, D)
+                masks = _read_rows(readers[s], schema.FRAME_MASK, rows)                # (b, F)
                 _check_frames(readers[s].path, readers[s].h5, rows, frames)
                 for frame, mask in zip(frames, masks):
                     valid = np.flatnonzero(mask)
                     pick = rng.choice(valid, min(len(valid), options.frames_per_video), replace=False)
-                    sample.append(frame[np.sort(pick)])
+                    sample.append(frame[np.sort(pick)].astype(np.float32))
                     total += len(pick)
                     bar.update(len(pick))
             if total >= options.sample_size:
@@ -252,6 +252,13 @@ def sample_frames(store_paths, options):
     if not sample:
         raise AggregateError(f"{', '.join(map(str, store_paths))}: no valid frame to fit a codebook on")
     return np.concatenate(sample)[:options.sample_size]
+
+
+def _read_rows(reader, name, rows):
+    """Scattered rows one by one: h5py's fancy indexing is ~50x slower on row-chunked datasets."""
+    reader.require(name)
+    dataset = reader.h5[name]
+    return np.stack([dataset[r] for r in rows])
 
 
 def _rows_by_store(block):
@@ -456,9 +463,16 @@ def _prepare_agg_group(h5, path, codebook, options, widths, overwrite):
     return options.batch_size
 
 
+def _nonfinite_rows(frames):
+    """(b, F, D) -> (b,) bool; for float16 by the exponent bits, 5x faster than np.isfinite."""
+    if frames.dtype == np.float16:
+        return ((frames.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=(1, 2))
+    return ~np.isfinite(frames).all(axis=(1, 2))
+
+
 def _check_frames(path, h5, rows, frames):
     """Refuse non-finite frame embeddings, naming the video; rows a start index or an index array."""
-    bad = ~np.isfinite(frames).all(axis=(1, 2))
+    bad = _nonfinite_rows(frames)
     if bad.any():
         first = int(np.argmax(bad))
         vid = h5[schema.IDS][rows + first if np.isscalar(rows) else rows[first]]

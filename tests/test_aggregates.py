@@ -290,3 +290,11 @@ def test_bad_stores_are_refused_with_their_names(tmp_path):
         h5["frame_emb"][3, 0, 0] = np.nan
     with pytest.raises(AggregateError, match="labeled00003.*frame_emb"):
         run_aggregates(tmp_path, ["labeled"], AggregateOptions(**SMALL))
+
+
+def test_float16_nonfinite_check_agrees_with_numpy():
+    rng = np.random.default_rng(0)
+    frames = rng.normal(size=(40, 3, 5)).astype(np.float16)
+    frames[1, 0, 0], frames[2, 2, 4], frames[3, 1, 1], frames[4, 0, 3] = np.inf, -np.inf, np.nan, 65504
+    np.testing.assert_array_equal(agg._nonfinite_rows(frames), ~np.isfinite(frames).all(axis=(1, 2)))
+    assert agg._nonfinite_rows(frames)[[1, 2, 3]].all() and not agg._nonfinite_rows(frames)[[0, 4]].any()
