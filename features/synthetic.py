@@ -264,9 +264,30 @@ class JsonListWriter:
         self._fh.write(("" if self._first else ",\n") + json.dumps(item, ensure_ascii=False))
         self._first = False
 
-    def __exit__(self, *exc):
-        self._fh.write("]\n")
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:       # an interrupted list stays unterminated, so no reader takes it as whole
+            self._fh.write("]\n")
         self._fh.close()
+
+
+class _AnswerWriter:
+    """The hidden labels of an unlabelled split, `id,category_id` lines; does nothing without a path."""
+
+    def __init__(self, path):
+        self.path, self._fh = path, None
+
+    def __enter__(self):
+        if self.path is not None:
+            self._fh = open(self.path, "w", newline="", encoding="utf-8")
+        return self
+
+    def write(self, video_id, category_id):
+        if self._fh is not None:
+            self._fh.write(f"{video_id},{category_id}\n")
+
+    def __exit__(self, *exc):
+        if self._fh is not None:
+            self._fh.close()
 
 
 def _zip_member(zf, name, data):
@@ -331,12 +352,11 @@ def _split_labels(counts, n, labelled, rng):
 
 def _write_demo_split(out_dir, split, labels, classes, id_offset, n_frames, image_size, seed,
                       labelled, progress):
-    """Streams one split's videos to disk; returns (n_frames per video summary, answer rows)."""
+    """Streams one split's videos to disk; returns its counts (videos, frames, bytes, per class)."""
     min_frames = max(3, n_frames // 2)
     frame_total, bytes_total, class_counts = 0, 0, {c.category_id: 0 for c in classes}
-    answers = None if labelled else open(out_dir / "answers" / f"{split}.csv", "w", newline="")
-    answer_writer = None if labelled else csv.writer(answers)
-    with JsonListWriter(out_dir / "annotations" / f"{split}.json") as ann:
+    answers_path = None if labelled else out_dir / "answers" / f"{split}.csv"
+    with JsonListWriter(out_dir / "annotations" / f"{split}.json") as ann, _AnswerWriter(answers_path) as answers:
         for i, label in enumerate(tqdm(labels, desc=f"demo {split}", disable=not progress)):
             cls, rng = classes[label], _video_rng(seed, split, i)
             vid = _video_id("d", id_offset + i, 6)
@@ -344,15 +364,12 @@ def _write_demo_split(out_dir, split, labels, classes, id_offset, n_frames, imag
             entry = {"id": vid, **make_text(cls, rng)}
             if labelled:
                 entry["category_id"] = cls.category_id
-            else:
-                answer_writer.writerow((vid, cls.category_id))
+            answers.write(vid, cls.category_id)
             ann.write(entry)
             zip_path = out_dir / "zip_frames" / split / vid[-3:] / f"{vid}.zip"
             bytes_total += write_frame_zip(zip_path, render_frames(cls, n, rng, image_size))
             frame_total += n
             class_counts[cls.category_id] += 1
-    if answers is not None:
-        answers.close()
     return {"n_videos": len(labels), "n_frames": frame_total, "zip_bytes": bytes_total,
             "class_counts": class_counts}
 
@@ -363,7 +380,8 @@ def generate_demo_dataset(out_dir, n_labelled=400, n_unlabelled=100, n_test=100,
 
     Layout: annotations/{labeled,unlabeled,test}.json, zip_frames/<split>/<id[-3:]>/<id>.zip
     (JPEGs 0.jpg..), category_map.csv, answers/{unlabeled,test}.csv (the hidden labels: id,category_id),
-    summary.json. Each video has between max(3, n_frames // 2) and n_frames frames.
+    summary.json. Each video has between max(3, n_frames // 2) and n_frames frames. The defaults
+    write 600 videos and 3,587 frames (about 2 minutes of EfficientNet-Lite0 at 30 images/s) in ~2 s.
     """
     out_dir = Path(out_dir)
     classes = demo_classes()
@@ -473,9 +491,9 @@ def generate_feature_zip_dataset(out_dir, n_videos, n_frames=32, dim=768, split=
 def _write_feature_split(out_dir, split, labels, class_ids, centroids, n_frames, seed, with_labels,
                          progress):
     frame_total, zip_path = 0, out_dir / "zip_feats" / f"{split}.zip"
-    answers = None if with_labels else open(out_dir / "answers" / f"{split}.csv", "w", newline="")
+    answers_path = None if with_labels else out_dir / "answers" / f"{split}.csv"
     with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
-            JsonListWriter(out_dir / "annotations" / f"{split}.json") as ann:
+            JsonListWriter(out_dir / "annotations" / f"{split}.json") as ann, _AnswerWriter(answers_path) as answers:
         for i, label in enumerate(tqdm(labels, desc=f"features {split}", disable=not progress)):
             rng, vid, category_id = _video_rng(seed, split, i), _video_id(split[0], i, 7), class_ids[label]
             n = _frame_count(rng, n_frames)
@@ -485,10 +503,7 @@ def _write_feature_split(out_dir, split, labels, class_ids, centroids, n_frames,
             entry = {"id": vid, **_feature_text(category_id, rng)}
             if with_labels:
                 entry["category_id"] = category_id
-            else:
-                answers.write(f"{vid},{category_id}\n")
+            answers.write(vid, category_id)
             ann.write(entry)
             frame_total += n
-    if answers is not None:
-        answers.close()
     return {"n_frames": frame_total, "zip_bytes": zip_path.stat().st_size}
