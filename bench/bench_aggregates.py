@@ -142,8 +142,10 @@ def _report(args, gen, read1, fit, aggregate, read2):
     print(f"fit codebook          {fit['seconds']:9.1f} s once              peak RSS {fit['peak_mb']:.0f} MB")
     print(f"compute+write agg/*   {aggregate['videos_per_s']:9.0f} videos/s             "
           f"peak RSS {aggregate['peak_mb']:.0f} MB (after imports {aggregate['import_mb']:.0f} MB)")
-    print(f"ratio aggregate / read: {aggregate['videos_per_s'] / read_best:.2f} "
-          f"(vs the faster read); generation peak RSS {gen['peak_mb']:.0f} MB")
+    print(f"ratio aggregate / read: {aggregate['videos_per_s'] / read_best:.2f} vs the faster read, "
+          f"{aggregate['videos_per_s'] / read1['videos_per_s']:.2f} vs the first; "
+          f"codebook fit + aggregate {fit['seconds'] + aggregate['seconds']:.0f} s in all; "
+          f"generation peak RSS {gen['peak_mb']:.0f} MB")
     print(f"agg width per video: {aggregate['total_width']} float16 values {aggregate['widths']}")
     print("reproduce: PYTHONPATH=. python " + " ".join([sys.argv[0]] + sys.argv[1:]))
 
