@@ -174,30 +174,42 @@ def scale_worker(args):
 
 
 def bench_scale(args):
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        start = time.perf_counter()
-        write_generated_store(Path(tmp) / "labeled.h5", args.n, 200, args.frames, args.frame_dim,
-                              args.text_dim, args.tokens)
-        if args.aggregates:
-            from features.aggregates import run_aggregates
-            run_aggregates(tmp, ["labeled"])
-        size_gb = (Path(tmp) / "labeled.h5").stat().st_size / 1e9
-        print(f"\n## scale: {args.n} generated videos, F={args.frames} x D={args.frame_dim} frames, "
-              f"T={args.tokens} x Dt={args.text_dim} tokens; store {size_gb:.2f} GB written in "
-              f"{time.perf_counter() - start:.0f} s; {args.threads} thread(s)")
-        print("| model | rows trained | s/epoch measured | s/epoch for all N (x N/rows) | rows/s | peak RSS MB "
-              "| of which after imports |")
-        print("|---|---|---|---|---|---|---|")
-        for model in args.models.split(","):
-            cmd = [sys.executable, __file__, "scale-worker", "--cache", tmp, "--models", model,
-                   "--threads", str(args.threads), "--rows", str(args.rows)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                print(f"| {model} | failed: {out.stderr.strip().splitlines()[-1]} |")
-                continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| {model} | {r['rows']} | {r['seconds']:.1f} | {r['seconds'] * args.n / r['rows']:.0f} | "
-                  f"{r['rows'] / r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | {r['imports_rss_mb']:.0f} |", flush=True)
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+        run_scale(args, args.dir)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_scale(args, tmp)
+
+
+def run_scale(args, folder):
+    """Generate (or reuse, when --dir holds a complete one of the same size) the store, then time."""
+    path = Path(folder) / "labeled.h5"
+    start = time.perf_counter()
+    reuse = path.exists() and StoreReader(path, require_complete=False).attrs.get("complete") \
+        and len(StoreReader(path)) == args.n
+    if not reuse:
+        write_generated_store(path, args.n, 200, args.frames, args.frame_dim, args.text_dim, args.tokens)
+    if args.aggregates and not StoreReader(path).attrs.get("aggregates_complete"):
+        from features.aggregates import run_aggregates
+        run_aggregates(folder, ["labeled"])
+    size_gb = path.stat().st_size / 1e9
+    print(f"\n## scale: {args.n} generated videos, F={args.frames} x D={args.frame_dim} frames, "
+          f"T={args.tokens} x Dt={args.text_dim} tokens; store {size_gb:.2f} GB "
+          f"{'reused' if reuse else 'written'} in {time.perf_counter() - start:.0f} s; {args.threads} thread(s)")
+    print("| model | rows trained | s/epoch measured | s/epoch for all N (x N/rows) | rows/s | peak RSS MB "
+          "| of which after imports |")
+    print("|---|---|---|---|---|---|---|")
+    for model in args.models.split(","):
+        cmd = [sys.executable, __file__, "scale-worker", "--cache", str(folder), "--models", model,
+               "--threads", str(args.threads), "--rows", str(args.rows)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(f"| {model} | failed: {out.stderr.strip().splitlines()[-1]} |")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"| {model} | {r['rows']} | {r['seconds']:.1f} | {r['seconds'] * args.n / r['rows']:.0f} | "
+              f"{r['rows'] / r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | {r['imports_rss_mb']:.0f} |", flush=True)
 
 
 def main():
@@ -216,7 +228,7 @@ def main():
     p.add_argument("--frame-dim", type=int, default=1280)
     p.add_argument("--text-dim", type=int, default=384)
     p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--tmp", default=None, help="scale: parent of the temporary store")
+    p.add_argument("--dir", default=None, help="scale: keep the generated store here (reused when complete)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     {"fashion": bench_fashion, "options": bench_options, "scale": bench_scale,

@@ -110,6 +110,9 @@ class ModelRun:
         self.spec = model_spec(name, reader, options, names)
         self.dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, options.max_tokens)
         self.codebook = codebook_path(cache_dir)
+        if name == "vlad":                          # a missing or mismatched codebook fails here, not in fold 0
+            from neural.models import build_model
+            build_model(self.spec, self.codebook)
         self.device = device_of()
         self.preds = self.dir / "predictions.h5"
         self.record = dict(options.result_dict(), model=name, spec=self.spec)

@@ -143,3 +143,45 @@ def test_a_store_without_aggregates_names_the_dataset_and_the_command(tmp_path):
     write_fake_store(tmp_path / "labeled.h5", n=30)
     with pytest.raises(StoreError, match=r"agg/first_frame.*python run.py extract"):
         train_neural(tmp_path, tmp_path / "run", ["mlp"], NeuralOptions(**TINY))
+
+
+def test_raw_chunk_reads_match_h5py_fancy_indexing(cache):
+    from neural.data import read_rows
+    rows = np.array([0, 3, 4, 17, 59])
+    with h5py.File(cache / "labeled.h5", "r") as h5:
+        for name in ("frame_emb", "frame_mask", "text_tokens", "text_token_mask", "text_pooled",
+                     "agg/first_frame", "agg/nextvlad", "label_fine"):
+            np.testing.assert_array_equal(read_rows(h5[name], rows), h5[name][rows], err_msg=name)
+
+
+def test_a_fold_killed_after_its_checkpoint_is_not_retrained(cache, tmp_path, monkeypatch):
+    opts = NeuralOptions(**TINY)
+    train_neural(cache, tmp_path / "straight", ["mlp"], opts)
+    straight, _ = outputs.read_oof(tmp_path / "straight" / "mlp" / "predictions.h5")
+    writes, real_write = [], outputs.write_fold
+
+    def killed_before_rows(*args):
+        writes.append(1)
+        if len(writes) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_write(*args)
+
+    monkeypatch.setattr(outputs, "write_fold", killed_before_rows)
+    with pytest.raises(KeyboardInterrupt):
+        train_neural(cache, tmp_path / "resumed", ["mlp"], opts)
+    assert (tmp_path / "resumed" / "mlp" / "fold1.pt").exists()
+    monkeypatch.setattr(outputs, "write_fold", real_write)
+    trained, real_fit = [], pipeline.fit_fold
+    monkeypatch.setattr(pipeline, "fit_fold", lambda *a, **kw: trained.append(a[4]) or real_fit(*a, **kw))
+    train_neural(cache, tmp_path / "resumed", ["mlp"], opts)
+    assert trained == [2]                              # fold 1 came back from its checkpoint
+    resumed, _ = outputs.read_oof(tmp_path / "resumed" / "mlp" / "predictions.h5")
+    np.testing.assert_array_equal(resumed, straight)
+
+
+def test_vlad_without_a_codebook_says_which_command_makes_it(cache, tmp_path):
+    import shutil
+    for name in ("labeled.h5",):
+        shutil.copy(cache / name, tmp_path / name)
+    with pytest.raises(StoreError, match=r"codebook.h5.*python run.py extract"):
+        train_neural(tmp_path, tmp_path / "run", ["vlad"], NeuralOptions(**TINY))
