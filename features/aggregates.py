@@ -390,6 +390,8 @@ class FrameAggregator:
     """
 
     def __init__(self, codebook, poolings, device="cpu"):
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.projection = _projection(codebook).to(self.device).eval()
         self.pools = {name: init_pooling(name, codebook).pool.to(self.device).eval() for name in poolings}
@@ -529,7 +531,7 @@ def run_aggregates(cache_dir, splits, options=None, device="cpu", overwrite=Fals
 
     Resumable: rerunning skips row batches whose agg/done flags are set; batch boundaries come from
     the batch size stored at the first run, so a resumed store has the same content as an unbroken run.
-    `codebook_path` lets a new split reuse a codebook kept elsewhere; `on_batch(path, start, end)` is
+    `device` "cpu", "cuda" or "auto". `codebook_path` lets a new split reuse a codebook kept elsewhere; `on_batch(path, start, end)` is
     called after each batch is written. Returns {split: report}.
     """
     options = options or AggregateOptions()
