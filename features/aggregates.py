@@ -531,8 +531,8 @@ def run_aggregates(cache_dir, splits, options=None, device="cpu", overwrite=Fals
 
     Resumable: rerunning skips row batches whose agg/done flags are set; batch boundaries come from
     the batch size stored at the first run, so a resumed store has the same content as an unbroken run.
-    `device` "cpu", "cuda" or "auto". `codebook_path` lets a new split reuse a codebook kept elsewhere; `on_batch(path, start, end)` is
-    called after each batch is written. Returns {split: report}.
+    `device`: "cpu", "cuda" or "auto". `codebook_path` lets a new split reuse a codebook kept elsewhere;
+    `on_batch(path, start, end)` is called after each batch is written. Returns {split: report}.
     """
     options = options or AggregateOptions()
     if not splits:
