@@ -298,3 +298,19 @@ def test_float16_nonfinite_check_agrees_with_numpy():
     frames[1, 0, 0], frames[2, 2, 4], frames[3, 1, 1], frames[4, 0, 3] = np.inf, -np.inf, np.nan, 65504
     np.testing.assert_array_equal(agg._nonfinite_rows(frames), ~np.isfinite(frames).all(axis=(1, 2)))
     assert agg._nonfinite_rows(frames)[[1, 2, 3]].all() and not agg._nonfinite_rows(frames)[[0, 4]].any()
+
+
+def test_one_frame_per_video_gives_zero_shift_features_and_per_frame_pooling(tmp_path):
+    """The fashion data has one frame per video: no frame pair exists, pooling sees one frame."""
+    write_fake_store(tmp_path / "labeled.h5", n=40, n_frames=1, frame_dim=16)
+    run_aggregates(tmp_path, ["labeled"], AggregateOptions(**SMALL))
+    content, attrs = _agg_content(tmp_path / "labeled.h5")
+    assert attrs["aggregates_complete"] and content["shift_sim"].shape == (40, 3, 1)
+    assert not content["shift_mask"].any() and not content["shift_sim"].any()
+    np.testing.assert_array_equal(content["shift_stats"][:, -1], 1)         # valid fraction
+    assert not content["shift_stats"][:, :-1].any()
+    with h5py.File(tmp_path / "labeled.h5", "r") as h5:
+        np.testing.assert_array_equal(content["first_frame"], h5["frame_emb"][:, 0])
+    assert np.isfinite(content["netvlad"].astype(np.float32)).all()
+    norms = np.linalg.norm(content["netvlad"].astype(np.float32), axis=1)
+    np.testing.assert_allclose(norms, 1, atol=1e-2)
