@@ -76,6 +76,8 @@ def extract_options(config, category_map):
     known = {f.name for f in fields(ExtractOptions)}
     recorded = {k: v for k, v in config["store_config"].get("options", {}).items() if k in known}
     recorded.pop("limit", None)                      # a new split is extracted whole
+    if "aggregates" in known:      # agg/* comes after, from the run's own codebook (see predict)
+        recorded["aggregates"] = None
     return ExtractOptions(**recorded, category_map=category_map)
 
 
