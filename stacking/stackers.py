@@ -128,7 +128,11 @@ class _BoosterMixin:
 
 
 class LGBMStacker(_BoosterMixin):
-    """One multiclass LightGBM on [p_1 .. p_M, signals]: C trees per boosting round."""
+    """One multiclass LightGBM on [p_1 .. p_M, signals]: one tree per class per boosting round.
+
+    Only the classes seen in training are modelled (their probability columns are the features):
+    a class map of 200 with 74 classes present grows 74 trees a round, not 200.
+    """
     kind = "lgbm"
 
     def __init__(self, n_rounds=100, learning_rate=0.1, num_leaves=15, min_data_in_leaf=20,
@@ -137,26 +141,29 @@ class LGBMStacker(_BoosterMixin):
                        "min_data_in_leaf": min_data_in_leaf, "feature_fraction": feature_fraction,
                        "lambda_l2": lambda_l2, "max_bin": max_bin, "threads": threads, "seed": seed}
 
-    @staticmethod
-    def _features(X):
-        m, n, c = X.probas.shape
-        return np.concatenate([X.probas.transpose(1, 0, 2).reshape(n, m * c), X.signals], axis=1)
+    def _features(self, X):
+        m, n, _ = X.probas.shape
+        probas = X.probas[:, :, self.classes_].transpose(1, 0, 2).reshape(n, m * len(self.classes_))
+        return np.concatenate([probas, X.signals], axis=1)
 
     def fit(self, X, y):
-        self.n_classes_ = X.n_classes
-        data = lgb.Dataset(self._features(X), label=y, free_raw_data=True)
-        params = _lgb_params("multiclass", self.params, {"num_class": self.n_classes_})
+        self.n_classes_, self.classes_ = X.n_classes, np.unique(y)
+        target = np.searchsorted(self.classes_, y)
+        data = lgb.Dataset(self._features(X), label=target, free_raw_data=True)
+        params = _lgb_params("multiclass", self.params, {"num_class": len(self.classes_)})
         self.booster_ = lgb.train(params, data, num_boost_round=self.params["n_rounds"])
         return self
 
     def predict_proba(self, X):
-        return self.booster_.predict(self._features(X)).astype(np.float32)
+        out = np.zeros((len(X), self.n_classes_), np.float32)
+        out[:, self.classes_] = self.booster_.predict(self._features(X)).reshape(len(X), -1)
+        return out
 
     def save(self, path):
-        self._save_booster(path, {"n_classes_": self.n_classes_})
+        self._save_booster(path, {"n_classes_": self.n_classes_, "classes_": self.classes_.tolist()})
 
     def _restore(self, path, learned):
-        self.n_classes_ = learned["n_classes_"]
+        self.n_classes_, self.classes_ = learned["n_classes_"], np.asarray(learned["classes_"], np.int64)
         self._load_booster(path)
 
 
