@@ -42,22 +42,18 @@ class StackOptions:
     timings: dict = field(default_factory=dict)
 
 
-def lgbm_params(options):
-    params = {"threads": options.threads, "seed": options.seed}
-    if options.n_rounds:
-        params["n_rounds"] = options.n_rounds
-    if options.stacker == "rerank":
-        params["top_k"] = options.top_k
-    return params
-
-
-def stacker_factory(kind, options):
+def stacker_factory(kind, options, fine_to_coarse):
+    """A function making a fresh, unfitted stacker of `kind` with the options' settings."""
     if kind == "logreg":
         return lambda: make_stacker("logreg", C=options.logreg_c, seed=options.seed)
     if kind == "average":
         return lambda: make_stacker("average")
-    options_k = StackOptions(**{**asdict(options), "stacker": kind})
-    return lambda: make_stacker(kind, **lgbm_params(options_k))
+    params = {"threads": options.threads, "seed": options.seed}
+    if options.n_rounds:
+        params["n_rounds"] = options.n_rounds
+    if kind == "rerank":
+        params.update(top_k=options.top_k, fine_to_coarse=fine_to_coarse)
+    return lambda: make_stacker(kind, **params)
 
 
 def build_input(models, probas, store_path, ids, signal_names):
@@ -129,9 +125,9 @@ def evaluate(run, X, options, timings):
     table = {f"base:{m}": metric_from_proba(y, run.oof[m], f2c) for m in run.models}
     table["average"] = metric_from_proba(y, X.probas.mean(axis=0), f2c)
     for kind in options.compare:
-        oof = _timed(timings, f"oof_{kind}", cross_val_predict, stacker_factory(kind, options), X, y, fold, kind)
+        oof = _timed(timings, f"oof_{kind}", cross_val_predict, stacker_factory(kind, options, f2c), X, y, fold, kind)
         table[kind] = metric_from_proba(y, oof, f2c)
-    make = stacker_factory(options.stacker, options)
+    make = stacker_factory(options.stacker, options, f2c)
     stack_oof = _timed(timings, f"oof_{options.stacker}", cross_val_predict, make, X, y, fold, options.stacker)
     table[options.stacker] = metric_from_proba(y, stack_oof, f2c)
     reweighted, chosen = _timed(timings, "nested_reweight", nested_reweight, make, X, y, fold, stack_oof,
@@ -199,7 +195,7 @@ def _check_split(run, split):
 
 def refit(run, X, stack_oof, options):
     """The stacker on all labelled videos; the reweighting tuned on its full out-of-fold predictions."""
-    stacker = stacker_factory(options.stacker, options)().fit(X, run.label)
+    stacker = stacker_factory(options.stacker, options, run.fine_to_coarse.tolist())().fit(X, run.label)
     counts = np.bincount(run.label, minlength=run.n_classes)
     reweighter = PriorReweighter(options.reweight).fit(stack_oof, run.label, counts, run.fine_to_coarse)
     return stacker, reweighter

@@ -167,6 +167,14 @@ class LGBMStacker(_BoosterMixin):
         self._load_booster(path)
 
 
+def _coarse_mass(proba, fine_to_coarse, cand):
+    """(N, K) probability of each candidate's coarse class: the sum over its fine classes."""
+    mass = np.zeros((len(proba), fine_to_coarse.max() + 1), np.float32)           # (N, C1)
+    for c1 in range(mass.shape[1]):
+        mass[:, c1] = proba[:, fine_to_coarse == c1].sum(axis=1)
+    return np.take_along_axis(mass, fine_to_coarse[cand], axis=1)
+
+
 def _ranks(proba, p, step=5000):
     """(N, K) how many classes each candidate's probability p (N, K) is beaten by in proba (N, C)."""
     out = np.empty(p.shape, np.int32)
@@ -180,8 +188,11 @@ class RerankStacker(_BoosterMixin):
     kind = "rerank"
 
     def __init__(self, top_k=10, n_rounds=300, learning_rate=0.05, num_leaves=31, min_data_in_leaf=40,
-                 feature_fraction=0.8, lambda_l2=1.0, max_bin=255, threads=1, seed=0, batch_size=20000):
+                 feature_fraction=0.8, lambda_l2=1.0, max_bin=255, threads=1, seed=0, batch_size=20000,
+                 fine_to_coarse=None):
+        # fine_to_coarse (C,): adds each model's probability mass on the candidate's coarse class
         self.params = {"top_k": top_k, "n_rounds": n_rounds, "learning_rate": learning_rate,
+                       "fine_to_coarse": None if fine_to_coarse is None else [int(c) for c in fine_to_coarse],
                        "num_leaves": num_leaves, "min_data_in_leaf": min_data_in_leaf,
                        "feature_fraction": feature_fraction, "lambda_l2": lambda_l2, "max_bin": max_bin,
                        "threads": threads, "seed": seed, "batch_size": batch_size}
@@ -202,6 +213,8 @@ class RerankStacker(_BoosterMixin):
             p = np.take_along_axis(proba, cand, axis=1)                  # (N, K)
             rank = _ranks(proba, p)                                      # (N, K) 0 = that model's top-1
             cols += [p, rank, p / (proba.max(axis=1, keepdims=True) + EPS)]
+            if self.params["fine_to_coarse"] is not None:
+                cols.append(_coarse_mass(proba, np.asarray(self.params["fine_to_coarse"]), cand))
         cols += [np.take_along_axis(X.probas.mean(axis=0), cand, axis=1),
                  np.broadcast_to(np.arange(k), (n, k)),
                  np.log1p(self.prior_counts_[cand])]
