@@ -27,7 +27,9 @@ coarse class j holds text-only-(j+1), frame-only-(j+1), order-(j+1) and mix-(j+1
 features per split) over the challenge's 200-class map, for the scale benchmark.
 
 Both write one video at a time and draw each video from its own generator seeded by (seed, split,
-index), so output is identical byte for byte under one seed and memory does not grow with N.
+index), so output is identical byte for byte under one seed. Memory holds one video plus what zipfile
+keeps for the central directory of the feature zip (~0.4 KB a video): peak RSS 47 MiB at 10k
+videos, 82 MiB at 100k (4.03 GiB written in 202 s, bench/make_feature_zip_dataset.py).
 """
 import csv
 import io
