@@ -86,7 +86,7 @@ def bench_synthetic(args):
     del lgbm
 
     with Clock() as c:
-        rerank = RerankStacker(top_k=args.top_k, threads=args.threads).fit(train_X, y[~held])
+        rerank = RerankStacker(top_k=args.top_k, threads=args.threads, fine_to_coarse=f2c).fit(train_X, y[~held])
     rerank_fit = f"rerank fit (top-{args.top_k}, {rerank.params['n_rounds']} rounds, in full)"
     times[rerank_fit] = (c.wall, c.cpu)
     with Clock() as c:
