@@ -4,7 +4,21 @@ import dataclasses
 import click
 
 
-@click.group()
+class PipelineGroup(click.Group):
+    """Shows the project's own errors (bad file, id, field; wrong store) as one line, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (FileNotFoundError, NotADirectoryError) as err:
+            raise click.ClickException(str(err)) from err
+        except Exception as err:
+            if type(err).__module__.split(".")[0] in ("features", "neural", "stacking"):
+                raise click.ClickException(f"{type(err).__name__}: {err}") from err
+            raise
+
+
+@click.group(cls=PipelineGroup)
 def cli():
     """Multimodal short-video classifier: extract -> train-neural -> stack -> predict."""
 
@@ -31,14 +45,27 @@ def cli():
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="skip: mask a video's bad media, count and report it; fail: stop at the first.")
 @click.option("--overwrite", is_flag=True, help="Rebuild stores made with other encoders or options.")
-def extract(data_dir, splits, cache_dir, **options):
+@click.option("--aggregates/--no-aggregates", default=True, show_default=True,
+              help="Also cache first frame, VLAD-family aggregates and frame-shift similarities.")
+@click.option("--poolings", default="netvlad,netrvlad,softdbow,netfv,nextvlad", show_default=True)
+@click.option("--pca-dim", default=64, show_default=True, help="Frames are PCA-reduced to this before pooling.")
+@click.option("--clusters", default=16, show_default=True, help="k-means clusters of the VLAD family.")
+@click.option("--gmm-components", default=8, show_default=True, help="Diagonal-GMM components of NetFV.")
+@click.option("--codebook-sample", default=50000, show_default=True, help="Frames sampled to fit the codebook.")
+def extract(data_dir, splits, cache_dir, aggregates, poolings, pca_dim, clusters, gmm_components,
+            codebook_sample, **options):
     """Cache frame and text embeddings (and video aggregates) in one HDF5 store per split."""
+    from features.aggregates import AggregateOptions
     from features.extract import ExtractOptions, extract as run_extract, list_splits
-    opts = ExtractOptions(**options)
+    agg = AggregateOptions(poolings=tuple(p.strip() for p in poolings.split(",") if p.strip()), pca_dim=pca_dim,
+                           n_clusters=clusters, n_gmm=gmm_components, sample_size=codebook_sample)
+    opts = ExtractOptions(**options, aggregates=agg if aggregates else None)
     reports = run_extract(data_dir, list(splits) or list_splits(data_dir), cache_dir, opts)
     for split, report in reports.items():
+        widths = report.get("aggregates", {}).get("total_width")
         click.echo(f"{split}: {report['n_videos']} videos, {report['n_videos_with_faults']} with media faults "
-                   f"-> {report['store']} (report: {split}.report.json)")
+                   f"-> {report['store']} (report: {split}.report.json"
+                   + (f"; aggregates: {widths} values per video)" if widths else ")"))
 
 
 def _neural_defaults():

@@ -10,7 +10,7 @@ import json
 import os
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from features import schema
+from features.aggregates import AggregateOptions, run_aggregates
 from features.annotations import annotations_path, read_annotations
 from features.categories import BUILTIN_MAP, load_category_map
 from features.frames import MediaFault, detect_source, open_source
@@ -44,6 +45,7 @@ class ExtractOptions:
     device: str = "auto"                        # auto | cpu | cuda
     on_error: str = "skip"                      # skip (mask, count, report) | fail
     overwrite: bool = False
+    aggregates: AggregateOptions | None = field(default_factory=AggregateOptions)   # None: skip agg/*
 
 
 IDENTITY_OPTIONS = ("frame_encoder", "text_encoder", "frames", "max_tokens", "frames_from", "limit")
@@ -65,6 +67,9 @@ def extract(data_dir, splits, cache_dir, options):
     device = resolve_device(options.device)
     category_map = load_category_map(options.category_map)
     text_encoder = build_text_encoder(options.text_encoder, device)
+    if options.max_tokens > text_encoder.max_tokens:
+        raise ExtractError(f"--max-tokens {options.max_tokens} is more than {options.text_encoder} "
+                           f"accepts ({text_encoder.max_tokens})")
     frame_encoder = None
     reports = {}
     for split in splits:
@@ -73,6 +78,10 @@ def extract(data_dir, splits, cache_dir, options):
             frame_encoder = build_frame_encoder(options.frame_encoder, device)
         reports[split] = extract_split(data_dir, split, cache_dir, options, kind, category_map,
                                        frame_encoder if kind != "npy" else None, text_encoder, device)
+    if options.aggregates is not None:       # the codebook is fitted over every split given
+        for split, agg_report in run_aggregates(cache_dir, splits, options.aggregates, device,
+                                                options.overwrite).items():
+            reports[split]["aggregates"] = agg_report
     return reports
 
 

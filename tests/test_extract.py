@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from features import schema
+from features.aggregates import AggregateOptions
 from features.extract import ExtractOptions, extract
 from features.store import StoreReader
 from run import cli
@@ -43,7 +44,7 @@ def make_dataset(root, n=12, split="labeled", faults=True):
 
 def options(**kw):
     base = dict(frames=4, max_tokens=16, batch_size=4, workers=0, device="cpu",
-                category_map=None)
+                category_map=None, aggregates=None)
     base.update(kw)
     return ExtractOptions(**base)
 
@@ -52,7 +53,9 @@ def options(**kw):
 def extracted(tmp_path_factory):
     root = make_dataset(tmp_path_factory.mktemp("data"))
     cache = tmp_path_factory.mktemp("cache")
-    reports = extract(root, ["labeled"], cache, options(category_map=str(root / "category_map.csv")))
+    small_codebook = AggregateOptions(pca_dim=4, n_clusters=3, n_gmm=2, nextvlad_groups=2)
+    reports = extract(root, ["labeled"], cache, options(category_map=str(root / "category_map.csv"),
+                                                        aggregates=small_codebook))
     return root, cache, reports["labeled"]
 
 
@@ -78,10 +81,22 @@ def test_store_holds_labels_masks_and_config(extracted):
     assert "torch" in json.loads(store.attrs["environment"])
 
 
+def test_aggregates_follow_the_embeddings(extracted):
+    _, cache, report = extracted
+    assert (cache / "codebook.h5").exists() and report["aggregates"]["rows"] == 12
+    store = StoreReader(cache / "labeled.h5")
+    assert store.attrs["aggregates_complete"]
+    first = store.read("agg/first_frame", slice(None))                     # (N, D)
+    np.testing.assert_array_equal(first, store.read(schema.FRAME_EMB, slice(None))[:, 0])
+    netvlad = store.read("agg/netvlad", slice(None)).astype(np.float32)    # (N, K * d)
+    assert netvlad.shape == (12, 3 * 4) and np.isfinite(netvlad).all()
+    assert np.all(netvlad[[5, 7]] == 0)                                    # no frames: zeros, not NaN
+
+
 def test_media_faults_are_counted_and_listed(extracted):
     root, cache, report = extracted
     on_disk = json.loads((cache / "labeled.report.json").read_text())
-    assert on_disk == report
+    assert on_disk == {k: v for k, v in report.items() if k != "aggregates"}
     by_id = {f["id"]: f for f in report["faults"]}
     assert set(by_id) == {"v005", "v006", "v007"}
     assert by_id["v005"]["reason"] == "missing zip" and by_id["v005"]["file"].endswith("v005.zip")
@@ -107,7 +122,7 @@ def test_rerun_with_same_options_skips_and_other_options_refuse(extracted, tmp_p
     runner = CliRunner()
     args = ["extract", "--data", str(root), "--split", "labeled", "--out", str(cache), "--frames", "4",
             "--max-tokens", "16", "--batch-size", "4", "--workers", "0", "--device", "cpu",
-            "--category-map", str(root / "category_map.csv")]
+            "--category-map", str(root / "category_map.csv"), "--no-aggregates"]
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert np.array_equal(before, h5py.File(cache / "labeled.h5", "r")["frame_emb"][:])
@@ -128,7 +143,7 @@ def test_on_error_fail_names_file_and_id(tmp_path):
     root = make_dataset(tmp_path / "data")
     result = CliRunner().invoke(cli, ["extract", "--data", str(root), "--out", str(tmp_path / "c"),
                                       "--category-map", str(root / "category_map.csv"), "--workers", "0",
-                                      "--on-error", "fail", "--frames", "2", "--device", "cpu"])
+                                      "--on-error", "fail", "--frames", "2", "--device", "cpu", "--no-aggregates"])
     assert result.exit_code == 1
     assert "v005.zip" in result.output and "video v005" in result.output and "missing zip" in result.output
     assert not StoreReader(tmp_path / "c" / "labeled.h5", require_complete=False).attrs["complete"]
@@ -176,7 +191,7 @@ def test_killed_extract_resumes_to_the_same_content(tmp_path):
     root = make_dataset(tmp_path / "data", n=24)
     args = [sys.executable, str(REPO / "run.py"), "extract", "--data", str(root), "--split", "labeled",
             "--category-map", str(root / "category_map.csv"), "--frames", "4", "--max-tokens", "16",
-            "--batch-size", "2", "--workers", "0", "--device", "cpu"]
+            "--batch-size", "2", "--workers", "0", "--device", "cpu", "--no-aggregates"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     killed = tmp_path / "killed"
     proc = subprocess.Popen(args + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
