@@ -90,6 +90,9 @@ def cross_val_predict(make, X, y, fold, desc=None):
 
 def nested_reweight(make, X, y, fold, stack_oof, fine_to_coarse, kind):
     """Reweight each outer fold with a parameter tuned on an inner OOF pass over the other folds."""
+    if len(np.unique(fold)) < 3:
+        raise RunDirError(f"the run has {len(np.unique(fold))} folds; tuning the reweighting inside the "
+                          "stacker's cross-validation needs at least 3 (train-neural --folds 3 or more)")
     out, chosen = np.zeros_like(stack_oof), []
     for k in tqdm(np.unique(fold), desc="nested reweighting", leave=False):
         train, held = fold != k, fold == k

@@ -201,3 +201,9 @@ def test_cli_stack_and_its_one_line_errors(tmp_path):
                                  "--models", "a,zz"])
     assert result.exit_code != 0
     assert "base model(s) missing: zz" in result.output and "Traceback" not in result.output
+
+
+def test_refuses_nested_reweighting_with_two_folds(tmp_path):
+    run_dir, _ = write_fake_run(tmp_path, n=60, n_test=12, n_folds=2)
+    with pytest.raises(RunDirError, match="has 2 folds.*at least 3"):
+        stack(run_dir, tmp_path / "out", StackOptions(threads=1, n_rounds=5, compare=()))

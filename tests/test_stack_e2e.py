@@ -29,9 +29,9 @@ AGG = dict(pca_dim=8, n_clusters=4, n_gmm=2, nextvlad_expansion=2, nextvlad_grou
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data, cache = root / "data", root / "cache"
-    generate_feature_zip_dataset(data, 48, n_frames=4, dim=16, split="labeled", n_classes=4,
+    generate_feature_zip_dataset(data, 36, n_frames=4, dim=16, split="labeled", n_classes=4,
                                  signal=1.0, tail_ratio=3.0, progress=False)
-    generate_feature_zip_dataset(data, 12, n_frames=4, dim=16, split="test", n_classes=4,
+    generate_feature_zip_dataset(data, 8, n_frames=4, dim=16, split="test", n_classes=4,
                                  with_labels=False, progress=False)
     options = dict(frames=4, max_tokens=16, batch_size=16, workers=0, device="cpu")
     if "aggregates" in {f.name for f in fields(ExtractOptions)}:      # extract runs aggregates itself
@@ -66,7 +66,7 @@ def test_predict_on_the_labelled_split_reproduces_the_stored_pipeline(pipeline):
     probas = predict_store(pipeline / "run", stored, ["mlp", "vlad"])
     predict_from_probas(pipeline / "stack", probas, stored, StoreReader(stored).ids, expected)
     assert out.read_text() == expected.read_text()
-    assert len(out.read_text().splitlines()) == 48
+    assert len(out.read_text().splitlines()) == 36
 
 
 def test_predict_refuses_a_stack_from_another_run(pipeline, tmp_path):
