@@ -8,7 +8,7 @@ out-of-fold predictions, and both predict the other splits.
 """
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from features import schema
 from features.store import StoreReader
-from neural.metrics import challenge_metric, metric_from_proba
+from neural.metrics import metric_from_proba
+from stacking.plots import plot_per_class_f1
 from stacking.reweight import PriorReweighter
 from stacking.rundir import RunDirError, available_splits, load_run, rows_of, split_predictions
 from stacking.signals import prediction_signals, store_signal_names, store_signals
@@ -39,7 +40,6 @@ class StackOptions:
     threads: int = 2
     seed: int = 0
     compare: tuple = ("logreg",)    # extra stackers scored side by side (not saved)
-    timings: dict = field(default_factory=dict)
 
 
 def stacker_factory(kind, options, fine_to_coarse):
@@ -162,7 +162,6 @@ def stack(run_dir, out_dir, options=None):
         save_stack(out_dir, run, stacker, reweighter, names, options)
         written = _timed(timings, "predict_splits", predict_splits, run, splits, stacker, reweighter,
                          names, out_dir, options)
-    from stacking.plots import plot_per_class_f1
     counts = np.bincount(run.label, minlength=run.n_classes)
     plot_per_class_f1(out_dir / "per_class_f1.png", run.label, stack_oof.argmax(1), reweighted.argmax(1),
                       counts, options.stacker)
@@ -181,9 +180,7 @@ def stack(run_dir, out_dir, options=None):
 
 
 def _options_json(options):
-    out = asdict(options)
-    out.pop("timings", None)
-    return out
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()}
 
 
 def _check_split(run, split):

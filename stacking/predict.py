@@ -14,7 +14,6 @@ from dataclasses import fields
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from features import schema
 from features.store import StoreReader

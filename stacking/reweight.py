@@ -8,7 +8,6 @@ given, so give it predictions it will not be scored on (stacking/pipeline.py tun
 stacker's cross-validation).
 """
 import json
-from pathlib import Path
 
 import numpy as np
 
