@@ -1,0 +1,233 @@
+"""`demo`: the whole tool in one command: (generated) data -> extract -> train-neural -> stack, on the CPU.
+
+Without --data it generates features/synthetic.py's demo dataset, whose 14 classes come in four kinds
+(text-only, frame-only, order, mix), each findable by a different part of the system, and whose test
+labels are known (answers/test.csv). So besides the stack's metric table it prints, per kind, how
+often each model is right (out-of-fold on the labelled split, and on the test split), and the test
+score of the submission. Each stage is resumable, so a rerun into the same OUT_DIR reuses the work
+done (the generated data is regenerated only when its summary.json is missing).
+"""
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from features.aggregates import AggregateOptions
+from features.categories import load_category_map
+from features.extract import ExtractOptions, extract, list_splits
+from features.synthetic import generate_demo_dataset
+from neural.metrics import challenge_metric
+from neural.options import MODEL_NAMES, NeuralOptions
+from neural.pipeline import train_neural
+from stacking.pipeline import StackOptions, stack
+from stacking.rundir import load_run, split_predictions
+from stacking.submission import read_predictions
+
+TEST_SPLIT = "test"
+
+
+@dataclass
+class DemoOptions:
+    # the generated dataset (ignored with --data)
+    n_labelled: int = 400
+    n_unlabelled: int = 50
+    n_test: int = 150
+    n_frames: int = 8
+    image_size: int = 64
+    tail_ratio: float = 12.0          # largest / smallest labelled class
+    seed: int = 0
+    # extract: few thousand frames, so a small codebook
+    frames: int = 8
+    max_tokens: int = 64
+    pca_dim: int = 32
+    n_clusters: int = 8
+    n_gmm: int = 4
+    workers: int = 1
+    # train-neural
+    models: tuple = MODEL_NAMES
+    n_folds: int = 5
+    epochs: int = 6
+    hidden: int = 64
+    batch_size: int = 32
+    threads: int = 2
+    # how the stages run; none of these changes a result
+    compare: tuple = ("logreg",)
+    extra: dict = field(default_factory=dict)   # NeuralOptions overrides, e.g. {"lr": 3e-3}
+
+
+def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print):
+    """Run every stage into OUT_DIR (data/, cache/, run/, stack/) and echo the results; returns a summary
+    dict (also written to OUT_DIR/demo.json): stage seconds, output paths, the stack's table, and for
+    the generated data the per-kind accuracies and the test score."""
+    options = options or DemoOptions()
+    if options.n_folds < 3:
+        raise ValueError(f"n_folds={options.n_folds}: the stack tunes its reweighting inside its own "
+                         "cross-validation over the run's folds, which needs at least 3")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    times, started = {}, time.perf_counter()
+
+    def stage(name, fn, *args):
+        echo(f"== {name} ...")
+        t0 = time.perf_counter()
+        result = fn(*args)
+        times[name] = round(time.perf_counter() - t0, 1)
+        echo(f"== {name} done in {times[name]:.1f} s")
+        return result
+
+    generated = data_dir is None
+    if generated:
+        data_dir = out_dir / "data"
+        stage("generate", _generate, data_dir, options)
+        category_map = data_dir / "category_map.csv"
+    data_dir = Path(data_dir)
+    cache_dir, run_dir, stack_dir = out_dir / "cache", out_dir / "run", out_dir / "stack"
+    splits = list_splits(data_dir)
+    stage("extract", extract, data_dir, splits, cache_dir, extract_options(options, category_map))
+    stage("train-neural", train_neural, cache_dir, run_dir, tuple(options.models), neural_options(options))
+    stack_options = StackOptions(split=TEST_SPLIT if TEST_SPLIT in splits else "", threads=options.threads,
+                                 seed=options.seed, compare=tuple(options.compare))
+    metrics = stage("stack", stack, run_dir, stack_dir, stack_options)
+    times["total"] = round(time.perf_counter() - started, 1)
+
+    summary = {"options": asdict(options), "data_dir": str(data_dir), "times_s": times,
+               "outputs": outputs(cache_dir, run_dir, stack_dir, metrics), "table": metrics["table"]}
+    echo("")
+    echo(format_table(metrics["table"]))
+    if generated:
+        summary["kinds"] = kind_scores(data_dir, run_dir, stack_dir)
+        summary["test"] = score_submission(data_dir, stack_dir / "submission.csv", category_map)
+        echo("")
+        echo(format_kinds(summary["kinds"]))
+        echo("")
+        t = summary["test"]
+        echo(f"submission on the test split ({t['n_videos']} videos, answers/test.csv): mean-F1 {t['mean']:.4f} "
+             f"(l2 {t['l2_micro']:.4f}/{t['l2_macro']:.4f}, l1 {t['l1_micro']:.4f}/{t['l1_macro']:.4f})")
+    echo("")
+    for name, path in summary["outputs"].items():
+        echo(f"{name:14s} {path}")
+    echo(f"stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    with open(out_dir / "demo.json", "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=1, default=str)
+    return summary
+
+
+def _generate(data_dir, options):
+    """Generate unless a dataset of the same configuration is already there (resume)."""
+    args = dict(n_labelled=options.n_labelled, n_unlabelled=options.n_unlabelled, n_test=options.n_test,
+                n_frames=options.n_frames, image_size=options.image_size, tail_ratio=options.tail_ratio,
+                seed=options.seed)
+    summary_path = data_dir / "summary.json"
+    if summary_path.exists():
+        old = json.loads(summary_path.read_text())
+        sizes = {s: v["n_videos"] for s, v in old["splits"].items()}
+        if sizes == {"labeled": args["n_labelled"], "unlabeled": args["n_unlabelled"], "test": args["n_test"]} \
+                and all(old["config"][k] == args[k] for k in ("n_frames", "image_size", "tail_ratio", "seed")):
+            return old
+    return generate_demo_dataset(data_dir, **args)
+
+
+def extract_options(options, category_map):
+    agg = AggregateOptions(pca_dim=options.pca_dim, n_clusters=options.n_clusters, n_gmm=options.n_gmm,
+                           seed=options.seed)
+    return ExtractOptions(frames=options.frames, max_tokens=options.max_tokens,
+                          category_map=str(category_map) if category_map else None,
+                          workers=options.workers, device="cpu", aggregates=agg)
+
+
+def neural_options(options):
+    return NeuralOptions(n_folds=options.n_folds, seed=options.seed, epochs=options.epochs, hidden=options.hidden,
+                         batch_size=options.batch_size, max_tokens=options.max_tokens, threads=options.threads,
+                         **options.extra)
+
+
+def outputs(cache_dir, run_dir, stack_dir, metrics):
+    out = {"stores": str(cache_dir), "run": str(run_dir), "metrics": str(stack_dir / "metrics.json"),
+           "per-class F1": str(stack_dir / "per_class_f1.png")}
+    for split, written in metrics["predictions"].items():
+        out[f"{split} labels"] = str(stack_dir / written["file"])
+    return out
+
+
+def format_table(table):
+    lines = [f"{'model (out-of-fold on the labelled split)':64s} {'mean-F1':>8s} {'l2 mic':>7s} {'l2 mac':>7s} "
+             f"{'l1 mic':>7s} {'l1 mac':>7s}"]
+    for name, m in table.items():
+        lines.append(f"{name:64s} {m['mean']:8.4f} {m['l2_micro']:7.4f} {m['l2_macro']:7.4f} "
+                     f"{m['l1_micro']:7.4f} {m['l1_macro']:7.4f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- per kind (generated data only)
+
+def class_kinds(data_dir, fine_classes):
+    """(C,) the kind (text-only, frame-only, order, mix) of each fine class, from the generator's summary."""
+    groups = json.loads((Path(data_dir) / "summary.json").read_text())["signal_groups"]
+    kind_of = {cid: kind for kind, ids in groups.items() for cid in ids}
+    return np.array([kind_of[c] for c in fine_classes])
+
+
+def accuracy_by_kind(label, pred, kinds):
+    """{kind: accuracy over the videos whose true class is of that kind}; label, pred (N,) class indices."""
+    return {k: float((pred[kinds[label] == k] == label[kinds[label] == k]).mean())
+            for k in dict.fromkeys(kinds) if (kinds[label] == k).any()}
+
+
+def kind_scores(data_dir, run_dir, stack_dir):
+    """{"oof": {model: {kind: acc}}, "test": {...}}: each base model, their average and (test only) the
+    submission, which is the stack after reweighting."""
+    run = load_run(run_dir)
+    kinds = class_kinds(data_dir, run.fine_classes)
+    index = {c: i for i, c in enumerate(run.fine_classes)}
+    oof = {m: accuracy_by_kind(run.label, p.argmax(1), kinds) for m, p in run.oof.items()}
+    oof["average"] = accuracy_by_kind(run.label, np.mean(list(run.oof.values()), 0).argmax(1), kinds)
+    ids, probas = split_predictions(run, TEST_SPLIT)
+    answers = read_answers(Path(data_dir) / "answers" / f"{TEST_SPLIT}.csv")
+    label = np.array([index[answers[v]] for v in ids])
+    test = {m: accuracy_by_kind(label, p.argmax(1), kinds) for m, p in probas.items()}
+    test["average"] = accuracy_by_kind(label, np.mean(list(probas.values()), 0).argmax(1), kinds)
+    submitted = read_predictions(Path(stack_dir) / "submission.csv")
+    test["stack (submission)"] = accuracy_by_kind(label, np.array([index[submitted[v]] for v in ids]), kinds)
+    chance = {k: 1.0 / int((kinds == k).sum()) for k in dict.fromkeys(kinds)}   # the kind known, not the class
+    return {"oof": oof, "test": test, "chance_within_kind": chance, "n_classes": len(kinds)}
+
+
+def format_kinds(scores):
+    kinds = list(scores["chance_within_kind"])
+    head = "".join(f"{k:>11s}" for k in kinds)
+    lines = ["accuracy by kind of class (videos of that kind's classes, right fine class among all)",
+             f"{'model':22s}{'|':>2s} out-of-fold (labelled){'':{max(0, 11 * len(kinds) - 22)}s} | test split",
+             f"{'':22s} |{head} |{head}"]
+    for model in scores["test"]:
+        oof = scores["oof"].get(model)
+        left = "".join(f"{oof[k]:11.3f}" for k in kinds) if oof else f"{'(not saved)':>{11 * len(kinds)}s}"
+        right = "".join(f"{scores['test'][model][k]:11.3f}" for k in kinds)
+        lines.append(f"{model:22s} |{left} |{right}")
+    chance = "".join(f"{scores['chance_within_kind'][k]:11.3f}" for k in kinds)
+    lines.append(f"{'(kind known, class guessed)':22s} |{chance} |{chance}")
+    lines.append(f"(a blind guess among all {scores['n_classes']} classes: {1 / scores['n_classes']:.3f})")
+    return "\n".join(lines)
+
+
+def read_answers(path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {row[0]: row[1] for row in csv.reader(fh) if row}
+
+
+def score_submission(data_dir, submission, category_map):
+    """The challenge metric of the submission against the generator's hidden test labels."""
+    cmap = load_category_map(category_map)
+    answers = read_answers(Path(data_dir) / "answers" / f"{TEST_SPLIT}.csv")
+    submitted = read_predictions(submission)
+    missing = set(answers) - set(submitted)
+    if missing:
+        raise ValueError(f"{submission}: no prediction for test video {sorted(missing)[0]} "
+                         f"({len(missing)} missing)")
+    ids = sorted(answers)
+    true = [cmap.fine_index(answers[v]) for v in ids]
+    pred = [cmap.fine_index(submitted[v]) for v in ids]
+    return {"n_videos": len(ids), **{k: float(v) for k, v in challenge_metric(true, pred, cmap.fine_to_coarse).items()}}
