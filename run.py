@@ -170,5 +170,29 @@ def predict(data_dir, split, run_dir, stack_dir, out_file, cache_dir, category_m
     click.echo(f"{len(pred)} videos -> {out_file}")
 
 
+@cli.command("demo")
+@click.option("--out", "out_dir", default="demo_out", show_default=True, type=click.Path(file_okay=False),
+              help="Where data/ (generated), cache/, run/, stack/ and demo.json go; a rerun resumes.")
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False),
+              help="Real dataset root in the challenge layout; default: generate the demo dataset.")
+@click.option("--category-map", type=click.Path(exists=True, dir_okay=False),
+              help="Category map of --data (default: the challenge's 200 classes).")
+@click.option("--split", "splits", multiple=True,
+              help="Split of --data to run (repeatable); default: every DATA/annotations/*.json.")
+@click.option("--epochs", default=6, show_default=True)
+@click.option("--folds", "n_folds", default=5, show_default=True)
+@click.option("--models", default="single,dual,cross,vlad,mlp", show_default=True)
+@click.option("--threads", default=2, show_default=True, help="Torch and LightGBM CPU threads.")
+def demo(out_dir, data_dir, category_map, models, splits, **options):
+    """Generate a small dataset with known signals (or use --data), run extract, train-neural and stack
+    on the CPU, and print the metric table, the per-kind accuracies and where each output went."""
+    from neural.options import parse_models
+    from stacking.demo import DemoOptions, run_demo
+    if (category_map or splits) and not data_dir:
+        raise click.UsageError("--category-map and --split go with --data (the generated data brings its own)")
+    run_demo(out_dir, data_dir, category_map, DemoOptions(models=parse_models(models), splits=splits, **options),
+             click.echo)
+
+
 if __name__ == "__main__":
     cli()

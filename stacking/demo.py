@@ -55,6 +55,7 @@ class DemoOptions:
     batch_size: int = 32
     threads: int = 2
     # how the stages run; none of these changes a result
+    splits: tuple = ()                # splits of --data to extract; () = every annotations/*.json
     compare: tuple = ("logreg",)
     extra: dict = field(default_factory=dict)   # NeuralOptions overrides, e.g. {"lr": 3e-3}
 
@@ -86,7 +87,7 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
         category_map = data_dir / "category_map.csv"
     data_dir = Path(data_dir)
     cache_dir, run_dir, stack_dir = out_dir / "cache", out_dir / "run", out_dir / "stack"
-    splits = list_splits(data_dir)
+    splits = list(options.splits) or list_splits(data_dir)
     stage("extract", extract, data_dir, splits, cache_dir, extract_options(options, category_map))
     stage("train-neural", train_neural, cache_dir, run_dir, tuple(options.models), neural_options(options))
     stack_options = StackOptions(split=TEST_SPLIT if TEST_SPLIT in splits else "", threads=options.threads,
