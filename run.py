@@ -182,7 +182,7 @@ def predict(data_dir, split, run_dir, stack_dir, out_file, cache_dir, category_m
 @click.option("--epochs", default=6, show_default=True)
 @click.option("--folds", "n_folds", default=5, show_default=True)
 @click.option("--models", default="single,dual,cross,vlad,mlp", show_default=True)
-@click.option("--threads", default=2, show_default=True, help="Torch and LightGBM CPU threads.")
+@click.option("--threads", default=1, show_default=True, help="Torch and LightGBM CPU threads.")
 def demo(out_dir, data_dir, category_map, models, splits, **options):
     """Generate a small dataset with known signals (or use --data), run extract, train-neural and stack
     on the CPU, and print the metric table, the per-kind accuracies and where each output went."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from features.aggregates import AggregateOptions
 from features.categories import load_category_map
@@ -53,7 +54,7 @@ class DemoOptions:
     epochs: int = 6
     hidden: int = 64
     batch_size: int = 32
-    threads: int = 2
+    threads: int = 1                  # torch and LightGBM; 2 threads crawl when other processes share the cores
     # how the stages run; none of these changes a result
     splits: tuple = ()                # splits of --data to extract; () = every annotations/*.json
     compare: tuple = ("logreg",)
@@ -68,6 +69,7 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
     if options.n_folds < 3:
         raise ValueError(f"n_folds={options.n_folds}: the stack tunes its reweighting inside its own "
                          "cross-validation over the run's folds, which needs at least 3")
+    torch.set_num_threads(options.threads)        # extract's encoders too
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     times, started = {}, time.perf_counter()
