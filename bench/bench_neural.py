@@ -152,13 +152,21 @@ def write_generated_store(path, n, n_classes, n_frames, frame_dim, text_dim, n_t
     writer.close()
 
 
+def peak_rss_mb():
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def scale_worker(args):
     """One model, one epoch on every row of the store (no folds): seconds and peak RSS of this process."""
     from neural.data import StoreBatches, model_inputs
     from neural.pipeline import model_spec
     from neural.train import device_of, fit_fold
     torch.set_num_threads(args.threads)
-    imports_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # torch, sklearn, h5py
+    imports_mb = peak_rss_mb()                     # torch, sklearn, h5py: before any data is read
     reader = StoreReader(schema.store_path(args.cache[0], "labeled"))
     opts = NeuralOptions(epochs=1, threads=args.threads)
     names = model_inputs(args.models, reader)
@@ -168,7 +176,7 @@ def scale_worker(args):
     dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, opts.max_tokens)
     spec = model_spec(args.models, reader, opts, names)
     _, info = fit_fold(spec, dataset, rows, opts, 0, device_of(), Path(args.cache[0]) / "codebook.h5")
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     print(json.dumps({"seconds": info["seconds_per_epoch"][0], "rows": len(rows), "peak_rss_mb": peak_mb,
                       "imports_rss_mb": imports_mb}))
 
