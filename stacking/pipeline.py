@@ -33,7 +33,7 @@ class StackOptions:
     stacker: str = "rerank"         # the LightGBM stacker: "rerank" (binary, top-k) or "lgbm" (multiclass)
     top_k: int = 10                 # candidates per video for "rerank"
     n_rounds: int = 0               # boosting rounds; 0 = the stacker's default
-    logreg_c: float = 1.0           # inverse regularisation of the logistic-regression stacker
+    logreg_c: float = 0.1           # inverse regularisation of the logistic-regression stacker
     reweight: str = "auto"          # "power", "inverse" or "auto" (the better of the two, chosen nested)
     use_shift_stats: bool = True    # add agg/shift_stats to the signals when the store has it
     split: str = "test"             # split written to submission.csv; "" for none

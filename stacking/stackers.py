@@ -5,7 +5,7 @@
 X is a StackInput: the base models' probabilities (M, N, C) and per-video signals (N, S). What a
 stacker learns ends in `_`. Four of them:
 - AverageStacker: the plain mean of the base models (the baseline every stack must beat);
-- LogisticStacker: multinomial logistic regression on the log-probabilities and the signals;
+- LogisticStacker: multinomial logistic regression on the probabilities and the signals;
 - LGBMStacker: one multiclass LightGBM on all probabilities and signals (C trees per round);
 - RerankStacker: a binary LightGBM over (video, candidate) rows for each video's top-k classes of
   the average, so the cost does not grow with C trees per round (features: each model's probability
@@ -18,6 +18,7 @@ from pathlib import Path
 import lightgbm as lgb
 import numpy as np
 from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
 EPS = 1e-6
 
@@ -67,24 +68,29 @@ class AverageStacker:
 
 
 class LogisticStacker:
-    """Multinomial logistic regression on [log p_1 .. log p_M, signals], standardised."""
+    """Multinomial logistic regression on [p_1 .. p_M, signals], standardised.
+
+    Probabilities rather than log-probabilities, and C = 0.1: both scored better out-of-fold on a
+    2,048-video fashion run (0.747 against 0.725 for log-probabilities). One BLAS thread: lbfgs
+    with more threads ran ~100x slower on the shared 2-core machine.
+    """
     kind = "logreg"
 
-    def __init__(self, C=1.0, max_iter=300, seed=0):
+    def __init__(self, C=0.1, max_iter=300, seed=0):
         self.params = {"C": C, "max_iter": max_iter, "seed": seed}
 
     @staticmethod
     def _features(X):
         m, n, c = X.probas.shape
-        logp = np.log(np.clip(X.probas, EPS, 1.0)).transpose(1, 0, 2).reshape(n, m * c)   # (N, M*C)
-        return np.concatenate([logp, X.signals], axis=1)
+        return np.concatenate([X.probas.transpose(1, 0, 2).reshape(n, m * c), X.signals], axis=1)
 
     def fit(self, X, y):
-        features = self._features(X)
+        features = self._features(X)                                      # (N, M*C + S)
         self.mean_, self.scale_ = features.mean(axis=0), features.std(axis=0) + 1e-6
         self.model_ = LogisticRegression(C=self.params["C"], max_iter=self.params["max_iter"],
                                          random_state=self.params["seed"])
-        self.model_.fit((features - self.mean_) / self.scale_, y)
+        with threadpool_limits(1):
+            self.model_.fit((features - self.mean_) / self.scale_, y)
         self.n_classes_ = X.n_classes
         return self
 
