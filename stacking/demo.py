@@ -211,7 +211,7 @@ def format_kinds(scores):
         right = "".join(f"{scores['test'][model][k]:11.3f}" for k in kinds)
         lines.append(f"{model:22s} |{left} |{right}")
     chance = "".join(f"{scores['chance_within_kind'][k]:11.3f}" for k in kinds)
-    lines.append(f"{'(kind known, class guessed)':22s} |{chance} |{chance}")
+    lines.append(f"{'(kind known, guessed)':22s} |{chance} |{chance}")
     lines.append(f"(a blind guess among all {scores['n_classes']} classes: {1 / scores['n_classes']:.3f})")
     return "\n".join(lines)
 
