@@ -134,7 +134,8 @@ def train_neural(cache_dir, out_dir, models, overwrite, **options):
               help="Add the store's agg/shift_stats to the per-video signals.")
 @click.option("--split", default="test", show_default=True,
               help="Split written to submission.csv ('' for none); other splits go to predictions_<split>.csv.")
-@click.option("--threads", default=2, show_default=True)
+@click.option("--threads", default=1, show_default=True,
+              help="LightGBM threads (on a busy 2-core machine 2 threads ran 30-50x slower than 1).")
 @click.option("--seed", default=0, show_default=True)
 def stack(run_dir, out_dir, models, compare, **options):
     """Stack the run's base models (scored on the run's folds), reweight the long tail, write the submission."""

@@ -37,7 +37,7 @@ class StackOptions:
     reweight: str = "auto"          # "power", "inverse" or "auto" (the better of the two, chosen nested)
     use_shift_stats: bool = True    # add agg/shift_stats to the signals when the store has it
     split: str = "test"             # split written to submission.csv; "" for none
-    threads: int = 2
+    threads: int = 1                 # LightGBM threads: 2 ran 30-50x slower than 1 on the loaded 2-core machine
     seed: int = 0
     compare: tuple = ("logreg",)    # extra stackers scored side by side (not saved)
 
