@@ -35,7 +35,7 @@ def stage_commands(folder, n, args):
     generate = ("from features.synthetic import generate_feature_zip_dataset as g; "
                 f"g({str(folder)!r}, {n}, n_frames={args.frames}, dim={args.dim}, split='labeled', progress=False)")
     aggregates = ("import torch; torch.set_num_threads(%d); from features.aggregates import run_aggregates; "
-                  "run_aggregates(%r, ['labeled'])" % (args.threads, str(cache)))
+                  "run_aggregates(%r, ['labeled'], overwrite=True)" % (args.threads, str(cache)))
     return {
         "generate": [py, "-c", generate],
         "extract": [py, run, "extract", "--data", str(folder), "--split", "labeled", "--out", str(cache),
@@ -67,11 +67,12 @@ def run_size(n, args, env):
     folder = Path(args.root) / f"n{n}"
     have_data = (folder / "summary_labeled.json").exists() and \
         json.loads((folder / "summary_labeled.json").read_text())["n_videos"] == n
-    for sub in ("cache", "run", "stack"):
-        shutil.rmtree(folder / sub, ignore_errors=True)
+    for stage, sub in (("extract", "cache"), ("neural", "run"), ("stack", "stack")):
+        if stage in args.stages:          # a stage starts from scratch; the ones before it are reused
+            shutil.rmtree(folder / sub, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     for stage, argv in stage_commands(folder, n, args).items():
-        if stage == "generate" and have_data:
+        if (stage == "generate" and have_data) or stage not in args.stages:
             continue
         print(f"N={n:,} {stage} ...", flush=True)
         seconds, peak = measure(argv, env, folder / f"{stage}.log")
@@ -112,12 +113,13 @@ def report(root):
             if r is None:
                 cells.append("not run")
                 continue
-            cells.append(f"{r['seconds']:.0f} ({1000 * r['seconds'] / n:.2f}), {r['peak_rss_mib']}")
+            cells.append(f"{r['seconds']:.0f} ({1000 * r['seconds'] / n:.2f}), {r['peak_rss_mib']} [{r['threads']}t]")
             first = first or r
             last = r
         ratio = f"{last['seconds'] / first['seconds']:.1f}" if first and last is not first else "-"
         print(f"| {stage} | " + " | ".join(cells) + f" | {ratio} |")
     stores = {n: records[(n, "extract")].get("store_gib") for n in sizes if (n, "extract") in records}
+    print("[kt]: the stage ran with k threads")
     print("store size (GiB): " + ", ".join(f"N={n:,}: {g}" for n, g in stores.items()))
     print(f"source: {root}/results.jsonl; each stage's command is recorded there")
 
@@ -130,8 +132,14 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=32, help="most frames per video (F)")
     parser.add_argument("--dim", type=int, default=768, help="frame feature dimension (D)")
     parser.add_argument("--max-tokens", type=int, default=32, help="text tokens kept (bounds the token store)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="stages to (re)run; the outputs of the others are reused from ROOT")
     parser.add_argument("--report", action="store_true", help="only print the table of ROOT/results.jsonl")
     args = parser.parse_args(argv)
+    args.stages = tuple(s for s in args.stages.split(",") if s)
+    unknown = set(args.stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
     print(f"command: PYTHONPATH=. python {' '.join(sys.argv)}", flush=True)
     if not args.report:
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(args.threads),
