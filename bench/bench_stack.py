@@ -1,7 +1,7 @@
 """Stacking benchmark: the cost of a plain multiclass LightGBM stacker at scale, and the comparison table.
 
-    PYTHONPATH=. python bench/bench_stack.py synthetic [--n 100000 --models 5 --classes 200 --threads 2]
-    PYTHONPATH=. python bench/bench_stack.py runs RUN_DIR [RUN_DIR ...] --out DIR [--threads 2]
+    PYTHONPATH=. python bench/bench_stack.py synthetic [--n 100000 --models 5 --classes 200 --threads 1]
+    PYTHONPATH=. python bench/bench_stack.py runs RUN_DIR [RUN_DIR ...] --out DIR [--models a,b] [--threads 1]
 
 `synthetic`: out-of-fold-like probabilities of M models for N videos over C long-tailed classes.
 Times the multiclass LightGBM stacker (dataset construction, then boosting rounds: it grows C trees
@@ -108,7 +108,8 @@ def bench_synthetic(args):
 def bench_runs(args):
     for run_dir in args.run_dirs:
         out = Path(args.out) / Path(run_dir).name
-        options = StackOptions(threads=args.threads, split=args.split, compare=tuple(args.compare))
+        options = StackOptions(threads=args.threads, split=args.split, compare=tuple(args.compare),
+                               models=tuple(m for m in args.models.split(",") if m))
         start = time.perf_counter()
         metrics = stack(run_dir, out, options)
         total = time.perf_counter() - start
@@ -144,6 +145,7 @@ def main():
     runs.add_argument("run_dirs", nargs="+")
     runs.add_argument("--out", required=True)
     runs.add_argument("--split", default="")
+    runs.add_argument("--models", default="", help="comma-separated base models; default: all of run.json")
     runs.add_argument("--compare", nargs="*", default=["logreg", "lgbm"])
     runs.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
