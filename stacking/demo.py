@@ -13,7 +13,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
@@ -113,7 +112,7 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
     echo("")
     for name, path in summary["outputs"].items():
         echo(f"{name:14s} {path}")
-    echo(f"stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    echo("stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
     with open(out_dir / "demo.json", "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=1, default=str)
     return summary
