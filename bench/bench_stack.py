@@ -7,6 +7,8 @@
 Times the multiclass LightGBM stacker (dataset construction, then boosting rounds: it grows C trees
 per round, so a few rounds are timed and the per-round cost is extrapolated, printed as such), and the
 top-k rerank stacker fit in full; scores both (and the average, best single model) on a 20% hold-out.
+Wall and process-CPU seconds are both printed; on the shared machine the wall clock swings with other
+agents' load (a per-round wall difference can even come out near zero), so extrapolate from CPU.
 `runs`: `stack` on each run directory (all stackers side by side on the run's folds) and the time of
 each stage, then how much the stack with reweighting beats the best base model and the average.
 """
