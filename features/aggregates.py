@@ -236,8 +236,8 @@ def sample_frames(store_paths, options):
     with tqdm(total=options.sample_size, desc="codebook sample", unit="frame") as bar:
         for block in np.array_split(candidates, max(1, len(candidates) // options.batch_size)):
             for s, rows in _rows_by_store(block):
-                frames = _read_rows(readers[s], schema.FRAME_EMB, rows)                # (b, F, D)
-                masks = _read_rows(readers[s], schema.FRAME_MASK, rows)                # (b, F)
+                frames = readers[s].read(schema.FRAME_EMB, rows)                # (b, F, D)
+                masks = readers[s].read(schema.FRAME_MASK, rows)                # (b, F)
                 _check_frames(readers[s].path, readers[s].h5, rows, frames)
                 for frame, mask in zip(frames, masks):
                     valid = np.flatnonzero(mask)
@@ -252,13 +252,6 @@ def sample_frames(store_paths, options):
     if not sample:
         raise AggregateError(f"{', '.join(map(str, store_paths))}: no valid frame to fit a codebook on")
     return np.concatenate(sample)[:options.sample_size]
-
-
-def _read_rows(reader, name, rows):
-    """Scattered rows one by one: h5py's fancy indexing is ~50x slower on row-chunked datasets."""
-    reader.require(name)
-    dataset = reader.h5[name]
-    return np.stack([dataset[r] for r in rows])
 
 
 def _rows_by_store(block):

@@ -193,14 +193,10 @@ class StoreReader:
         if isinstance(rows, slice):
             return dataset[rows]
         rows = np.asarray(rows, np.int64)
-        # h5py's fancy indexing on row chunks is ~50x slower than reading contiguous runs as slices
-        order = np.argsort(rows, kind="stable")
-        ranked = rows[order]
-        breaks = np.flatnonzero(np.diff(ranked) != 1) + 1
-        runs = [dataset[run[0]:run[-1] + 1] for run in np.split(ranked, breaks) if len(run)]
-        out = np.empty((len(rows),) + dataset.shape[1:], dataset.dtype)
-        out[order] = np.concatenate(runs) if runs else out[:0]
-        return out
+        # h5py's fancy indexing builds a point selection row by row: ~10-50x slower than these
+        if _whole_row_chunks(dataset):
+            return _read_row_chunks(dataset, rows)
+        return _read_runs(dataset, rows)
 
     @property
     def ids(self):
@@ -226,3 +222,30 @@ class StoreReader:
         if self._h5 is not None:
             self._h5.close()
             self._h5 = None
+
+
+def _whole_row_chunks(dataset):
+    """True when each row is one unfiltered chunk, so it can be read as raw chunk bytes."""
+    return (dataset.ndim > 1 and dataset.chunks == (1,) + dataset.shape[1:]
+            and dataset.id.get_create_plist().get_nfilters() == 0)
+
+
+def _read_row_chunks(dataset, rows):
+    """dataset[rows] from the raw bytes of each row's chunk."""
+    shape, origin = dataset.shape[1:], (0,) * (dataset.ndim - 1)
+    out = np.empty((len(rows),) + shape, dataset.dtype)
+    for j, i in enumerate(rows):
+        _, raw = dataset.id.read_direct_chunk((int(i),) + origin)
+        out[j] = np.frombuffer(raw, dataset.dtype).reshape(shape)
+    return out
+
+
+def _read_runs(dataset, rows):
+    """dataset[rows] read as contiguous runs of sorted rows (1-D datasets: chunks span many rows)."""
+    order = np.argsort(rows, kind="stable")
+    ranked = rows[order]
+    breaks = np.flatnonzero(np.diff(ranked) != 1) + 1
+    runs = [dataset[run[0]:run[-1] + 1] for run in np.split(ranked, breaks) if len(run)]
+    out = np.empty((len(rows),) + dataset.shape[1:], dataset.dtype)
+    out[order] = np.concatenate(runs) if runs else out[:0]
+    return out

@@ -145,13 +145,14 @@ def test_a_store_without_aggregates_names_the_dataset_and_the_command(tmp_path):
         train_neural(tmp_path, tmp_path / "run", ["mlp"], NeuralOptions(**TINY))
 
 
-def test_raw_chunk_reads_match_h5py_fancy_indexing(cache):
-    from neural.data import read_rows
+def test_store_reads_match_h5py_fancy_indexing(cache):
+    from features.store import StoreReader
     rows = np.array([0, 3, 4, 17, 59])
+    reader = StoreReader(cache / "labeled.h5")
     with h5py.File(cache / "labeled.h5", "r") as h5:
         for name in ("frame_emb", "frame_mask", "text_tokens", "text_token_mask", "text_pooled",
                      "agg/first_frame", "agg/nextvlad", "label_fine"):
-            np.testing.assert_array_equal(read_rows(h5[name], rows), h5[name][rows], err_msg=name)
+            np.testing.assert_array_equal(reader.read(name, rows), h5[name][rows], err_msg=name)
 
 
 def test_a_fold_killed_after_its_checkpoint_is_not_retrained(cache, tmp_path, monkeypatch):
