@@ -1,5 +1,4 @@
 """Command line: each command parses its options and calls one function."""
-import dataclasses
 
 import click
 

@@ -164,7 +164,8 @@ def scale_worker(args):
     """One model, one epoch on every row of the store (no folds): seconds and peak RSS of this process."""
     from neural.data import StoreBatches, model_inputs
     from neural.pipeline import model_spec
-    from neural.train import device_of, fit_fold
+    from features.device import resolve_device
+    from neural.train import fit_fold
     torch.set_num_threads(args.threads)
     imports_mb = peak_rss_mb()                     # torch, sklearn, h5py: before any data is read
     reader = StoreReader(schema.store_path(args.cache[0], "labeled"))
@@ -175,7 +176,7 @@ def scale_worker(args):
         rows = np.sort(np.random.default_rng(0).choice(rows, args.rows, replace=False))
     dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, opts.max_tokens)
     spec = model_spec(args.models, reader, opts, names)
-    _, info = fit_fold(spec, dataset, rows, opts, 0, device_of(), Path(args.cache[0]) / "codebook.h5")
+    _, info = fit_fold(spec, dataset, rows, opts, 0, resolve_device(), Path(args.cache[0]) / "codebook.h5")
     peak_mb = peak_rss_mb()
     print(json.dumps({"seconds": info["seconds_per_epoch"][0], "rows": len(rows), "peak_rss_mb": peak_mb,
                       "imports_rss_mb": imports_mb}))

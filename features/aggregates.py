@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from features import schema
+from features.device import resolve_device
 from features.pooling import POOLINGS
 from features.store import StoreError, StoreReader, create_dataset
 
@@ -384,9 +385,7 @@ class FrameAggregator:
     """
 
     def __init__(self, codebook, poolings, device="cpu"):
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device))
         self.projection = _projection(codebook).to(self.device).eval()
         self.pools = {name: init_pooling(name, codebook).pool.to(self.device).eval() for name in poolings}
 

@@ -4,7 +4,6 @@ Workers decode and tokenise (DataLoader), the main process runs the encoders, a 
 writes finished batches, so the three overlap. Batches are fixed row ranges: a resumed run skips
 the ranges already marked done and computes the rest exactly as an uninterrupted run would.
 """
-import dataclasses
 import hashlib
 import json
 import os
@@ -22,8 +21,9 @@ from features import schema
 from features.aggregates import AggregateOptions, run_aggregates
 from features.annotations import annotations_path, read_annotations
 from features.categories import BUILTIN_MAP, load_category_map
+from features.device import resolve_device
 from features.frames import MediaFault, detect_source, open_source
-from features.store import StoreDims, StoreError, StoreWriter, check_config, create_store, is_complete
+from features.store import StoreDims, StoreError, StoreWriter, check_config, create_store
 
 
 class ExtractError(RuntimeError):
@@ -49,14 +49,6 @@ class ExtractOptions:
 
 
 IDENTITY_OPTIONS = ("frame_encoder", "text_encoder", "frames", "max_tokens", "frames_from", "limit")
-
-
-def resolve_device(device):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ExtractError("--device cuda asked for, but torch sees no CUDA device")
-    return device
 
 
 def extract(data_dir, splits, cache_dir, options):

@@ -22,7 +22,8 @@ from neural.metrics import metric_from_proba
 from neural.options import NeuralOptions
 from neural.outputs import RunError
 from neural.predict import check_classes, codebook_path, predict_split
-from neural.train import device_of, fit_fold, predict_rows
+from features.device import resolve_device
+from neural.train import fit_fold, predict_rows
 
 LABELED = "labeled"
 
@@ -113,7 +114,7 @@ class ModelRun:
         if name == "vlad":                          # a missing or mismatched codebook fails here, not in fold 0
             from neural.models import build_model
             build_model(self.spec, self.codebook)
-        self.device = device_of()
+        self.device = resolve_device()
         self.preds = self.dir / "predictions.h5"
         self.record = dict(options.result_dict(), model=name, spec=self.spec)
 

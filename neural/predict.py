@@ -9,7 +9,8 @@ from features.store import StoreReader
 from neural.data import StoreBatches, model_inputs
 from neural.models import build_model
 from neural.outputs import RunError
-from neural.train import device_of, predict_batches
+from features.device import resolve_device
+from neural.train import predict_batches
 
 
 def read_run(run_dir):
@@ -57,7 +58,7 @@ def predict_store(run_dir, store_path, models=None):
     run = read_run(run_dir)
     reader = StoreReader(store_path)
     check_classes(reader, run)
-    device = device_of()
+    device = resolve_device()
     out = {}
     for name in models or run["models"]:
         fold_models, spec = load_fold_models(run_dir, name, device)

@@ -14,10 +14,6 @@ from neural.models import build_model
 LABEL_KEYS = ("rows", "label_fine", "label_coarse")
 
 
-def device_of():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def autocast(device):
     """bf16 autocast on GPU (no loss scaling needed); plain float32 on CPU, which keeps runs bit-exact."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
