@@ -33,11 +33,12 @@ def export_frames(store_path, feats_root, annotations):
     (feats_root / "annotations").mkdir(parents=True, exist_ok=True)
     (feats_root / "zip_feats").mkdir(exist_ok=True)
     shutil.copy(annotations, feats_root / "annotations" / "labeled.json")
+    ids = store.ids                                                    # (N,) read once
     with zipfile.ZipFile(feats_root / "zip_feats" / "labeled.zip", "w") as zf:
         for start in range(0, store.n, 1024):
             rows = slice(start, min(start + 1024, store.n))
             frame_emb, frame_mask = store.read("frame_emb", rows), store.read("frame_mask", rows)
-            for vid, emb, mask in zip(store.ids[rows], frame_emb, frame_mask):
+            for vid, emb, mask in zip(ids[rows], frame_emb, frame_mask):
                 buf = io.BytesIO()
                 np.save(buf, emb[mask])                          # [n_frames, D] float16
                 zf.writestr(f"{vid}.npy", buf.getvalue())

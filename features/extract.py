@@ -23,7 +23,7 @@ from features.annotations import annotations_path, read_annotations
 from features.categories import BUILTIN_MAP, load_category_map
 from features.device import resolve_device
 from features.frames import MediaFault, detect_source, open_source
-from features.store import StoreDims, StoreError, StoreWriter, check_config, create_store
+from features.store import StoreDims, StoreError, StoreReader, StoreWriter, check_config, create_store
 
 
 class ExtractError(RuntimeError):
@@ -146,9 +146,7 @@ def _prepare_store(path, split, videos, category_map, config, options, dims):
 
 
 def _check_same_ids(path, videos):
-    import h5py
-    with h5py.File(path, "r") as h5:
-        stored = h5[schema.IDS].asstr()[:]
+    stored = StoreReader(path, require_complete=False).ids
     if len(stored) != len(videos) or any(a != b.id for a, b in zip(stored, videos)):
         raise StoreError(f"{path}: holds other videos than the annotations now list; "
                          "use --overwrite to rebuild it")

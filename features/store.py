@@ -200,7 +200,7 @@ class StoreReader:
 
     @property
     def ids(self):
-        return np.array([s.decode() if isinstance(s, bytes) else s for s in self.h5[schema.IDS][:]])
+        return np.array(self.h5[schema.IDS].asstr()[:], dtype=str)          # (N,) str
 
     @property
     def config(self):
