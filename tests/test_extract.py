@@ -214,3 +214,15 @@ def test_killed_extract_resumes_to_the_same_content(tmp_path):
         np.testing.assert_array_equal(resumed.read(name, slice(None)), whole.read(name, slice(None)), err_msg=name)
     assert json.loads((killed / "labeled.report.json").read_text())["faults"] == \
         json.loads((tmp_path / "whole" / "labeled.report.json").read_text())["faults"]
+
+
+def test_limit_keeps_the_first_videos_and_is_part_of_the_config(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {f"f{i:03d}": rng.normal(size=(2, 8)).astype(np.float16) for i in range(6)}
+    write_feature_zip(tmp_path, "test", arrays)
+    write_annotations(tmp_path, "test", [{"id": k, "title": "x", "asr": "", "ocr": []} for k in arrays])
+    extract(tmp_path, ["test"], tmp_path / "c", options(limit=3))
+    store = StoreReader(tmp_path / "c" / "test.h5")
+    assert list(store.ids) == ["f000", "f001", "f002"] and store.config["options"]["limit"] == 3
+    with pytest.raises(Exception, match="options.limit: 3 -> None"):
+        extract(tmp_path, ["test"], tmp_path / "c", options())
