@@ -79,8 +79,9 @@ _NEURAL = _neural_defaults()
 @click.option("--cache", "cache_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Cache directory of `extract` (labeled.h5, other splits, codebook.h5).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--models", default="single,dual,cross,vlad,mlp", show_default=True,
-              help="Comma-separated: single, dual, cross, vlad, mlp.")
+@click.option("--models", default="",
+              help="Comma-separated: single, dual, cross, vlad, mlp, linear, names; default: all of them, "
+                   "names only when the cache has class_names.h5 (the category map names its classes).")
 @click.option("--split", "splits", multiple=True,
               help="Other split to predict (repeatable); default: every other store in the cache.")
 @click.option("--folds", "n_folds", default=_NEURAL.n_folds, show_default=True)
@@ -106,8 +107,12 @@ _NEURAL = _neural_defaults()
 def train_neural(cache_dir, out_dir, models, overwrite, **options):
     """Train fusion models out-of-fold on the cached features; resumable per model and fold."""
     from neural.options import NeuralOptions, parse_models
-    from neural.pipeline import train_neural as run_train
-    results = run_train(cache_dir, out_dir, parse_models(models), NeuralOptions(**options), overwrite)
+    from neural.pipeline import available_models, train_neural as run_train
+    names = parse_models(models) if models else available_models(cache_dir)
+    if not models:
+        click.echo(f"models: {', '.join(names)}" + ("" if "names" in names else
+                   " (not names: the category map gave no class names, so the cache has no class_names.h5)"))
+    results = run_train(cache_dir, out_dir, names, NeuralOptions(**options), overwrite)
     for name, metrics in results.items():
         oof = metrics["oof"]
         click.echo(f"{name}: OOF mean-F1 {oof['mean']:.4f} (l2 micro {oof['l2_micro']:.4f}, "

@@ -21,6 +21,7 @@ from features import schema
 from features.aggregates import AggregateOptions, run_aggregates
 from features.annotations import annotations_path, read_annotations
 from features.categories import BUILTIN_MAP, load_category_map
+from features.class_names import write_class_names
 from features.device import resolve_device
 from features.frames import MediaFault, detect_source, open_source
 from features.store import StoreDims, StoreError, StoreReader, StoreWriter, check_config, create_store
@@ -62,6 +63,7 @@ def extract(data_dir, splits, cache_dir, options):
     if options.max_tokens > text_encoder.max_tokens:
         raise ExtractError(f"--max-tokens {options.max_tokens} is more than {options.text_encoder} "
                            f"accepts ({text_encoder.max_tokens})")
+    write_class_names(cache_dir, category_map, text_encoder, options.text_encoder)   # when the map names them
     frame_encoder = None
     reports = {}
     for split in splits:

@@ -19,6 +19,8 @@ MODEL_INPUTS = {
     "cross": (schema.TEXT_TOKENS, schema.TEXT_TOKEN_MASK, schema.FRAME_EMB, schema.FRAME_MASK),
     "vlad": (schema.FRAME_EMB, schema.FRAME_MASK, schema.TEXT_POOLED, schema.TEXT_FIELD_MASK),
     "mlp": (schema.TEXT_POOLED, schema.TEXT_FIELD_MASK),
+    "linear": (schema.FRAME_EMB, schema.FRAME_MASK, schema.TEXT_POOLED, schema.TEXT_FIELD_MASK),
+    "names": (schema.TEXT_POOLED, schema.TEXT_FIELD_MASK),
 }
 MLP_AGGREGATES = ("agg/first_frame", "agg/shift_stats")    # plus every agg/<pooling> (N, width)
 

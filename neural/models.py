@@ -1,8 +1,10 @@
-"""The five fusion models, on cached embeddings. Each maps a batch dict to (fine logits, coarse logits).
+"""The fusion models, on cached embeddings. Each maps a batch dict to (fine logits, coarse logits).
 
 Shapes: B batch, T text tokens, F frames, D frame dim, Dt text dim, H hidden, C fine classes,
 C1 coarse classes. Masks are bool, True for a real position.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -229,8 +231,50 @@ class GatedMLP(nn.Module):
         return self.heads(self.blocks(self.inp(torch.cat(parts, dim=1))))      # x (B, H) before heads
 
 
-def build_model(spec, codebook_path=None):
-    """spec: dict of dims and options (see train.model_spec); vlad also needs the codebook file."""
+class Linear(nn.Module):
+    """Softmax regression on [mean frame, pooled text fields], each feature standardised by running
+    statistics (BatchNorm without affine): the strong linear baseline, trained like the others."""
+
+    def __init__(self, spec):
+        super().__init__()
+        width = spec["frame_dim"] + 3 * spec["text_dim"] + 3
+        self.norm = nn.BatchNorm1d(width, affine=False)
+        self.heads = Heads(width, spec["n_fine"], spec["n_coarse"], spec["dropout"])
+
+    def forward(self, batch):
+        frames = masked_mean(batch[schema.FRAME_EMB], batch[schema.FRAME_MASK])     # (B, D)
+        return self.heads(self.norm(torch.cat([frames, pooled_text(batch)], dim=1)))
+
+
+class NamePrior(nn.Module):
+    """Zero-shot scores: cosine of each pooled text field with each class name's embedding
+    (features/class_names.py), times a learned temperature per field and level. It has no per-class
+    weight, so a class with no training video scores like one with many: the stack's evidence for the
+    rarest classes. The name vectors are buffers: given when training, restored with the state dict."""
+
+    def __init__(self, spec, class_names=None):
+        super().__init__()
+        fine = torch.zeros(spec["n_fine"], spec["text_dim"])               # (C, Dt)
+        coarse = torch.zeros(spec["n_coarse"], spec["text_dim"])           # (C1, Dt)
+        if class_names is not None:
+            fine = F.normalize(torch.as_tensor(class_names.fine_emb, dtype=torch.float32), dim=-1)
+            coarse = F.normalize(torch.as_tensor(class_names.coarse_emb, dtype=torch.float32), dim=-1)
+        self.register_buffer("fine_names", fine)
+        self.register_buffer("coarse_names", coarse)
+        self.log_scale = nn.Parameter(torch.full((2, len(schema.TEXT_FIELDS)), math.log(20.0)))  # (level, field)
+
+    def forward(self, batch):
+        text = F.normalize(batch[schema.TEXT_POOLED].float(), dim=-1)        # (B, 3, Dt)
+        weight = self.log_scale.exp()                                        # (2, 3)
+        mask = batch[schema.TEXT_FIELD_MASK].float()                         # (B, 3)
+        fine = torch.einsum("bfd,cd,bf->bc", text, self.fine_names, mask * weight[0])
+        coarse = torch.einsum("bfd,cd,bf->bc", text, self.coarse_names, mask * weight[1])
+        return fine, coarse
+
+
+def build_model(spec, codebook_path=None, class_names=None):
+    """spec: dict of dims and options (see train.model_spec); vlad also needs the codebook file, names
+    the class-name vectors when training (a saved model brings its own)."""
     name = spec["model"]
     if name == "single":
         return SingleStream(spec)
@@ -240,6 +284,10 @@ def build_model(spec, codebook_path=None):
         return CrossAttention(spec)
     if name == "mlp":
         return GatedMLP(spec)
+    if name == "linear":
+        return Linear(spec)
+    if name == "names":
+        return NamePrior(spec, class_names)
     if name == "vlad":
         from neural.vlad import build_pooling
         return VladFusion(spec, build_pooling(spec, codebook_path))

@@ -1,7 +1,7 @@
 """Options of a `train-neural` run: one plain dataclass, recorded in run.json and every predictions.h5."""
 from dataclasses import asdict, dataclass, fields
 
-MODEL_NAMES = ("single", "dual", "cross", "vlad", "mlp")
+MODEL_NAMES = ("single", "dual", "cross", "vlad", "mlp", "linear", "names")
 RUNTIME_ONLY = ("num_workers", "threads", "splits")     # do not change what a fold model learns
 
 

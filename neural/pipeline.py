@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from features import schema
+from features.class_names import CLASS_NAMES_FILE, load_class_names
 from features.store import StoreReader
 from neural import outputs
 from neural.data import StoreBatches, model_inputs
 from neural.folds import load_folds, make_folds, save_folds
 from neural.metrics import metric_from_proba
-from neural.options import NeuralOptions
+from neural.options import MODEL_NAMES, NeuralOptions
 from neural.outputs import RunError
 from neural.predict import check_classes, codebook_path, predict_split
 from features.device import resolve_device
@@ -39,6 +40,12 @@ def other_splits(cache_dir, options):
         if is_store and path.stem != LABELED:
             found.append(path.stem)
     return found
+
+
+def available_models(cache_dir):
+    """Every model, less `names` when CACHE_DIR has no class names to score against."""
+    has_names = (Path(cache_dir) / CLASS_NAMES_FILE).exists()
+    return tuple(m for m in MODEL_NAMES if m != "names" or has_names)
 
 
 def labelled_rows(reader):
@@ -111,6 +118,7 @@ class ModelRun:
         self.spec = model_spec(name, reader, options, names)
         self.dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, options.max_tokens)
         self.codebook = codebook_path(cache_dir)
+        self.class_names = load_class_names(cache_dir, reader.fine_classes) if name == "names" else None
         if name == "vlad":                          # a missing or mismatched codebook fails here, not in fold 0
             from neural.models import build_model
             build_model(self.spec, self.codebook)
@@ -137,7 +145,8 @@ class ModelRun:
         else:
             seed = self.options.seed * 100 + k
             model, info = fit_fold(self.spec, self.dataset, self.rows[train], self.options, seed,
-                                   self.device, self.codebook, desc=f"{self.name} fold {k}")
+                                   self.device, self.codebook, desc=f"{self.name} fold {k}",
+                                   class_names=self.class_names)
             self.save(ckpt, model, k, info)
         proba = predict_rows([model], self.dataset, self.rows[held], self.options.batch_size,
                              self.device, self.options.num_workers)

@@ -108,13 +108,13 @@ def train_step(model, batch, weights, options, optimizer, device):
     return float(loss.detach())
 
 
-def fit_fold(spec, dataset, train_rows, options, seed, device, codebook_path=None, desc="fold"):
+def fit_fold(spec, dataset, train_rows, options, seed, device, codebook_path=None, desc="fold", class_names=None):
     """Train one model on `train_rows` (store rows). -> (model to predict with, info dict).
 
     Everything random is drawn from `seed`, so a fold trains identically whether or not the folds
     before it ran in the same process (what makes resuming exact)."""
     torch.manual_seed(seed)
-    model = build_model(spec, codebook_path).to(device)
+    model = build_model(spec, codebook_path, class_names).to(device)
     labels = dataset.labels[train_rows]
     weights = class_weights(labels, spec["n_fine"], options.balance_beta).to(device) \
         if options.class_balanced else None

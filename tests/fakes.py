@@ -3,6 +3,7 @@ import numpy as np
 
 from features import schema
 from features.categories import CategoryMap
+from features.class_names import save_class_names
 from features.store import StoreDims, StoreWriter, create_store
 
 
@@ -15,8 +16,10 @@ def fake_category_map(n_fine=6, n_coarse=3):
 
 
 def write_fake_store(path, n=60, n_classes=6, n_frames=8, frame_dim=16, text_dim=12, n_tokens=10,
-                     split="labeled", labelled=True, seed=0, signal=2.0):
-    """A complete store whose frames and text carry the label; returns the labels (N,)."""
+                     split="labeled", labelled=True, seed=0, signal=2.0, class_names_path=None):
+    """A complete store whose frames and text carry the label; returns the labels (N,).
+
+    class_names_path: also write a class_names.h5 there whose name vectors are the text's class centres."""
     rng = np.random.default_rng(seed)
     cmap = fake_category_map(n_classes)
     label = np.arange(n) % n_classes                        # (N,) every class present
@@ -47,4 +50,8 @@ def write_fake_store(path, n=60, n_classes=6, n_frames=8, frame_dim=16, text_dim
     })
     writer.mark_complete()
     writer.close()
+    if class_names_path is not None:
+        coarse = np.stack([text_centres[cmap.fine_to_coarse == c].mean(0) for c in range(cmap.n_coarse)])
+        save_class_names(class_names_path, cmap, [f"class {c}" for c in cmap.fine_ids], text_centres,
+                         [f"group {c}" for c in cmap.coarse_ids], coarse, {"fake": True})
     return label

@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 import torch
 
+from features.class_names import load_class_names
 from features.store import StoreError, StoreReader
 from neural import outputs, pipeline
 from neural.data import StoreBatches, model_inputs
 from neural.folds import load_folds, make_folds
 from neural.options import NeuralOptions
-from neural.pipeline import model_spec, train_neural
+from neural.pipeline import available_models, model_spec, train_neural
 from neural.predict import predict_store
-from neural.train import fit_fold
+from neural.train import fit_fold, predict_rows
 from tests.fakes import write_fake_store
 
 torch.set_num_threads(1)
@@ -34,13 +35,13 @@ TINY = dict(n_folds=3, epochs=2, hidden=32, batch_size=16, n_heads=4)
 def cache(tmp_path_factory):
     """A labelled and a test store with frames, text, aggregates and a codebook."""
     d = tmp_path_factory.mktemp("cache")
-    write_fake_store(d / "labeled.h5", n=60)
+    write_fake_store(d / "labeled.h5", n=60, class_names_path=d / "class_names.h5")
     write_fake_store(d / "test.h5", n=20, split="test", labelled=False, seed=1)
     add_aggregates(d, ["labeled", "test"])
     return d
 
 
-@pytest.mark.parametrize("model", ["single", "dual", "cross", "vlad", "mlp"])
+@pytest.mark.parametrize("model", ["single", "dual", "cross", "vlad", "mlp", "linear"])
 def test_each_model_loss_falls(cache, model):
     reader = StoreReader(cache / "labeled.h5")
     opts = NeuralOptions(**dict(TINY, epochs=10, lr=3e-3, label_smoothing=0.0, ema=False))
@@ -186,3 +187,41 @@ def test_vlad_without_a_codebook_says_which_command_makes_it(cache, tmp_path):
         shutil.copy(cache / name, tmp_path / name)
     with pytest.raises(StoreError, match=r"codebook.h5.*python run.py extract"):
         train_neural(tmp_path, tmp_path / "run", ["vlad"], NeuralOptions(**TINY))
+
+
+def test_names_model_recognises_a_class_it_never_trained_on(cache):
+    """Trained without class 5's videos, the names model still labels them: it has no per-class weight,
+    only the match of a video's text with each class's name vector."""
+    reader = StoreReader(cache / "labeled.h5")
+    labels = reader.read("label_fine", slice(None))
+    seen, unseen = np.flatnonzero(labels != 5), np.flatnonzero(labels == 5)
+    opts = NeuralOptions(**dict(TINY, epochs=4))
+    names = model_inputs("names", reader)
+    dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, opts.max_tokens)
+    net, _ = fit_fold(model_spec("names", reader, opts, names), dataset, seen, opts, seed=0, device="cpu",
+                      class_names=load_class_names(cache, reader.fine_classes))
+    predicted = predict_rows([net], dataset, unseen, 16, "cpu").argmax(axis=1)
+    assert (predicted == 5).mean() >= 0.8, predicted
+
+
+def test_names_model_is_refused_without_class_names_and_left_out_by_default(cache, tmp_path):
+    import shutil
+    shutil.copy(cache / "labeled.h5", tmp_path / "labeled.h5")
+    with pytest.raises(ValueError, match=r"class_names.h5.*names every class"):
+        train_neural(tmp_path, tmp_path / "run", ["names"], NeuralOptions(**TINY))
+    assert "names" not in available_models(tmp_path)
+    assert "names" in available_models(cache) and "linear" in available_models(cache)
+
+
+def test_names_model_predicts_from_its_checkpoint_alone(cache, tmp_path):
+    """The name vectors travel in the fold checkpoints: predicting needs no class_names.h5."""
+    train_neural(cache, tmp_path / "run", ["names"], NeuralOptions(**TINY))
+    oof, _ = outputs.read_oof(tmp_path / "run" / "names" / "predictions.h5")
+    labels = StoreReader(cache / "labeled.h5").read("label_fine", slice(None))
+    assert (oof.argmax(axis=1) == labels).mean() > 0.8
+    (cache / "class_names.h5").rename(tmp_path / "moved.h5")
+    try:
+        proba = predict_store(tmp_path / "run", cache / "labeled.h5", models=["names"])["names"]
+    finally:
+        (tmp_path / "moved.h5").rename(cache / "class_names.h5")
+    assert (proba.argmax(axis=1) == labels).mean() > 0.8
