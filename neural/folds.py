@@ -50,5 +50,5 @@ def save_folds(path, ids, fold, n_folds, seed):
 def load_folds(path):
     """-> (ids (N,) str, fold (N,) int8, n_folds, seed)."""
     with h5py.File(path, "r") as h5:
-        ids = np.array([s.decode() if isinstance(s, bytes) else s for s in h5["ids"][:]])
+        ids = h5["ids"].asstr()[:]
         return ids, h5["fold"][:], int(h5.attrs["n_folds"]), int(h5.attrs["seed"])

@@ -49,7 +49,7 @@ def open_predictions(path, ids, n_folds, splits, options):
     with h5py.File(path, "r") as h5:
         stored = json.loads(h5.attrs["options"])
         same_ids = len(h5["ids"]) == len(ids) and all(
-            (a.decode() if isinstance(a, bytes) else a) == b for a, b in zip(h5["ids"][:], ids))
+            a == b for a, b in zip(h5["ids"].asstr()[:], ids))
         same_splits = {k[len("ids_"):] for k in h5 if k.startswith("ids_")} == set(splits)
         same_folds = len(h5["fold_done"]) == n_folds
     if stored != options:

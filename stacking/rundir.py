@@ -48,10 +48,6 @@ class RunData:
         return int(self.fold.max()) + 1
 
 
-def _decode(values):
-    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values])
-
-
 def read_json(path):
     try:
         with open(path, encoding="utf-8") as fh:
@@ -79,7 +75,7 @@ def read_folds(run_dir):
         for name in ("ids", "fold"):
             if name not in h5:
                 raise RunDirError(f"{path}: dataset '{name}' is missing")
-        ids, fold = _decode(h5["ids"][:]), h5["fold"][:].astype(np.int64)
+        ids, fold = h5["ids"].asstr()[:], h5["fold"][:].astype(np.int64)
         attrs = dict(h5.attrs)
     if len(ids) != len(fold) or len(ids) == 0:
         raise RunDirError(f"{path}: 'ids' ({len(ids)}) and 'fold' ({len(fold)}) must have the same, non-zero length")
@@ -102,7 +98,7 @@ def _check_model(path, model, ids, n_classes):
         for name in ("ids", "oof_proba", "label_fine"):
             if name not in h5:
                 raise RunDirError(f"{path}: model '{model}': dataset '{name}' is missing")
-        model_ids = _decode(h5["ids"][:])
+        model_ids = h5["ids"].asstr()[:]
         if len(model_ids) != len(ids) or (model_ids != ids).any():
             bad = _first_mismatch(model_ids, ids)
             raise RunDirError(f"{path}: model '{model}' has other labelled ids than folds.h5 ({bad}); "
@@ -228,7 +224,7 @@ def split_predictions(run, split):
                 have = sorted(h5["proba"].keys()) if "proba" in h5 else []
                 raise RunDirError(f"{path}: model '{model}' has no predictions for split '{split}' "
                                   f"(it has: {', '.join(have) or 'none'})")
-            model_ids = _decode(h5[f"ids_{split}"][:])
+            model_ids = h5[f"ids_{split}"].asstr()[:]
             probas[model] = h5[f"proba/{split}"][:].astype(np.float32)
         if ids is None:
             ids = model_ids
