@@ -186,7 +186,7 @@ def predict(data_dir, split, run_dir, stack_dir, out_file, cache_dir, category_m
               help="Split of --data to run (repeatable); default: every DATA/annotations/*.json.")
 @click.option("--epochs", default=6, show_default=True)
 @click.option("--folds", "n_folds", default=5, show_default=True)
-@click.option("--models", default="single,dual,cross,vlad,mlp", show_default=True)
+@click.option("--models", default="", help="Comma-separated base models; default: every model the cache allows.")
 @click.option("--threads", default=1, show_default=True, help="Torch and LightGBM CPU threads.")
 def demo(out_dir, data_dir, category_map, models, splits, **options):
     """Generate a small dataset with known signals (or use --data), run extract, train-neural and stack
@@ -195,7 +195,7 @@ def demo(out_dir, data_dir, category_map, models, splits, **options):
     from stacking.demo import DemoOptions, run_demo
     if (category_map or splits) and not data_dir:
         raise click.UsageError("--category-map and --split go with --data (the generated data brings its own)")
-    run_demo(out_dir, data_dir, category_map, DemoOptions(models=parse_models(models), splits=splits, **options),
+    run_demo(out_dir, data_dir, category_map, DemoOptions(models=parse_models(models) if models else (), splits=splits, **options),
              click.echo)
 
 

@@ -21,8 +21,8 @@ from features.categories import load_category_map
 from features.extract import ExtractOptions, extract, list_splits
 from features.synthetic import generate_demo_dataset
 from neural.metrics import challenge_metric
-from neural.options import MODEL_NAMES, NeuralOptions
-from neural.pipeline import train_neural
+from neural.options import NeuralOptions
+from neural.pipeline import available_models, train_neural
 from stacking.pipeline import StackOptions, stack
 from stacking.rundir import load_run, split_predictions
 from stacking.submission import read_predictions
@@ -48,7 +48,7 @@ class DemoOptions:
     n_gmm: int = 4
     workers: int = 1
     # train-neural
-    models: tuple = MODEL_NAMES
+    models: tuple = ()                # () = every model the cache allows (names only with class names)
     n_folds: int = 5
     epochs: int = 6
     hidden: int = 64
@@ -90,7 +90,8 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
     cache_dir, run_dir, stack_dir = out_dir / "cache", out_dir / "run", out_dir / "stack"
     splits = list(options.splits) or list_splits(data_dir)
     stage("extract", extract, data_dir, splits, cache_dir, extract_options(options, category_map))
-    stage("train-neural", train_neural, cache_dir, run_dir, tuple(options.models), neural_options(options))
+    models = tuple(options.models) or available_models(cache_dir)
+    stage("train-neural", train_neural, cache_dir, run_dir, models, neural_options(options))
     stack_options = StackOptions(split=TEST_SPLIT if TEST_SPLIT in splits else "", threads=options.threads,
                                  seed=options.seed, compare=tuple(options.compare))
     metrics = stage("stack", stack, run_dir, stack_dir, stack_options)
