@@ -41,7 +41,8 @@ class ExtractOptions:
     category_map: str | None = None             # CSV; None = the challenge's 200-class map
     annotations: str | None = None              # overrides DATA/annotations/<split>.json (one split)
     limit: int | None = None                    # only the first N videos of each split
-    batch_size: int = 32
+    batch_size: int = 32                        # videos per batch, the unit of resume
+    frame_batch: int = 128                      # most images per encoder forward (B x F can be 1,024)
     workers: int = 2                            # DataLoader processes decoding and tokenising
     device: str = "auto"                        # auto | cpu | cuda
     on_error: str = "skip"                      # skip (mask, count, report) | fail
@@ -57,6 +58,9 @@ def extract(data_dir, splits, cache_dir, options):
     from features.encoders import build_frame_encoder, build_text_encoder
     if options.annotations and len(splits) != 1:
         raise ExtractError("--annotations names one file, so give exactly one --split")
+    for name in ("frames", "batch_size", "frame_batch"):
+        if getattr(options, name) < 1:
+            raise ExtractError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(options, name)}")
     device = resolve_device(options.device)
     category_map = load_category_map(options.category_map)
     text_encoder = build_text_encoder(options.text_encoder, device)
@@ -200,7 +204,7 @@ class VideoItems(Dataset):
 
 def encode_batch(batch, frame_encoder, text_encoder, options, frame_dim, device, faults):
     """A batch of items -> {dataset name: (B, ...) array} as the store holds them."""
-    frame_emb, frame_mask = _encode_frames(batch, frame_encoder, options.frames, frame_dim, device, faults)
+    frame_emb, frame_mask = _encode_frames(batch, frame_encoder, options, frame_dim, device, faults)
     pooled, field_mask = _encode_fields(batch, text_encoder, device)
     tokens, token_mask = _encode_joined(batch, text_encoder, options.max_tokens, device)
     return {
@@ -211,17 +215,19 @@ def encode_batch(batch, frame_encoder, text_encoder, options, frame_dim, device,
     }
 
 
-def _encode_frames(batch, frame_encoder, n_frames, frame_dim, device, faults):
-    frame_emb = np.zeros((len(batch), n_frames, frame_dim), np.float16)     # (B, F, D)
-    frame_mask = np.zeros((len(batch), n_frames), bool)                    # (B, F)
+def _encode_frames(batch, frame_encoder, options, frame_dim, device, faults):
+    frame_emb = np.zeros((len(batch), options.frames, frame_dim), np.float16)     # (B, F, D)
+    frame_mask = np.zeros((len(batch), options.frames), bool)                    # (B, F)
     present = [(b, it["frames"]) for b, it in enumerate(batch) if it["frames"] is not None]
     if not present:
         return frame_emb, frame_mask
     if frame_encoder is None:
         vectors = [np.asarray(frames, np.float16) for _, frames in present]
     else:
-        images = torch.cat([frames for _, frames in present]).to(device)   # (sum n, 3, H, W)
-        flat = frame_encoder.encode(images).float().cpu().numpy()          # (sum n, D)
+        images = torch.cat([frames for _, frames in present])              # (sum n, 3, H, W)
+        step = options.frame_batch
+        flat = np.concatenate([frame_encoder.encode(images[s:s + step].to(device)).float().cpu().numpy()
+                               for s in range(0, len(images), step)])     # (sum n, D)
         cuts = np.cumsum([len(frames) for _, frames in present])[:-1]
         vectors = np.split(flat, cuts)
     for (b, _), vec in zip(present, vectors):

@@ -9,6 +9,7 @@ done (the generated data is regenerated only when its summary.json is missing).
 """
 import csv
 import json
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,14 +72,15 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
     torch.set_num_threads(options.threads)        # extract's encoders too
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    times, started = {}, time.perf_counter()
+    times, peaks, started = {}, {}, time.perf_counter()
 
     def stage(name, fn, *args):
         echo(f"== {name} ...")
         t0 = time.perf_counter()
         result = fn(*args)
         times[name] = round(time.perf_counter() - t0, 1)
-        echo(f"== {name} done in {times[name]:.1f} s")
+        peaks[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)    # Linux: KiB
+        echo(f"== {name} done in {times[name]:.1f} s (peak RSS so far {peaks[name]:,} MiB)")
         return result
 
     generated = data_dir is None
@@ -97,7 +99,7 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
     metrics = stage("stack", stack, run_dir, stack_dir, stack_options)
     times["total"] = round(time.perf_counter() - started, 1)
 
-    summary = {"options": asdict(options), "data_dir": str(data_dir), "times_s": times,
+    summary = {"options": asdict(options), "data_dir": str(data_dir), "times_s": times, "peak_rss_mib": peaks,
                "outputs": outputs(cache_dir, run_dir, stack_dir, metrics), "table": metrics["table"]}
     echo("")
     echo(format_table(metrics["table"]))

@@ -226,3 +226,30 @@ def test_limit_keeps_the_first_videos_and_is_part_of_the_config(tmp_path):
     assert list(store.ids) == ["f000", "f001", "f002"] and store.config["options"]["limit"] == 3
     with pytest.raises(Exception, match="options.limit: 3 -> None"):
         extract(tmp_path, ["test"], tmp_path / "c", options())
+
+
+def test_frames_are_encoded_in_bounded_chunks_with_the_same_result(extracted, tmp_path, monkeypatch):
+    """--frame-batch bounds the images of one encoder forward (B x F would otherwise go at once) and
+    leaves the embeddings as they were."""
+    from features import encoders
+    root, cache, _ = extracted
+    sizes, real_encode = [], encoders.FrameEncoder.encode
+    monkeypatch.setattr(encoders.FrameEncoder, "encode", lambda self, images: sizes.append(len(images))
+                        or real_encode(self, images))
+    extract(root, ["labeled"], tmp_path, options(category_map=str(root / "category_map.csv"), frame_batch=3))
+    assert sizes and max(sizes) <= 3
+    chunked, whole = StoreReader(tmp_path / "labeled.h5"), StoreReader(cache / "labeled.h5")
+    np.testing.assert_array_equal(chunked.read("frame_mask", slice(None)), whole.read("frame_mask", slice(None)))
+    np.testing.assert_allclose(chunked.read("frame_emb", slice(None)).astype(np.float32),
+                               whole.read("frame_emb", slice(None)).astype(np.float32), atol=2e-2, rtol=1e-2)
+    with pytest.raises(Exception, match="--frame-batch must be at least 1"):
+        extract(root, ["labeled"], tmp_path / "zero", options(frame_batch=0))
+
+
+def test_a_map_that_names_its_classes_gets_class_names(extracted):
+    from features.class_names import load_class_names
+    root, cache, _ = extracted
+    names = load_class_names(cache, CATS)
+    assert names.fine_emb.shape[0] == 3 and names.coarse_emb.shape[0] == 2
+    with h5py.File(cache / "class_names.h5", "r") as h5:
+        assert list(h5["fine_texts"].asstr()[:]) == ["a a0", "a a1", "b b0"]
