@@ -39,8 +39,8 @@ def cli():
 @click.option("--frames-from", type=click.Choice(["auto", "zip", "npy", "video"]), default="auto", show_default=True)
 @click.option("--limit", type=int, help="Only the first N videos of each split.")
 @click.option("--batch-size", default=32, show_default=True, help="Videos per batch (a resume unit).")
-@click.option("--frame-batch", default=128, show_default=True,
-              help="Most images per frame-encoder forward; bounds memory whatever batch size x frames.")
+@click.option("--frame-batch", default=0, show_default=True,
+              help="Most images per frame-encoder forward (0: 32 on CPU, 256 on GPU); bounds memory.")
 @click.option("--workers", default=2, show_default=True, help="Processes decoding frames and tokenising.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,

@@ -42,13 +42,18 @@ class ExtractOptions:
     annotations: str | None = None              # overrides DATA/annotations/<split>.json (one split)
     limit: int | None = None                    # only the first N videos of each split
     batch_size: int = 32                        # videos per batch, the unit of resume
-    frame_batch: int = 128                      # most images per encoder forward (B x F can be 1,024)
+    frame_batch: int = 0                        # most images per encoder forward; 0: 32 on CPU, 256 on GPU
+
     workers: int = 2                            # DataLoader processes decoding and tokenising
     device: str = "auto"                        # auto | cpu | cuda
     on_error: str = "skip"                      # skip (mask, count, report) | fail
     overwrite: bool = False
     aggregates: AggregateOptions | None = field(default_factory=AggregateOptions)   # None: skip agg/*
 
+
+# images per encoder forward when --frame-batch is 0: EfficientNet-Lite0 on the CPU (1 thread) ran
+# 12.4 img/s with +0.55 GiB at 32 images against 9.1 img/s with +2.1 GiB at 128 (B x F can be 1,024)
+FRAME_BATCH = {"cpu": 32, "cuda": 256}
 
 IDENTITY_OPTIONS = ("frame_encoder", "text_encoder", "frames", "max_tokens", "frames_from", "limit")
 
@@ -58,9 +63,9 @@ def extract(data_dir, splits, cache_dir, options):
     from features.encoders import build_frame_encoder, build_text_encoder
     if options.annotations and len(splits) != 1:
         raise ExtractError("--annotations names one file, so give exactly one --split")
-    for name in ("frames", "batch_size", "frame_batch"):
-        if getattr(options, name) < 1:
-            raise ExtractError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(options, name)}")
+    for name, least in (("frames", 1), ("batch_size", 1), ("frame_batch", 0)):
+        if getattr(options, name) < least:
+            raise ExtractError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(options, name)}")
     device = resolve_device(options.device)
     category_map = load_category_map(options.category_map)
     text_encoder = build_text_encoder(options.text_encoder, device)
@@ -225,7 +230,7 @@ def _encode_frames(batch, frame_encoder, options, frame_dim, device, faults):
         vectors = [np.asarray(frames, np.float16) for _, frames in present]
     else:
         images = torch.cat([frames for _, frames in present])              # (sum n, 3, H, W)
-        step = options.frame_batch
+        step = options.frame_batch or FRAME_BATCH[torch.device(device).type]
         flat = np.concatenate([frame_encoder.encode(images[s:s + step].to(device)).float().cpu().numpy()
                                for s in range(0, len(images), step)])     # (sum n, D)
         cuts = np.cumsum([len(frames) for _, frames in present])[:-1]

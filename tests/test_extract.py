@@ -230,7 +230,7 @@ def test_limit_keeps_the_first_videos_and_is_part_of_the_config(tmp_path):
 
 def test_frames_are_encoded_in_bounded_chunks_with_the_same_result(extracted, tmp_path, monkeypatch):
     """--frame-batch bounds the images of one encoder forward (B x F would otherwise go at once) and
-    leaves the embeddings as they were."""
+    leaves the embeddings as they were (the fixture ran with the CPU default of 32, i.e. unchunked here)."""
     from features import encoders
     root, cache, _ = extracted
     sizes, real_encode = [], encoders.FrameEncoder.encode
@@ -242,8 +242,8 @@ def test_frames_are_encoded_in_bounded_chunks_with_the_same_result(extracted, tm
     np.testing.assert_array_equal(chunked.read("frame_mask", slice(None)), whole.read("frame_mask", slice(None)))
     np.testing.assert_allclose(chunked.read("frame_emb", slice(None)).astype(np.float32),
                                whole.read("frame_emb", slice(None)).astype(np.float32), atol=2e-2, rtol=1e-2)
-    with pytest.raises(Exception, match="--frame-batch must be at least 1"):
-        extract(root, ["labeled"], tmp_path / "zero", options(frame_batch=0))
+    with pytest.raises(Exception, match="--frame-batch must be at least 0"):
+        extract(root, ["labeled"], tmp_path / "negative", options(frame_batch=-1))
 
 
 def test_a_map_that_names_its_classes_gets_class_names(extracted):
