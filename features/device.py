@@ -13,3 +13,23 @@ def resolve_device(device="auto"):
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda asked for, but torch sees no CUDA device")
     return device
+
+
+GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory_mapped(limit=1 << 30):
+    """Raise glibc's mmap and trim thresholds to `limit` bytes for this process; True when applied.
+
+    By default glibc hands every freed block above 32 MiB back to the OS, so each CPU forward of a conv
+    net maps its activations afresh and faults them in page by page. Measured here (EfficientNet-Lite0,
+    32 images of 224 x 224, 1 thread): 14.6 images/s with 8.4 s of system time per 4.7 s of user time
+    by default, 45 images/s with the thresholds at 1 GiB, for ~0.3 GiB more peak memory. Only a speed
+    setting: on a libc without mallopt (not glibc) nothing changes and False is returned.
+    """
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(GLIBC_M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(GLIBC_M_TRIM_THRESHOLD, limit))

@@ -22,7 +22,7 @@ from features.aggregates import AggregateOptions, run_aggregates
 from features.annotations import annotations_path, read_annotations
 from features.categories import BUILTIN_MAP, load_category_map
 from features.class_names import write_class_names
-from features.device import resolve_device
+from features.device import keep_freed_memory_mapped, resolve_device
 from features.frames import MediaFault, detect_source, open_source
 from features.store import StoreDims, StoreError, StoreReader, StoreWriter, check_config, create_store
 
@@ -67,6 +67,8 @@ def extract(data_dir, splits, cache_dir, options):
         if getattr(options, name) < least:
             raise ExtractError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(options, name)}")
     device = resolve_device(options.device)
+    if device == "cpu":
+        keep_freed_memory_mapped()        # ~3x faster CPU encoders (see its docstring)
     category_map = load_category_map(options.category_map)
     text_encoder = build_text_encoder(options.text_encoder, device)
     if options.max_tokens > text_encoder.max_tokens:
