@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from features.annotations import annotations_path, read_annotations  # noqa: E402
 from features.categories import load_category_map  # noqa: E402
+from features.device import keep_freed_memory_mapped  # noqa: E402
 from features.encoders import build_frame_encoder, build_text_encoder  # noqa: E402
 from features.extract import ExtractOptions, VideoItems, encode_batch, extract_split  # noqa: E402
 from features.frames import detect_source, open_source  # noqa: E402
@@ -49,8 +50,9 @@ def main():
     opts = ExtractOptions(frames=args.frames, batch_size=args.batch_size, workers=args.workers, device="cpu",
                           category_map=cmap, limit=args.n)
     videos = read_annotations(annotations_path(args.data, args.split), load_category_map(cmap))[: args.n]
+    tuned = keep_freed_memory_mapped()     # as `extract` does on the CPU, for both passes alike
     print(f"torch threads: {torch.get_num_threads()}, items: {len(videos)}, frames/video <= {args.frames}, "
-          f"batch {args.batch_size}, workers {args.workers}")
+          f"batch {args.batch_size}, workers {args.workers}, glibc thresholds raised: {tuned}")
     frame_encoder = build_frame_encoder(opts.frame_encoder, "cpu")
     text_encoder = build_text_encoder(opts.text_encoder, "cpu")
     bare = bare_forward_seconds(args.data, args.split, videos, opts, frame_encoder, text_encoder)
