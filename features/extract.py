@@ -43,7 +43,6 @@ class ExtractOptions:
     limit: int | None = None                    # only the first N videos of each split
     batch_size: int = 32                        # videos per batch, the unit of resume
     frame_batch: int = 0                        # most images per encoder forward; 0: 32 on CPU, 256 on GPU
-
     workers: int = 2                            # DataLoader processes decoding and tokenising
     device: str = "auto"                        # auto | cpu | cuda
     on_error: str = "skip"                      # skip (mask, count, report) | fail
@@ -74,7 +73,6 @@ def extract(data_dir, splits, cache_dir, options):
     if options.max_tokens > text_encoder.max_tokens:
         raise ExtractError(f"--max-tokens {options.max_tokens} is more than {options.text_encoder} "
                            f"accepts ({text_encoder.max_tokens})")
-    write_class_names(cache_dir, category_map, text_encoder, options.text_encoder)   # when the map names them
     frame_encoder = None
     reports = {}
     for split in splits:
@@ -83,6 +81,8 @@ def extract(data_dir, splits, cache_dir, options):
             frame_encoder = build_frame_encoder(options.frame_encoder, device)
         reports[split] = extract_split(data_dir, split, cache_dir, options, kind, category_map,
                                        frame_encoder if kind != "npy" else None, text_encoder, device)
+    # after the stores: a store refusing this encoder must not leave class names from it beside them
+    write_class_names(cache_dir, category_map, text_encoder, options.text_encoder)   # when the map names them
     if options.aggregates is not None:       # the codebook is fitted over every split given
         for split, agg_report in run_aggregates(cache_dir, splits, options.aggregates, device,
                                                 options.overwrite).items():

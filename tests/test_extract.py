@@ -253,3 +253,14 @@ def test_a_map_that_names_its_classes_gets_class_names(extracted):
     assert names.fine_emb.shape[0] == 3 and names.coarse_emb.shape[0] == 2
     with h5py.File(cache / "class_names.h5", "r") as h5:
         assert list(h5["fine_texts"].asstr()[:]) == ["a a0", "a a1", "b b0"]
+
+
+def test_a_refused_extract_leaves_the_class_names_as_they_were(extracted, tmp_path):
+    """Class names are written after the stores accept the run, so a refused run changes nothing."""
+    root, cache, _ = extracted
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text(MAP_CSV.replace(",a0\n", ",wallets\n"))                 # same ids, one new name
+    before = (cache / "class_names.h5").stat().st_mtime_ns
+    with pytest.raises(Exception, match="options.max_tokens: 16 -> 32"):
+        extract(root, ["labeled"], cache, options(category_map=str(renamed), max_tokens=32))
+    assert (cache / "class_names.h5").stat().st_mtime_ns == before
