@@ -109,11 +109,10 @@ _NEURAL = _neural_defaults()
 def train_neural(cache_dir, out_dir, models, overwrite, **options):
     """Train fusion models out-of-fold on the cached features; resumable per model and fold."""
     from neural.options import NeuralOptions, parse_models
-    from neural.pipeline import available_models, train_neural as run_train
+    from neural.pipeline import available_models, describe_models, train_neural as run_train
     names = parse_models(models) if models else available_models(cache_dir)
     if not models:
-        click.echo(f"models: {', '.join(names)}" + ("" if "names" in names else
-                   " (not names: the category map gave no class names, so the cache has no class_names.h5)"))
+        click.echo(describe_models(names))
     results = run_train(cache_dir, out_dir, names, NeuralOptions(**options), overwrite)
     for name, metrics in results.items():
         oof = metrics["oof"]
@@ -197,8 +196,8 @@ def demo(out_dir, data_dir, category_map, models, splits, **options):
     from stacking.demo import DemoOptions, run_demo
     if (category_map or splits) and not data_dir:
         raise click.UsageError("--category-map and --split go with --data (the generated data brings its own)")
-    run_demo(out_dir, data_dir, category_map, DemoOptions(models=parse_models(models) if models else (), splits=splits, **options),
-             click.echo)
+    options = DemoOptions(models=parse_models(models) if models else (), splits=splits, **options)
+    run_demo(out_dir, data_dir, category_map, options, click.echo)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 from features import schema
 from features.class_names import CLASS_NAMES_FILE, load_class_names
+from features.device import resolve_device
 from features.store import StoreReader
 from neural import outputs
 from neural.data import StoreBatches, model_inputs
@@ -23,7 +24,6 @@ from neural.metrics import metric_from_proba
 from neural.options import MODEL_NAMES, NeuralOptions
 from neural.outputs import RunError
 from neural.predict import check_classes, codebook_path, predict_split
-from features.device import resolve_device
 from neural.train import fit_fold, predict_rows
 
 LABELED = "labeled"
@@ -46,6 +46,12 @@ def available_models(cache_dir):
     """Every model, less `names` when CACHE_DIR has no class names to score against."""
     has_names = (Path(cache_dir) / CLASS_NAMES_FILE).exists()
     return tuple(m for m in MODEL_NAMES if m != "names" or has_names)
+
+
+def describe_models(models):
+    """One line naming the models a run trains, and why `names` is not among them when it is not."""
+    return f"models: {', '.join(models)}" + ("" if "names" in models else
+           " (not names: the category map gave no class names, so the cache has no class_names.h5)")
 
 
 def labelled_rows(reader):

@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from features.device import resolve_device
 from features.store import StoreReader
 from neural.data import StoreBatches, model_inputs
 from neural.models import build_model
 from neural.outputs import RunError
-from features.device import resolve_device
 from neural.train import predict_batches
 
 

@@ -23,7 +23,7 @@ from features.extract import ExtractOptions, extract, list_splits
 from features.synthetic import generate_demo_dataset
 from neural.metrics import challenge_metric
 from neural.options import NeuralOptions
-from neural.pipeline import available_models, train_neural
+from neural.pipeline import available_models, describe_models, train_neural
 from stacking.pipeline import StackOptions, stack
 from stacking.rundir import load_run, split_predictions
 from stacking.submission import read_predictions
@@ -93,6 +93,8 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
     splits = list(options.splits) or list_splits(data_dir)
     stage("extract", extract, data_dir, splits, cache_dir, extract_options(options, category_map))
     models = tuple(options.models) or available_models(cache_dir)
+    if not options.models:
+        echo(describe_models(models))
     stage("train-neural", train_neural, cache_dir, run_dir, models, neural_options(options))
     stack_options = StackOptions(split=TEST_SPLIT if TEST_SPLIT in splits else "", threads=options.threads,
                                  seed=options.seed, compare=tuple(options.compare))
