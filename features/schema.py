@@ -36,6 +36,7 @@ TEXT_TOKENS = "text_tokens"
 TEXT_TOKEN_MASK = "text_token_mask"
 DONE = "done"
 AGG_GROUP = "agg"
+LABELLED_SPLIT = "labeled"         # the split train-neural learns from; the others are predicted
 
 
 def store_path(cache_dir, split):

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from features import schema
+from features.records import atomic_path, options_diff
 
 
 class StoreError(RuntimeError):
@@ -65,9 +66,8 @@ def create_store(path, split, ids, label_fine, label_coarse, dims, config, categ
     """Make a new, empty store at `path` (written to `path.tmp` first, then renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     n = len(ids)
-    with h5py.File(tmp, "w") as h5:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         h5.create_dataset(schema.IDS, data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
         h5.create_dataset(schema.LABEL_FINE, data=np.asarray(label_fine, np.int32))
         h5.create_dataset(schema.LABEL_COARSE, data=np.asarray(label_coarse, np.int32))
@@ -81,7 +81,6 @@ def create_store(path, split, ids, label_fine, label_coarse, dims, config, categ
         h5.attrs["fine_classes"] = np.array(category_map.fine_ids, dtype=h5py.string_dtype())
         h5.attrs["coarse_classes"] = np.array(category_map.coarse_ids, dtype=h5py.string_dtype())
         h5.attrs["fine_to_coarse"] = np.asarray(category_map.fine_to_coarse, np.int32)
-    os.replace(tmp, path)
 
 
 def check_config(path, config):
@@ -93,27 +92,9 @@ def check_config(path, config):
         raise StoreError(f"{path}: schema version {version}, this code writes {schema.SCHEMA_VERSION}; "
                          "use --overwrite to rebuild it")
     if stored != config_json(config):
-        diff = _config_diff(json.loads(stored), config)
+        diff = options_diff(json.loads(stored), config)
         raise StoreError(f"{path} was made with other encoders or options ({diff}); "
                          "use --overwrite to rebuild it or --out for a new cache directory")
-
-
-def _config_diff(old, new):
-    """'key: old -> new' for every differing leaf of two nested config dicts."""
-    flat_old, flat_new = _flatten(old), _flatten(new)
-    keys = sorted(set(flat_old) | set(flat_new))
-    return "; ".join(f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}"
-                     for k in keys if flat_old.get(k) != flat_new.get(k))
-
-
-def _flatten(config, prefix=""):
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 class StoreWriter:
@@ -222,6 +203,22 @@ class StoreReader:
         if self._h5 is not None:
             self._h5.close()
             self._h5 = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def rows_of(store_ids, ids, path):
+    """(len(ids),) int64 row of each of `ids` in a store whose ids are `store_ids`; refuses ids it lacks."""
+    index = {v: i for i, v in enumerate(store_ids)}
+    missing = [v for v in ids if v not in index]
+    if missing:
+        raise StoreError(f"{path}: video id(s) {', '.join(missing[:5])} (of {len(missing)}) are not in the "
+                         "store; the run was made from a different store")
+    return np.array([index[v] for v in ids], np.int64)
 
 
 def _whole_row_chunks(dataset):

@@ -17,11 +17,11 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from features import schema
-from features.store import StoreReader
+from features.store import StoreReader, rows_of
 from neural.metrics import metric_from_proba
 from stacking.plots import plot_per_class_f1
 from stacking.reweight import PriorReweighter
-from stacking.rundir import RunDirError, available_splits, load_run, rows_of, split_predictions
+from stacking.rundir import RunDirError, available_splits, load_run, split_predictions
 from stacking.signals import prediction_signals, store_signal_names, store_signals
 from stacking.stackers import StackInput, make_stacker
 from stacking.submission import write_predictions

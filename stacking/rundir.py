@@ -14,9 +14,9 @@ import h5py
 import numpy as np
 
 from features import schema
-from features.store import StoreReader
+from features.store import StoreReader, rows_of
 
-LABELLED_SPLIT = "labeled"
+LABELLED_SPLIT = schema.LABELLED_SPLIT
 
 
 class RunDirError(ValueError):
@@ -192,16 +192,6 @@ def check_store(config, ids, label, fine_classes):
         return path, reader.config
     finally:
         reader.close()
-
-
-def rows_of(store_ids, ids, path):
-    """Row of each of `ids` in a store whose ids are `store_ids`; refuses ids the store lacks."""
-    index = {v: i for i, v in enumerate(store_ids)}
-    missing = [v for v in ids if v not in index]
-    if missing:
-        raise RunDirError(f"{path}: video id(s) {', '.join(missing[:5])} (of {len(missing)}) are not in the "
-                          "store; the run was made from a different store")
-    return np.array([index[v] for v in ids], np.int64)
 
 
 def fingerprint(ids, fold, fine_classes, store_config):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from features.store import StoreError
 from neural.metrics import metric_from_proba
 from stacking import pipeline
 from stacking.pipeline import StackOptions, stack
@@ -177,7 +178,7 @@ def test_submission_ids_are_checked_against_the_store(tmp_path):
     with pytest.raises(SubmissionError, match="1 missing, 0 unknown; e.g. missing test00011"):
         stack(run_dir, tmp_path / "out", StackOptions(threads=1, n_rounds=5, compare=()))
     rewrite(test_ids[:-1] + ["intruder"], test)   # a prediction for a video the test store lacks
-    with pytest.raises(RunDirError, match="intruder"):
+    with pytest.raises(StoreError, match="intruder"):
         stack(run_dir, tmp_path / "out", StackOptions(threads=1, n_rounds=5, compare=()))
 
 
