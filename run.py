@@ -171,7 +171,7 @@ def stack(run_dir, out_dir, models, compare, **options):
               help="The category map the run was extracted with, when it was not the built-in one.")
 def predict(data_dir, split, run_dir, stack_dir, out_file, cache_dir, category_map):
     """Label new videos: saved encoders -> aggregates -> fold models -> stacker, one CSV line per video."""
-    from stacking.predict import predict as run_predict
+    from inference.predict import predict as run_predict
     pred = run_predict(data_dir, split, run_dir, stack_dir, out_file, cache_dir, category_map)
     click.echo(f"{len(pred)} videos -> {out_file}")
 
@@ -193,7 +193,7 @@ def demo(out_dir, data_dir, category_map, models, splits, **options):
     """Generate a small dataset with known signals (or use --data), run extract, train-neural and stack
     on the CPU, and print the metric table, the per-kind accuracies and where each output went."""
     from neural.options import parse_models
-    from stacking.demo import DemoOptions, run_demo
+    from demo.run import DemoOptions, run_demo
     if (category_map or splits) and not data_dir:
         raise click.UsageError("--category-map and --split go with --data (the generated data brings its own)")
     options = DemoOptions(models=parse_models(models) if models else (), splits=splits, **options)

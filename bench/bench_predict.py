@@ -6,7 +6,7 @@ Takes a finished `python run.py demo --out DIR` (DIR/data, DIR/run, DIR/stack) a
 split twice, side by side in one process:
     bare     the frozen encoders' forward pass alone (frames, text fields, joined tokens) on inputs
              decoded and tokenised beforehand (bench/bench_extract.py's measure), the run's extract options;
-    predict  stacking.predict.predict end to end: build the encoders, decode, encode, write a fresh
+    predict  inference.predict.predict end to end: build the encoders, decode, encode, write a fresh
              store, aggregates with the run's codebook, every fold model of every base model, the
              stacker and the reweighting, write the CSV.
 Prints seconds per video of each and the ratio; the difference is what the tool adds to the encoders.
@@ -25,7 +25,7 @@ from bench_extract import bare_forward_seconds  # noqa: E402
 from features.annotations import annotations_path, read_annotations  # noqa: E402
 from features.categories import load_category_map  # noqa: E402
 from features.encoders import build_frame_encoder, build_text_encoder  # noqa: E402
-from stacking.predict import extract_options, predict  # noqa: E402
+from inference.predict import extract_options, predict  # noqa: E402
 from stacking.rundir import read_run_config  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/bench_scale.py --sizes 10000,30000,100000 --root /tmp/scale
 
-For each size N: generate N labelled videos (features.synthetic.generate_feature_zip_dataset: one zip of
+For each size N: generate N labelled videos (demo.synthetic.generate_feature_zip_dataset: one zip of
 float16 <id>.npy frames, F<=32 x 768, 200 classes), then run each stage as its own subprocess, exactly
 as a user would type it:
     extract     run.py extract --frames-from npy --max-tokens 32 --no-aggregates  (MiniLM on the text)
@@ -32,7 +32,7 @@ def stage_commands(folder, n, args):
     """{stage: argv} for one size; every stage reads what the one before wrote."""
     py, run = sys.executable, str(REPO / "run.py")
     cache, run_dir, stack_dir = folder / "cache", folder / "run", folder / "stack"
-    generate = ("from features.synthetic import generate_feature_zip_dataset as g; "
+    generate = ("from demo.synthetic import generate_feature_zip_dataset as g; "
                 f"g({str(folder)!r}, {n}, n_frames={args.frames}, dim={args.dim}, split='labeled', progress=False)")
     aggregates = ("import torch; torch.set_num_threads(%d); from features.aggregates import run_aggregates; "
                   "run_aggregates(%r, ['labeled'], overwrite=True)" % (args.threads, str(cache)))

@@ -31,7 +31,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from features.encoders import build_frame_encoder, build_text_encoder
-from features.synthetic import generate_demo_dataset
+from demo.synthetic import generate_demo_dataset
 
 
 def probes():

@@ -10,7 +10,7 @@ import resource
 import sys
 import time
 
-from features.synthetic import generate_feature_zip_dataset
+from demo.synthetic import generate_feature_zip_dataset
 
 
 def main(argv=None):

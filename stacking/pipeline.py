@@ -17,13 +17,12 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from features import schema
-from features.store import StoreReader, rows_of
 from neural.metrics import metric_from_proba
 from stacking.plots import plot_per_class_f1
 from stacking.reweight import PriorReweighter
 from stacking.rundir import RunDirError, available_splits, load_run, split_predictions
-from stacking.signals import prediction_signals, store_signal_names, store_signals
-from stacking.stackers import StackInput, make_stacker
+from stacking.signals import build_input, signal_names_for
+from stacking.stackers import make_stacker
 from stacking.submission import write_predictions
 
 
@@ -54,28 +53,6 @@ def stacker_factory(kind, options, fine_to_coarse):
     if kind == "rerank":
         params.update(top_k=options.top_k, fine_to_coarse=fine_to_coarse)
     return lambda: make_stacker(kind, **params)
-
-
-def build_input(models, probas, store_path, ids, signal_names):
-    """StackInput for videos `ids` of the store at store_path, from {model: (N, C)} probabilities."""
-    stacked = np.stack([probas[m] for m in models])                              # (M, N, C)
-    pred_sig, _ = prediction_signals(list(stacked))
-    store_names = [n for n in signal_names if not n.startswith(("margin_", "entropy_"))]
-    reader = StoreReader(store_path)
-    store_ids = reader.ids
-    reader.close()
-    rows = rows_of(store_ids, ids, store_path)
-    return StackInput(stacked, np.concatenate([pred_sig, store_signals(store_path, rows, store_names)], axis=1))
-
-
-def signal_names_for(run, options):
-    reader = StoreReader(run.store_path)
-    try:
-        store_names = store_signal_names(reader, options.use_shift_stats)
-    finally:
-        reader.close()
-    _, pred_names = prediction_signals([np.full((1, run.n_classes), 1.0 / run.n_classes)] * len(run.models))
-    return pred_names + store_names
 
 
 def cross_val_predict(make, X, y, fold, desc=None):

@@ -7,7 +7,8 @@ low-dimensional agg/shift_stats.
 import numpy as np
 
 from features import schema
-from features.store import StoreReader
+from features.store import StoreReader, rows_of
+from stacking.stackers import StackInput
 
 SHIFT_STATS = f"{schema.AGG_GROUP}/shift_stats"
 
@@ -52,3 +53,25 @@ def store_signals(store_path, rows, names, batch_size=4096):
         return out[np.asarray(rows)]
     finally:
         reader.close()
+
+
+def build_input(models, probas, store_path, ids, signal_names):
+    """StackInput for videos `ids` of the store at store_path, from {model: (N, C)} probabilities."""
+    stacked = np.stack([probas[m] for m in models])                              # (M, N, C)
+    pred_sig, _ = prediction_signals(list(stacked))
+    store_names = [n for n in signal_names if not n.startswith(("margin_", "entropy_"))]
+    reader = StoreReader(store_path)
+    store_ids = reader.ids
+    reader.close()
+    rows = rows_of(store_ids, ids, store_path)
+    return StackInput(stacked, np.concatenate([pred_sig, store_signals(store_path, rows, store_names)], axis=1))
+
+
+def signal_names_for(run, options):
+    reader = StoreReader(run.store_path)
+    try:
+        store_names = store_signal_names(reader, options.use_shift_stats)
+    finally:
+        reader.close()
+    _, pred_names = prediction_signals([np.full((1, run.n_classes), 1.0 / run.n_classes)] * len(run.models))
+    return pred_names + store_names

@@ -7,7 +7,7 @@ import torch
 
 from features.categories import load_category_map
 from neural.options import MODEL_NAMES
-from stacking.demo import DemoOptions, accuracy_by_kind, run_demo, score_submission
+from demo.run import DemoOptions, accuracy_by_kind, run_demo, score_submission
 
 
 # ~35 s of CPU, but 4-5 minutes of wall time on the shared 2-core machine (extract of 300 frames waits for

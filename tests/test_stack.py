@@ -10,7 +10,7 @@ from features.store import StoreError
 from neural.metrics import metric_from_proba
 from stacking import pipeline
 from stacking.pipeline import StackOptions, stack
-from stacking.predict import predict_from_probas
+from inference.predict import predict_from_probas
 from stacking.rundir import RunDirError, load_run, split_predictions
 from stacking.stackers import STACKERS, StackInput, load_stacker, make_stacker
 from stacking.submission import SubmissionError, read_predictions

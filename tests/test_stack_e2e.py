@@ -15,12 +15,12 @@ from features import schema
 from features.aggregates import AggregateOptions, run_aggregates
 from features.extract import ExtractOptions, extract
 from features.store import StoreReader
-from features.synthetic import generate_feature_zip_dataset
+from demo.synthetic import generate_feature_zip_dataset
 from neural.options import NeuralOptions
 from neural.pipeline import train_neural
 from neural.predict import predict_store
 from stacking.pipeline import StackOptions, stack
-from stacking.predict import PredictError, predict, predict_from_probas
+from inference.predict import PredictError, predict, predict_from_probas
 
 AGG = dict(pca_dim=8, n_clusters=4, n_gmm=2, nextvlad_expansion=2, nextvlad_groups=4, sample_size=400)
 

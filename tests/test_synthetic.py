@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from features.annotations import read_annotations
 from features.categories import load_category_map
 from features.frames import JpegZipFrames, NpyZipFrames
-from features.synthetic import (CLASS_WORDS, MIX_PAIRS, PATTERN_COLOURS, generate_demo_dataset,
+from demo.synthetic import (CLASS_WORDS, MIX_PAIRS, PATTERN_COLOURS, generate_demo_dataset,
                                 generate_feature_zip_dataset)
 
 N_LABELLED = 800

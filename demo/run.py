@@ -20,7 +20,7 @@ import torch
 from features.aggregates import AggregateOptions
 from features.categories import load_category_map
 from features.extract import ExtractOptions, extract, list_splits
-from features.synthetic import generate_demo_dataset
+from demo.synthetic import generate_demo_dataset
 from neural.metrics import challenge_metric
 from neural.options import NeuralOptions
 from neural.pipeline import available_models, describe_models, train_neural

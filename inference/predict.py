@@ -49,7 +49,7 @@ def predict_from_probas(stack_dir, probas, store_path, ids, out_file):
     if classes != meta["fine_classes"]:
         raise PredictError(f"{store_path}: fine_classes differ from the stack's ({len(classes)} vs "
                            f"{len(meta['fine_classes'])}); extract it with the run's category map")
-    from stacking.pipeline import build_input          # the same features as in `stack`
+    from stacking.signals import build_input          # the same features as in `stack`
     X = build_input(meta["models"], probas, store_path, ids, meta["signals"])
     stacker = load_stacker(stack_dir / "stacker")
     reweighter = PriorReweighter.load(stack_dir / "reweight.json")
