@@ -12,7 +12,7 @@ class PipelineGroup(click.Group):
         except (FileNotFoundError, NotADirectoryError) as err:
             raise click.ClickException(str(err)) from err
         except Exception as err:
-            if type(err).__module__.split(".")[0] in ("features", "neural", "stacking"):
+            if type(err).__module__.split(".")[0] in ("features", "neural", "stacking", "inference", "demo"):
                 raise click.ClickException(f"{type(err).__name__}: {err}") from err
             raise
 
