@@ -74,7 +74,8 @@ def read_pass(path, batch_size, threads):
 
 def codebook_pass(workdir, options_kw, threads):
     import torch
-    from features.aggregates import CODEBOOK_FILE, AggregateOptions, fit_codebook
+    from features.aggregates import AggregateOptions
+    from features.codebook import CODEBOOK_FILE, fit_codebook
     from features.schema import store_path
     torch.set_num_threads(threads)
     base = _peak_mb()

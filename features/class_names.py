@@ -10,12 +10,13 @@ Names are pooled exactly as the store pools a text field (masked mean of the las
 
 Written only when every fine class has a name (the challenge's own map has none), and atomically.
 """
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from features.records import atomic_path
 
 CLASS_NAMES_FILE = "class_names.h5"
 NAME_TOKENS = 32                       # class names are a few words
@@ -73,8 +74,7 @@ def save_class_names(path, category_map, fine_texts, fine_emb, coarse_texts, coa
     """Write the file's datasets (see the module docstring) through a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as h5:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         strings = h5py.string_dtype()
         h5.create_dataset("fine_ids", data=list(category_map.fine_ids), dtype=strings)
         h5.create_dataset("fine_texts", data=list(fine_texts), dtype=strings)
@@ -83,7 +83,6 @@ def save_class_names(path, category_map, fine_texts, fine_emb, coarse_texts, coa
         h5.create_dataset("coarse_texts", data=list(coarse_texts), dtype=strings)
         h5.create_dataset("coarse_emb", data=np.asarray(coarse_emb, np.float32))
         h5.attrs.update(attrs)
-    os.replace(tmp, path)
 
 
 def _same_file(path, category_map, fine_texts, checksum):

@@ -1,7 +1,9 @@
 """Frame pooling layers of the VLAD family: NetVLAD, NetRVLAD, SoftDBoW, NetFV, NeXtVLAD.
 
-One implementation of each, used frozen by `extract` (features/aggregates.py, initialised from an
-unsupervised codebook) and trainable by the neural models. Every module maps
+One implementation of each, used frozen by `extract` (features/aggregates.py) and trainable by the
+neural models; each is initialised from the unsupervised codebook (features/codebook.py) by its own
+`from_codebook` classmethod, and `pooling_from_codebook(name, codebook)` puts the codebook's PCA
+projection in front (POOLINGS is the one place a pooling is named). Every module maps
 x (B, F, d) float, mask (B, F) bool -> (B, out_dim). Padding frames (mask False) count nowhere: not in
 the soft assignment's sums, not in the attention, not in the batch-norm statistics. A video with no
 valid frame pools to zeros (finite), never NaN.
@@ -20,9 +22,26 @@ Equations (LOUPE, arXiv 1706.06905; NeXtVLAD, arXiv 1811.05014), i a frame, k a 
 """
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class PoolingError(ValueError):
+    """A pooling asked for by a name that POOLINGS does not hold."""
+
+
+def netvlad_init(centers, alpha):
+    """w_k = 2 alpha c_k, b_k = -alpha |c_k|^2: softmax_k(x w + b) = softmax_k(-alpha |x - c_k|^2).
+
+    centers (K, d) -> w (d, K), b (K,)."""
+    return 2 * alpha * centers.T, -alpha * (centers ** 2).sum(1)
+
+
+def _set(param, value):
+    with torch.no_grad():
+        param.copy_(torch.as_tensor(np.asarray(value, np.float32)))
 
 
 class MaskedBatchNorm(nn.Module):
@@ -67,6 +86,12 @@ class SoftAssign(nn.Module):
         m = mask.to(a.dtype)
         return a * (m[..., None, None] if self.groups > 1 else m[..., None])
 
+    def init_from_centers(self, centers, alpha):
+        """The NetVLAD initialisation: softmax_k(-alpha |x - c_k|^2) for centers (K, d)."""
+        w, b = netvlad_init(centers, alpha)
+        _set(self.weight, w)
+        _set(self.bias, b)
+
 
 def intra_global_normalize(v):
     """(B, K, d) -> (B, K d): L2 over d per cluster, flatten, L2 over all."""
@@ -80,6 +105,13 @@ class NetVLAD(nn.Module):
         self.centers = nn.Parameter(torch.randn(n_clusters, dim) / math.sqrt(dim))     # c (K, d)
         self.out_dim = n_clusters * dim
 
+    @classmethod
+    def from_codebook(cls, codebook):
+        pool = cls(codebook.options["pca_dim"], codebook.options["n_clusters"])
+        pool.assign.init_from_centers(codebook.centers, codebook.alpha)
+        _set(pool.centers, codebook.centers)
+        return pool
+
     def forward(self, x, mask):                        # x (B, F, d), mask (B, F) -> (B, K d)
         a = self.assign(x, mask)                       # (B, F, K)
         v = torch.einsum("bfk,bfd->bkd", a, x) - a.sum(1)[..., None] * self.centers   # (B, K, d)
@@ -92,6 +124,12 @@ class NetRVLAD(nn.Module):
         self.assign = SoftAssign(dim, n_clusters)
         self.out_dim = n_clusters * dim
 
+    @classmethod
+    def from_codebook(cls, codebook):
+        pool = cls(codebook.options["pca_dim"], codebook.options["n_clusters"])
+        pool.assign.init_from_centers(codebook.centers, codebook.alpha)
+        return pool
+
     def forward(self, x, mask):                        # -> (B, K d)
         a = self.assign(x, mask)                       # (B, F, K)
         return intra_global_normalize(torch.einsum("bfk,bfd->bkd", a, x))
@@ -102,6 +140,12 @@ class SoftDBoW(nn.Module):
         super().__init__()
         self.assign = SoftAssign(dim, n_clusters)
         self.out_dim = n_clusters
+
+    @classmethod
+    def from_codebook(cls, codebook):
+        pool = cls(codebook.options["pca_dim"], codebook.options["n_clusters"])
+        pool.assign.init_from_centers(codebook.centers, codebook.alpha)
+        return pool
 
     def forward(self, x, mask):                        # -> (B, K)
         return F.normalize(self.assign(x, mask).sum(1), dim=-1)
@@ -115,6 +159,15 @@ class NetFV(nn.Module):
         self.centers = nn.Parameter(torch.randn(n_clusters, dim) / math.sqrt(dim))     # c (K, d)
         self.std = nn.Parameter(torch.ones(n_clusters, dim))                             # s (K, d)
         self.out_dim = 2 * n_clusters * dim
+
+    @classmethod
+    def from_codebook(cls, codebook):
+        """Assignment, centres and variances of the codebook's diagonal GMM."""
+        pool = cls(codebook.options["pca_dim"], codebook.options["n_gmm"])
+        pool.assign.init_from_centers(codebook.gmm_means, codebook.gmm_alpha)
+        _set(pool.centers, codebook.gmm_means)
+        _set(pool.std, np.sqrt(np.maximum(codebook.gmm_vars - pool.eps, 0)))   # std^2 + eps = GMM variance
+        return pool
 
     def forward(self, x, mask):                        # -> (B, 2 K d)
         a = self.assign(x, mask)                       # (B, F, K)
@@ -131,7 +184,7 @@ class NetFV(nn.Module):
 class NeXtVLAD(nn.Module):
     """NeXtVLAD: aggregate G low-dimensional groups of an expanded frame, weighted by group attention.
 
-    Without labels (features/aggregates.py init_pooling) it is initialised so that it is already a
+    Without labels (`from_codebook`) it is initialised so that it is already a
     sensible VLAD: the expansion is [I | Q_1 .. Q_{lam-1}] (identity plus seeded random rotations of
     the PCA-reduced frame, so each group sees lam d / G directions of it), the cluster centres are a
     k-means codebook of the group sub-vectors of sampled frames, the assignment weights are the NetVLAD
@@ -153,6 +206,25 @@ class NeXtVLAD(nn.Module):
         self.centers = nn.Parameter(torch.randn(n_clusters, self.group_dim) / math.sqrt(self.group_dim))
         self.out_dim = n_clusters * self.group_dim
 
+    @classmethod
+    def from_codebook(cls, codebook):
+        o = codebook.options
+        pool = cls(o["pca_dim"], o["n_clusters"], o["nextvlad_expansion"], o["nextvlad_groups"])
+        w, b = netvlad_init(codebook.nextvlad_centers, codebook.nextvlad_alpha)   # (lam d / G, K), (K,)
+        _set(pool.expand.weight, codebook.nextvlad_expansion.T)
+        _set(pool.expand.bias, np.zeros(pool.expand.bias.shape))
+        _set(pool.attention.weight, np.zeros(pool.attention.weight.shape))     # uniform attention
+        _set(pool.attention.bias, np.zeros(pool.attention.bias.shape))
+        _set(pool.assign.weight, np.kron(np.eye(pool.groups), w))              # block diagonal (lam d, G K)
+        _set(pool.assign.bias, np.zeros(pool.assign.bias.shape))               # unused: BN carries the bias
+        bn = pool.assign.bn
+        _set(bn.running_mean, codebook.nextvlad_logit_mean)
+        _set(bn.running_var, codebook.nextvlad_logit_var)
+        _set(bn.weight, np.sqrt(codebook.nextvlad_logit_var + bn.eps))         # eval-mode BN(z) = z + b
+        _set(bn.bias, codebook.nextvlad_logit_mean + np.tile(b, pool.groups))
+        _set(pool.centers, codebook.nextvlad_centers)
+        return pool
+
     def forward(self, x, mask):                        # -> (B, K lam d / G)
         x = self.expand(x)                             # (B, F, lam d)
         att = torch.sigmoid(self.attention(x))         # (B, F, G)
@@ -164,3 +236,30 @@ class NeXtVLAD(nn.Module):
 
 POOLINGS = {"netvlad": NetVLAD, "netrvlad": NetRVLAD, "softdbow": SoftDBoW, "netfv": NetFV,
             "nextvlad": NeXtVLAD}
+
+
+class CodebookPooling(nn.Module):
+    """The codebook's PCA projection (D -> d) followed by one pooling layer: (B, F, D) -> (B, out_dim)."""
+
+    def __init__(self, projection, pool):
+        super().__init__()
+        self.projection, self.pool, self.out_dim = projection, pool, pool.out_dim
+
+    def forward(self, x, mask):                    # x (B, F, D), mask (B, F)
+        return self.pool(self.projection(x), mask)
+
+
+def pca_projection(codebook):
+    """nn.Linear(D, d) computing (x - pca_mean) @ pca_components.T."""
+    d, dim = codebook.pca_components.shape
+    linear = nn.Linear(dim, d)
+    _set(linear.weight, codebook.pca_components)                                    # (d, D)
+    _set(linear.bias, -codebook.pca_components @ codebook.pca_mean)
+    return linear
+
+
+def pooling_from_codebook(name, codebook):
+    """CodebookPooling of the pooling `name` initialised from `codebook` (features/codebook.py), eval mode."""
+    if name not in POOLINGS:
+        raise PoolingError(f"unknown pooling {name!r}; choose from {sorted(POOLINGS)}")
+    return CodebookPooling(pca_projection(codebook), POOLINGS[name].from_codebook(codebook)).eval()

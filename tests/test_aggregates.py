@@ -6,9 +6,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from features import aggregates as agg
-from features.aggregates import (AggregateError, AggregateOptions, Codebook, FrameAggregator,
-                                 first_valid_frame, init_pooling, run_aggregates, shift_similarity,
-                                 shift_statistics)
+from features.aggregates import (AggregateOptions, FrameAggregator, first_valid_frame, run_aggregates,
+                                 shift_similarity, shift_statistics)
+from features.codebook import AggregateError, Codebook, nonfinite_rows
+from features.pooling import POOLINGS, PoolingError, pooling_from_codebook
 from features.store import StoreError
 from tests.fakes import write_fake_store
 
@@ -82,7 +83,7 @@ def codebook():
 
 def test_netvlad_assignment_is_softmax_of_distances_with_the_asked_sharpness(codebook):
     frames = _clustered_frames(seed=1)[:50]
-    module = init_pooling("netvlad", codebook)
+    module = pooling_from_codebook("netvlad", codebook)
     z = module.projection(torch.from_numpy(frames)).detach().numpy().astype(np.float64)   # (S, d)
     np.testing.assert_allclose(z, codebook.project(frames), atol=1e-4)
     logits = z @ module.pool.assign.weight.detach().numpy() + module.pool.assign.bias.detach().numpy()
@@ -96,7 +97,7 @@ def test_netvlad_assignment_is_softmax_of_distances_with_the_asked_sharpness(cod
 
 
 def test_netfv_is_initialised_from_the_gmm(codebook):
-    pool = init_pooling("netfv", codebook).pool
+    pool = pooling_from_codebook("netfv", codebook).pool
     np.testing.assert_allclose(pool.centers.detach().numpy(), codebook.gmm_means)
     np.testing.assert_allclose((pool.std ** 2 + pool.eps).detach().numpy(), codebook.gmm_vars, rtol=1e-5)
 
@@ -106,7 +107,7 @@ def test_nextvlad_starts_as_groupwise_vlad_with_uniform_attention(codebook):
     frames = _clustered_frames(seed=2)[:24].reshape(3, 8, -1)
     mask = np.ones((3, 8), bool)
     mask[2, 5:] = False
-    got = init_pooling("nextvlad", codebook)(torch.from_numpy(frames), torch.from_numpy(mask))
+    got = pooling_from_codebook("nextvlad", codebook)(torch.from_numpy(frames), torch.from_numpy(mask))
     o = codebook.options
     g, c, alpha = o["nextvlad_groups"], codebook.nextvlad_centers, codebook.nextvlad_alpha
     expect = []
@@ -129,6 +130,21 @@ def test_codebook_save_load_round_trip_and_damage(codebook, tmp_path):
         h5["centers"][0, 0] += 1
     with pytest.raises(AggregateError, match="checksum"):
         Codebook.load(path)
+
+
+def test_every_registered_pooling_is_built_from_the_codebook_as_the_aggregator_uses_it(codebook):
+    frames = _clustered_frames(seed=3)[:40].reshape(5, 8, -1)
+    mask = np.ones((5, 8), bool)
+    mask[1, 3:] = False
+    cached = FrameAggregator(codebook, tuple(POOLINGS))(frames.astype(np.float16), mask)
+    for name in POOLINGS:
+        module = pooling_from_codebook(name, codebook)
+        assert not module.training and module.out_dim == cached[name].shape[1]
+        with torch.no_grad():
+            got = module(torch.from_numpy(frames.astype(np.float16).astype(np.float32)), torch.from_numpy(mask))
+        np.testing.assert_allclose(got.numpy(), cached[name].astype(np.float32), atol=2e-3, err_msg=name)
+    with pytest.raises(PoolingError, match="vlad2.*netvlad"):
+        pooling_from_codebook("vlad2", codebook)
 
 
 def test_options_are_checked():
@@ -296,8 +312,8 @@ def test_float16_nonfinite_check_agrees_with_numpy():
     rng = np.random.default_rng(0)
     frames = rng.normal(size=(40, 3, 5)).astype(np.float16)
     frames[1, 0, 0], frames[2, 2, 4], frames[3, 1, 1], frames[4, 0, 3] = np.inf, -np.inf, np.nan, 65504
-    np.testing.assert_array_equal(agg._nonfinite_rows(frames), ~np.isfinite(frames).all(axis=(1, 2)))
-    assert agg._nonfinite_rows(frames)[[1, 2, 3]].all() and not agg._nonfinite_rows(frames)[[0, 4]].any()
+    np.testing.assert_array_equal(nonfinite_rows(frames), ~np.isfinite(frames).all(axis=(1, 2)))
+    assert nonfinite_rows(frames)[[1, 2, 3]].all() and not nonfinite_rows(frames)[[0, 4]].any()
 
 
 def test_one_frame_per_video_gives_zero_shift_features_and_per_frame_pooling(tmp_path):
