@@ -226,14 +226,23 @@ def write_store_aggregates(path, aggregator, codebook, options, overwrite=False,
                 "total_width": int(sum(widths.values()))}
 
 
-def _codebook_for(paths, options, codebook_path, frame_dim, overwrite):
-    """Load the stored codebook if it fits these options and frames; fit and save one when none exists."""
+def _codebook_for(paths, options, codebook_path, frame_dim, overwrite, fit_if_absent):
+    """Load the codebook at `codebook_path` if it fits these options and frames.
+
+    Only the cache's own default codebook is ever fitted (when absent, or refitted under `overwrite`);
+    a codebook named explicitly is used as it is or refused, since a refit would not be the one asked for."""
+    if not codebook_path.exists() and not fit_if_absent:
+        raise AggregateError(f"{codebook_path}: no codebook here; a codebook given by path is used as it is, "
+                             "never fitted: give the path of the one `extract` wrote (CACHE_DIR/codebook.h5)")
     if codebook_path.exists():
         codebook = Codebook.load(codebook_path)
         wanted = options.codebook_options()
         if codebook.options == wanted and codebook.frame_dim == frame_dim:
             return codebook
         diff = options_diff(codebook.options, wanted) or f"frame dim {codebook.frame_dim} -> {frame_dim}"
+        if not fit_if_absent:
+            raise AggregateError(f"{codebook_path}: the codebook was fitted with other options or frames "
+                                 f"({diff}); a codebook given by path is never refitted")
         if not overwrite:
             raise AggregateError(f"{codebook_path}: the codebook was fitted with other options or frames "
                                  f"({diff}); pass overwrite=True (--overwrite) to refit it and recompute "
@@ -249,7 +258,8 @@ def run_aggregates(cache_dir, splits, options=None, device="cpu", overwrite=Fals
 
     Resumable: rerunning skips row batches whose agg/done flags are set; batch boundaries come from
     the batch size stored at the first run, so a resumed store has the same content as an unbroken run.
-    `device`: "cpu", "cuda" or "auto". `codebook_path` lets a new split reuse a codebook kept elsewhere;
+    `device`: "cpu", "cuda" or "auto". `codebook_path` lets a new split reuse a codebook kept elsewhere:
+    it must exist and fit the options (it is never fitted); only CACHE_DIR/codebook.h5 is fitted when absent.
     `on_batch(path, start, end)` is called after each batch is written. Returns {split: report}.
     """
     options = options or AggregateOptions()
@@ -265,8 +275,9 @@ def run_aggregates(cache_dir, splits, options=None, device="cpu", overwrite=Fals
         reader.close()
     if len(set(frame_dims.values())) > 1:
         raise AggregateError(f"stores have different frame dims: {frame_dims}")
-    codebook_path = Path(codebook_path) if codebook_path else Path(cache_dir) / CODEBOOK_FILE
-    codebook = _codebook_for(paths, options, codebook_path, frame_dims[paths[0]], overwrite)
+    own = codebook_path is None
+    codebook_path = Path(cache_dir) / CODEBOOK_FILE if own else Path(codebook_path)
+    codebook = _codebook_for(paths, options, codebook_path, frame_dims[paths[0]], overwrite, fit_if_absent=own)
     aggregator = FrameAggregator(codebook, options.poolings, device)
     return {split: write_store_aggregates(path, aggregator, codebook, options, overwrite, on_batch)
             for split, path in zip(splits, paths)}

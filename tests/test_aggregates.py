@@ -260,6 +260,26 @@ def test_codebook_is_reused_for_a_later_split_and_never_silently_refit(tmp_path,
     assert (tmp_path / "codebook.h5").read_bytes() == before
 
 
+def test_an_explicit_codebook_path_is_never_fitted_even_when_missing_or_other(tmp_path, monkeypatch):
+    _stores(tmp_path)
+    elsewhere = tmp_path / "kept" / "codebook.h5"
+
+    def refit(*args):
+        raise AssertionError("a codebook given by path was fitted")
+    monkeypatch.setattr(agg, "fit_codebook", refit)
+    with pytest.raises(AggregateError, match=r"kept/codebook\.h5: no codebook here.*never fitted"):
+        run_aggregates(tmp_path, ["test"], AggregateOptions(**SMALL), codebook_path=elsewhere)
+    assert not elsewhere.exists() and not (tmp_path / "codebook.h5").exists()
+    monkeypatch.undo()
+    run_aggregates(tmp_path, ["labeled"], AggregateOptions(**SMALL))                 # the cache's own: fitted
+    monkeypatch.setattr(agg, "fit_codebook", refit)
+    with pytest.raises(AggregateError, match=r"codebook\.h5.*n_clusters: 4 -> 6.*never refitted"):
+        run_aggregates(tmp_path, ["test"], AggregateOptions(**{**SMALL, "n_clusters": 6}), overwrite=True,
+                       codebook_path=tmp_path / "codebook.h5")
+    run_aggregates(tmp_path, ["test"], AggregateOptions(**SMALL), codebook_path=tmp_path / "codebook.h5")
+    assert _agg_content(tmp_path / "test.h5")[1]["aggregates_complete"]
+
+
 def test_overwrite_refits_and_recomputes(tmp_path):
     _stores(tmp_path)
     run_aggregates(tmp_path, ["labeled"], AggregateOptions(**SMALL))
