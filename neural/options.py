@@ -2,6 +2,12 @@
 from dataclasses import asdict, dataclass, fields
 
 MODEL_NAMES = ("single", "dual", "cross", "vlad", "mlp", "linear", "names")
+
+
+class OptionsError(ValueError):
+    """Options of a train-neural run that cannot be used (unknown, out of range)."""
+
+
 RUNTIME_ONLY = ("num_workers", "threads", "splits")     # do not change what a fold model learns
 
 
@@ -54,7 +60,7 @@ class NeuralOptions:
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown neural options: {', '.join(sorted(unknown))}")
+            raise OptionsError(f"unknown neural options: {', '.join(sorted(unknown))}")
         values = dict(values)
         if "splits" in values:
             values["splits"] = tuple(values["splits"])
@@ -62,11 +68,11 @@ class NeuralOptions:
 
     def check(self):
         if self.n_folds < 2:
-            raise ValueError(f"n_folds must be at least 2, got {self.n_folds}")
+            raise OptionsError(f"n_folds must be at least 2, got {self.n_folds}")
         if self.vlad_pooling not in ("nextvlad", "netvlad"):
-            raise ValueError(f"vlad_pooling must be 'nextvlad' or 'netvlad', got {self.vlad_pooling!r}")
+            raise OptionsError(f"vlad_pooling must be 'nextvlad' or 'netvlad', got {self.vlad_pooling!r}")
         if self.hidden % self.n_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of n_heads ({self.n_heads})")
+            raise OptionsError(f"hidden ({self.hidden}) must be a multiple of n_heads ({self.n_heads})")
         return self
 
 
@@ -75,5 +81,5 @@ def parse_models(text):
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     bad = [n for n in names if n not in MODEL_NAMES]
     if bad or not names:
-        raise ValueError(f"unknown model(s) {bad or text!r}; choose from {', '.join(MODEL_NAMES)}")
+        raise OptionsError(f"unknown model(s) {bad or text!r}; choose from {', '.join(MODEL_NAMES)}")
     return names

@@ -1,4 +1,5 @@
-"""RUN_DIR/<model>/predictions.h5: out-of-fold rows written fold by fold, other splits at the end.
+"""RUN_DIR/run.json (read_run, write_run) and RUN_DIR/<model>/predictions.h5: out-of-fold rows
+written fold by fold, other splits at the end.
 
 Crash safety as in the feature store: every dataset is allocated in full when the file is made
 (written to a .tmp and renamed), later writes touch only data, and a fold's `fold_done` flag is
@@ -15,11 +16,65 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from features.records import options_diff, read_json, write_json
 from features.store import create_dataset
+from neural.options import NeuralOptions, OptionsError
+
+RUN_FILE = "run.json"
+# run.json fields -> their JSON type; read_run refuses a file lacking one or holding another type
+RUN_FIELDS = {"cache_dir": str, "store_config": dict, "fine_classes": list, "coarse_classes": list,
+              "fine_to_coarse": list, "options": dict, "seed": int, "n_folds": int, "models": list}
 
 
 class RunError(RuntimeError):
-    """A run directory that cannot be resumed as asked."""
+    """A run directory that cannot be read or resumed as asked."""
+
+
+def read_run(run_dir):
+    """RUN_DIR/run.json as a dict, its fields checked; a missing file or a missing or mistyped field raises
+    RunError naming the file and the field."""
+    path = Path(run_dir) / RUN_FILE
+    run = read_json(path, RunError, "not a train-neural run directory; run `python run.py train-neural` first")
+    if not isinstance(run, dict):
+        raise RunError(f"{path}: expected a JSON object, found {type(run).__name__}")
+    for name, kind in RUN_FIELDS.items():
+        if name not in run:
+            raise RunError(f"{path}: field '{name}' is missing")
+        if not isinstance(run[name], kind) or (kind is int and isinstance(run[name], bool)):
+            raise RunError(f"{path}: field '{name}' should be a {kind.__name__}, found {run[name]!r:.60}")
+    if len(run["fine_to_coarse"]) != len(run["fine_classes"]):
+        raise RunError(f"{path}: field 'fine_to_coarse' has {len(run['fine_to_coarse'])} entries for "
+                       f"{len(run['fine_classes'])} fine classes")
+    if run["n_folds"] < 2:
+        raise RunError(f"{path}: field 'n_folds' is {run['n_folds']}, at least 2 expected")
+    return run
+
+
+def _result_options(path, values):
+    try:
+        return NeuralOptions.from_dict(values).result_dict()
+    except OptionsError as err:
+        raise RunError(f"{path}: field 'options': {err}") from err
+
+
+def write_run(run_dir, run, result_options):
+    """Write RUN_DIR/run.json, or on a resumed run check it against the one there first: another store
+    (its config), other classes or other options (`result_options`, what changes the predictions) are
+    refused naming each difference; the model list grows. -> the run dict written."""
+    path = Path(run_dir) / RUN_FILE
+    if path.exists():
+        old = read_run(run_dir)
+        same = {"store_config": old["store_config"], "fine_classes": old["fine_classes"],
+                "options": _result_options(path, old["options"])}
+        new = {"store_config": run["store_config"], "fine_classes": run["fine_classes"],
+               "options": result_options}
+        diff = options_diff(same, new)
+        if diff:
+            raise RunError(f"{path}: this run was made from another store or with other options ({diff}); "
+                           "use another --out or --overwrite")
+        run = dict(run, models=list(dict.fromkeys(old["models"] + list(run["models"]))))
+    write_json(path, run, indent=1, sort_keys=True)
+    return run
 
 
 def _strings(values):

@@ -78,23 +78,13 @@ def prepare_folds(run_dir, ids, labels, options):
 
 
 def write_run_json(run_dir, cache_dir, reader, models, options):
-    path = Path(run_dir) / "run.json"
+    """RUN_DIR/run.json for this run; a resumed run must come from the same store (config), classes and
+    options (outputs.write_run refuses otherwise, naming each difference)."""
     run = {"cache_dir": str(Path(cache_dir).resolve()), "store_config": reader.config,
            "fine_classes": reader.fine_classes, "coarse_classes": reader.coarse_classes,
            "fine_to_coarse": reader.fine_to_coarse.tolist(), "options": options.to_dict(),
            "seed": options.seed, "n_folds": options.n_folds, "models": list(models)}
-    if path.exists():
-        old = json.loads(path.read_text())
-        old_opts = NeuralOptions.from_dict(old["options"]).result_dict()
-        if old_opts != options.result_dict():
-            diff = "; ".join(f"{k}: {old_opts[k]!r} -> {v!r}" for k, v in options.result_dict().items()
-                             if old_opts.get(k) != v)
-            raise RunError(f"{run_dir} was made with other options ({diff}); use another --out or --overwrite")
-        run["models"] = list(dict.fromkeys(old["models"] + list(models)))
-    tmp = path.with_name("run.json.tmp")
-    tmp.write_text(json.dumps(run, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return run
+    return outputs.write_run(run_dir, run, options.result_dict())
 
 
 def model_spec(model, reader, options, names):

@@ -1,5 +1,4 @@
 """Fold models of a run directory -> probabilities for any store (used by train-neural and `predict`)."""
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,15 +8,8 @@ from features.device import resolve_device
 from features.store import StoreReader
 from neural.data import StoreBatches, model_inputs
 from neural.models import build_model
-from neural.outputs import RunError
+from neural.outputs import RunError, read_run
 from neural.train import predict_batches
-
-
-def read_run(run_dir):
-    path = Path(run_dir) / "run.json"
-    if not path.exists():
-        raise RunError(f"{path}: not a train-neural run directory; run `python run.py train-neural` first")
-    return json.loads(path.read_text())
 
 
 def codebook_path(cache_dir):
