@@ -1,129 +1,127 @@
-"""`predict`: label new videos with a saved stack.
+"""`predict`: label new videos with a model directory (inference/package.py), nothing else.
 
-    raw videos --extract (the run's encoders and options)--> CACHE/<split>.h5
-               --aggregates (the run's codebook)--> agg/*
-               --fold models (neural.predict.predict_store)--> {model: (N, C)}
-               --stacker + reweighting (STACK_DIR)--> id,category_id lines
+    MODEL_DIR (verified against its manifest; model.json and stack.json read once)
+    raw videos --extract (recorded encoders, options, precision; the NEW data's frame layout)--> CACHE/<split>.h5
+               --identity check against model.json (encoders' sha256, options, precision, dims)
+               --aggregates (MODEL_DIR/codebook.h5, never refitted)--> agg/*
+               --fold models (neural.predict.predict_store on MODEL_DIR/neural)--> {model: (N, C)}
+               --stacker + reweighting (MODEL_DIR/stack)--> id,category_id lines
 
-The encoders, extract options and aggregate options are recovered from what the run recorded (the
-labelled store's config and agg_options attributes, CACHE_DIR/codebook.h5), so a new split goes
-through exactly the pipeline the run was trained on; the new store is checked against it.
+The training cache and run directory are not read: the model directory carries all of it.
 """
-import json
 from dataclasses import fields
 from pathlib import Path
 
-import h5py
-
 from features import schema
+from features.frames import detect_source
+from features.records import atomic_path, options_diff
 from features.store import StoreReader
-from stacking.reweight import PriorReweighter
-from stacking.rundir import LABELLED_SPLIT, fingerprint, read_folds, read_run_config
-from stacking.stackers import load_stacker
-from stacking.submission import write_predictions
+from inference.model_dir import open_model_dir
+from inference.package import store_dims
+
+NOT_IDENTITY = ("frames_from", "limit")     # where frames came from and how many videos: not the features
 
 
 class PredictError(ValueError):
     pass
 
 
-def read_stack(stack_dir):
-    path = Path(stack_dir) / "stack.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise PredictError(f"{path}: no saved stack here; run `python run.py stack` first ({err})") from err
-
-
-def predict_from_probas(stack_dir, probas, store_path, ids, out_file):
-    """Stack {model: (N, C)} probabilities of videos `ids` of the store at store_path into out_file."""
-    stack_dir = Path(stack_dir)
-    meta = read_stack(stack_dir)
-    missing = [m for m in meta["models"] if m not in probas]
-    if missing:
-        raise PredictError(f"{stack_dir}: the stack needs base model(s) {', '.join(repr(m) for m in missing)}, "
-                           "which have no predictions here")
-    reader = StoreReader(store_path)
-    classes = reader.fine_classes
-    reader.close()
-    if classes != meta["fine_classes"]:
-        raise PredictError(f"{store_path}: fine_classes differ from the stack's ({len(classes)} vs "
-                           f"{len(meta['fine_classes'])}); extract it with the run's category map")
-    from stacking.signals import build_input          # the same features as in `stack`
-    X = build_input(meta["models"], probas, store_path, ids, meta["signals"])
-    stacker = load_stacker(stack_dir / "stacker")
-    reweighter = PriorReweighter.load(stack_dir / "reweight.json")
-    pred = reweighter.transform(stacker.predict_proba(X)).argmax(axis=1)
-    write_predictions(out_file, ids, pred, meta["fine_classes"], store_path)
+def predict(data_dir, split, model_dir, out_file, cache_dir=None):
+    """Label the videos of DATA_DIR's split `split` into out_file (`id,category_id`, no header);
+    returns (N,) fine class indices. The new store goes to cache_dir (default OUT_FILE.cache/)."""
+    from features.extract import extract
+    from neural.predict import predict_store
+    model = open_model_dir(model_dir)
+    cache_dir = _own_cache(cache_dir, out_file, model.path)
+    kind = source_kind(data_dir, split, model.model_json)
+    extract(data_dir, [split], cache_dir, extract_options(model, kind))
+    store_path = schema.store_path(cache_dir, split)
+    with StoreReader(store_path) as reader:
+        check_identity(reader, model.model_json)
+        ids = reader.ids                                                    # (N,) str
+    if model.codebook_path is not None:
+        from features.aggregates import run_aggregates
+        run_aggregates(cache_dir, [split], aggregate_options(model.model_json), codebook_path=model.codebook_path)
+    probas = predict_store(model.neural_dir, store_path, model.model_json["models"])
+    pred = stack_probas(model, probas, store_path, ids)
+    from stacking.submission import write_predictions
+    with atomic_path(out_file) as tmp:
+        write_predictions(tmp, ids, pred, model.model_json["fine_classes"], store_path)
     return pred
 
 
-def check_stack_matches_run(stack_dir, run_dir):
-    """The stack must have been fitted on this run's labelled ids, folds, classes and store."""
-    meta, config = read_stack(stack_dir), read_run_config(run_dir)
-    ids, fold, _ = read_folds(run_dir)
-    expected = fingerprint(ids, fold, [str(c) for c in config["fine_classes"]], config.get("store_config"))
-    if meta["fingerprint"] != expected:
-        raise PredictError(f"{stack_dir}: the stack was fitted on another run than {run_dir} "
-                           "(labelled ids, folds, classes or store differ)")
-    return meta, config
+def _own_cache(cache_dir, out_file, model_path):
+    """Where the new store goes; never inside the model directory (its manifest would refuse it)."""
+    cache_dir = Path(cache_dir) if cache_dir else Path(str(out_file) + ".cache")
+    resolved, root = cache_dir.resolve(), model_path.resolve()
+    if resolved == root or root in resolved.parents:
+        raise PredictError(f"{cache_dir}: is inside the model directory {model_path}; give --cache a directory "
+                           "of its own")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return cache_dir
 
 
-def extract_options(config, category_map):
-    """ExtractOptions rebuilt from the options the labelled store recorded."""
+def source_kind(data_dir, split, model_json):
+    """The new data's frame layout (zip, npy or video); refuses raw media for a model trained on
+    precomputed features, and precomputed features for a model trained with a frame encoder."""
+    kind = detect_source(data_dir, split)
+    trained = model_json["store_identity"]["frame_encoder"]
+    if (trained == "precomputed") != (kind == "npy"):
+        have = "precomputed frame features (zip_feats)" if kind == "npy" else f"raw frames ({kind})"
+        wanted = ("precomputed frame features (zip_feats/<split>.zip)" if trained == "precomputed"
+                  else f"raw frames (zip_frames/ or videos/) for its frame encoder {trained}")
+        raise PredictError(f"{data_dir}: split '{split}' has {have}, but the model was trained on {wanted}")
+    return kind
+
+
+def extract_options(model, kind):
+    """ExtractOptions for a new split: the recorded identity options and precision, this data's layout,
+    the model directory's category map, no aggregates (they come after, from the model's codebook)."""
     from features.extract import ExtractOptions
     known = {f.name for f in fields(ExtractOptions)}
-    recorded = {k: v for k, v in config["store_config"].get("options", {}).items() if k in known}
-    recorded.pop("limit", None)                      # a new split is extracted whole
-    if "aggregates" in known:      # agg/* comes after, from the run's own codebook (see predict)
-        recorded["aggregates"] = None
-    return ExtractOptions(**recorded, category_map=category_map)
+    identity = model.model_json["store_identity"]
+    recorded = {k: v for k, v in identity.get("options", {}).items() if k in known and k not in NOT_IDENTITY}
+    if "precision" in known and model.model_json.get("precision") is not None:
+        recorded["precision"] = model.model_json["precision"]
+    return ExtractOptions(**recorded, frames_from=kind, category_map=str(model.category_map_path), aggregates=None)
 
 
-def aggregate_options(labelled_store):
-    """AggregateOptions the labelled store's agg/* was written with, or None when it has none."""
+def _identity(config):
+    options = {k: v for k, v in config.get("options", {}).items() if k not in NOT_IDENTITY}
+    return {**config, "options": options}
+
+
+def check_identity(reader, model_json):
+    """The new store must hold the features the fold models were trained on: same encoders (and their
+    weights' sha256), options, precision, category map, and array widths."""
+    diff = options_diff(_identity(model_json["store_identity"]), _identity(reader.config))
+    if diff:
+        raise PredictError(f"{reader.path}: made with other encoders, weights, precision or options than the "
+                           f"model was trained on ({diff}); use a fresh --cache")
+    dims, want = store_dims(reader), model_json["dims"]
+    if dims != want:
+        raise PredictError(f"{reader.path}: array widths differ from the model's ({options_diff(want, dims)})")
+    if reader.fine_classes != model_json["fine_classes"]:
+        raise PredictError(f"{reader.path}: field fine_classes differs from the model's "
+                           f"({len(reader.fine_classes)} vs {len(model_json['fine_classes'])} classes)")
+
+
+def aggregate_options(model_json):
+    """AggregateOptions the labelled store's agg/* was written with (model.json's `aggregates`)."""
     from features.aggregates import AggregateOptions
-    with h5py.File(labelled_store, "r") as h5:
-        if not h5.attrs.get("aggregates_complete", False):
-            return None
-        recorded = json.loads(h5.attrs["agg_options"])
     known = {f.name for f in fields(AggregateOptions)}
-    recorded = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items() if k in known}
-    return AggregateOptions(**recorded)
+    recorded = model_json["aggregates"]
+    return AggregateOptions(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items() if k in known})
 
 
-def _check_same_pipeline(new_store, store_config):
-    """Other encoders or options would give features the fold models never saw."""
-    reader = StoreReader(new_store)
-    config = reader.config
-    reader.close()
-    new_opts, old_opts = dict(config.get("options", {})), dict(store_config.get("options", {}))
-    new_opts.pop("limit", None), old_opts.pop("limit", None)
-    if {**config, "options": new_opts} != {**store_config, "options": old_opts}:
-        raise PredictError(f"{new_store}: extracted with other encoders, options or category map than "
-                           "the run's labelled store; use the run's --category-map, or a fresh --cache")
+def stack_probas(model, probas, store_path, ids):
+    """{model: (N, C)} of videos `ids` of the store -> (N,) fine class indices after stacker and reweighting."""
+    from stacking.reweight import PriorReweighter
+    from stacking.signals import build_input
+    from stacking.stackers import load_stacker
+    meta = model.model_json
+    X = build_input(meta["models"], probas, store_path, ids, meta["signals"])
+    stacker = load_stacker(model.stack_dir / "stacker")
+    reweighter = PriorReweighter.load(model.stack_dir / "reweight.json")
+    return reweighter.transform(stacker.predict_proba(X)).argmax(axis=1)
 
-
-def predict(data_dir, split, run_dir, stack_dir, out_file, cache_dir=None, category_map=None):
-    """Label the videos of DATA_DIR's split `split` into out_file (`id,category_id`, no header)."""
-    from features.aggregates import run_aggregates
-    from features.extract import extract
-    from neural.predict import predict_store
-    meta, config = check_stack_matches_run(stack_dir, run_dir)
-    run_cache = Path(config["cache_dir"])
-    cache_dir = Path(cache_dir) if cache_dir else Path(str(out_file) + ".cache")
-    if cache_dir.resolve() == run_cache.resolve():
-        raise PredictError(f"{cache_dir}: is the run's own cache; give predict a cache directory of its own")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    extract(data_dir, [split], cache_dir, extract_options(config, category_map))
-    store_path = schema.store_path(cache_dir, split)
-    _check_same_pipeline(store_path, config["store_config"])
-    agg = aggregate_options(schema.store_path(run_cache, config.get("split", LABELLED_SPLIT)))
-    if agg is not None:
-        # the run's codebook, reused as is: refitting it on the new videos would change agg/*
-        run_aggregates(cache_dir, [split], agg, codebook_path=run_cache / "codebook.h5")
-    probas = predict_store(run_dir, store_path, meta["models"])
-    reader = StoreReader(store_path)
-    ids = reader.ids
-    reader.close()
-    return predict_from_probas(stack_dir, probas, store_path, ids, out_file)

@@ -1,82 +1,171 @@
-"""`predict` end to end: raw videos -> extract -> aggregates -> fold models -> stack, on tiny data.
+"""`predict` from a model directory, end to end through the real CLI, on tiny precomputed-feature data.
 
-The pipeline (extract, aggregates, train-neural, stack) runs once on a generated feature-zip dataset
-(precomputed frame features, so no frame encoder; the embedded MiniLM encodes the text). `predict`
-then re-extracts splits from the raw data into a cache of its own and must reproduce what the
-pipeline stored: the submission for the test split, and for the labelled split the stack applied to
-the fold models' predictions on the pipeline's own labelled store.
+extract -> train-neural -> stack (which packages STACK_DIR/model) runs once on a generated feature-zip
+dataset (precomputed frame features, so no frame encoder; the embedded MiniLM encodes the text). Then
+the cache and the run directory are deleted, the model directory is moved, and `predict --model`
+must reproduce the submission from it alone; a model directory that was changed is refused.
 """
-from dataclasses import fields
+import json
+import shutil
 
-import numpy as np
 import pytest
+from click.testing import CliRunner
 
-from features import schema
-from features.aggregates import AggregateOptions, run_aggregates
-from features.extract import ExtractOptions, extract
-from features.store import StoreReader
 from demo.synthetic import generate_feature_zip_dataset
-from neural.options import NeuralOptions
-from neural.pipeline import train_neural
-from neural.predict import predict_store
-from stacking.pipeline import StackOptions, stack
-from inference.predict import PredictError, predict, predict_from_probas
+from features.store import StoreReader
+from inference.model_dir import ModelDirError, verify
+from inference.package import PackageError, package_model
+from inference.predict import PredictError, check_identity
+from run import cli
+from tests.media import write_jpeg_zip
 
-AGG = dict(pca_dim=8, n_clusters=4, n_gmm=2, nextvlad_expansion=2, nextvlad_groups=4, sample_size=400)
+EXTRACT = ["--frames", "4", "--max-tokens", "16", "--batch-size", "16", "--workers", "0", "--device", "cpu",
+           "--pca-dim", "8", "--clusters", "4", "--gmm-components", "2", "--codebook-sample", "400"]
+TRAIN = ["--models", "mlp,vlad", "--folds", "3", "--epochs", "1", "--hidden", "16", "--batch-size", "16",
+         "--threads", "1", "--workers", "0"]
+STACK = ["--rounds", "10", "--top-k", "3", "--compare", "", "--threads", "1"]
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exit_code != 0 and result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def run_ok(*args):
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
+    """extract -> train-neural -> stack through the CLI; the cache and run directory still exist."""
     root = tmp_path_factory.mktemp("e2e")
-    data, cache = root / "data", root / "cache"
-    generate_feature_zip_dataset(data, 36, n_frames=4, dim=16, split="labeled", n_classes=4,
+    paths = {"root": root, "data": root / "data", "cache": root / "cache", "run": root / "run",
+             "stack": root / "stack"}
+    generate_feature_zip_dataset(paths["data"], 36, n_frames=4, dim=16, split="labeled", n_classes=4,
                                  signal=1.0, tail_ratio=3.0, progress=False)
-    generate_feature_zip_dataset(data, 8, n_frames=4, dim=16, split="test", n_classes=4,
+    generate_feature_zip_dataset(paths["data"], 8, n_frames=4, dim=16, split="test", n_classes=4,
                                  with_labels=False, progress=False)
-    options = dict(frames=4, max_tokens=16, batch_size=16, workers=0, device="cpu")
-    if "aggregates" in {f.name for f in fields(ExtractOptions)}:      # extract runs aggregates itself
-        extract(data, ["labeled", "test"], cache, ExtractOptions(**options, aggregates=AggregateOptions(**AGG)))
-    else:
-        extract(data, ["labeled", "test"], cache, ExtractOptions(**options))
-        run_aggregates(cache, ["labeled", "test"], AggregateOptions(**AGG))
-    train_neural(cache, root / "run", ["mlp", "vlad"],
-                 NeuralOptions(n_folds=3, epochs=1, hidden=16, batch_size=16, n_heads=4, threads=1))
-    stack(root / "run", root / "stack", StackOptions(n_rounds=10, top_k=3, compare=(), threads=1))
-    return root
+    run_ok("extract", "--data", paths["data"], "--out", paths["cache"], *EXTRACT)
+    run_ok("train-neural", "--cache", paths["cache"], "--out", paths["run"], *TRAIN)
+    stacked = run_ok("stack", "--model", paths["run"], "--out", paths["stack"], *STACK)
+    assert f"model directory (all `predict --model` needs): {paths['stack'] / 'model'}" in stacked.output
+    return paths
 
 
-def test_predict_on_the_test_split_reproduces_the_submission(pipeline):
-    out = pipeline / "pred_test.csv"
-    predict(pipeline / "data", "test", pipeline / "run", pipeline / "stack", out)
-    assert out.read_text() == (pipeline / "stack" / "submission.csv").read_text()
-    assert (pipeline / "pred_test.csv.cache" / "test.h5").exists()     # its own cache, not the run's
+# these two run before `trained` deletes the cache and the run directory (tests run in file order)
+def test_packaging_that_fails_midway_leaves_no_model_directory(pipeline, monkeypatch):
+    import inference.package as package
+    out = pipeline["root"] / "crashed"
+
+    def crash(path):
+        raise OSError("disk full")
+    monkeypatch.setattr(package, "write_manifest", crash)
+    with pytest.raises(OSError, match="disk full"):
+        package_model(pipeline["run"], pipeline["stack"], out)
+    assert not out.exists() and not out.with_name("crashed.tmp").exists()
 
 
-def test_predict_on_the_labelled_split_reproduces_the_stored_pipeline(pipeline):
-    out = pipeline / "pred_labeled.csv"
-    predict(pipeline / "data", "labeled", pipeline / "run", pipeline / "stack", out,
-            cache_dir=pipeline / "fresh")
-    stored = schema.store_path(pipeline / "cache", "labeled")
-    fresh = StoreReader(pipeline / "fresh" / "labeled.h5")
-    for name in (schema.FRAME_EMB, schema.TEXT_POOLED, "agg/shift_stats", "agg/netvlad"):
-        # the text encoder's float sums depend on the thread count, hence a float16-rounding tolerance
-        np.testing.assert_allclose(fresh.read(name, slice(None)).astype(np.float32),
-                                   StoreReader(stored).read(name, slice(None)).astype(np.float32), atol=2e-3)
-    expected = pipeline / "expected_labeled.csv"
-    probas = predict_store(pipeline / "run", stored, ["mlp", "vlad"])
-    predict_from_probas(pipeline / "stack", probas, stored, StoreReader(stored).ids, expected)
-    assert out.read_text() == expected.read_text()
-    assert len(out.read_text().splitlines()) == 36
+def test_a_stack_fitted_on_another_run_is_not_packaged(pipeline, tmp_path):
+    stack_dir = tmp_path / "stack"
+    shutil.copytree(pipeline["stack"], stack_dir)
+    meta = (stack_dir / "stack.json").read_text().replace('"fingerprint": "', '"fingerprint": "0')
+    (stack_dir / "stack.json").write_text(meta)
+    with pytest.raises(PackageError, match="fitted on another run"):
+        package_model(pipeline["run"], stack_dir, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
 
 
-def test_predict_refuses_a_stack_from_another_run(pipeline, tmp_path):
-    import shutil
-    other = tmp_path / "stack"
-    shutil.copytree(pipeline / "stack", other)
-    meta = (other / "stack.json").read_text().replace('"fingerprint": "', '"fingerprint": "0')
-    (other / "stack.json").write_text(meta)
-    with pytest.raises(PredictError, match="fitted on another run"):
-        predict(pipeline / "data", "test", pipeline / "run", other, tmp_path / "x.csv")
-    with pytest.raises(PredictError, match="run's own cache"):
-        predict(pipeline / "data", "test", pipeline / "run", pipeline / "stack", tmp_path / "y.csv",
-                cache_dir=pipeline / "cache")
+@pytest.fixture(scope="module")
+def trained(pipeline):
+    """The model directory moved elsewhere, the cache, run and stack directories deleted."""
+    submission = (pipeline["stack"] / "submission.csv").read_text()
+    elsewhere = pipeline["root"] / "elsewhere" / "model"
+    elsewhere.parent.mkdir()
+    shutil.move(str(pipeline["stack"] / "model"), str(elsewhere))
+    for gone in ("cache", "run", "stack"):
+        shutil.rmtree(pipeline[gone])
+    return {**pipeline, "model": elsewhere, "submission": submission}
+
+
+def copy_model(trained, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(trained["model"], dst)
+    return dst
+
+
+def test_predict_from_a_moved_model_directory_reproduces_the_submission_without_cache_or_run(trained, tmp_path):
+    out = tmp_path / "pred.csv"
+    result = run_ok("predict", "--data", trained["data"], "--split", "test", "--model", trained["model"],
+                    "--out", out, "--cache", tmp_path / "cache")
+    assert "8 videos" in result.output
+    assert out.read_text() == trained["submission"]
+
+
+def test_the_model_directory_holds_every_fold_model_the_stack_and_the_codebook_and_lists_each_file(trained):
+    listed = verify(trained["model"])
+    for name in ("model.json", "category_map.csv", "codebook.h5", "neural/run.json", "stack/stack.json",
+                 "stack/reweight.json", "stack/stacker/stacker.json"):
+        assert name in listed
+    for model in ("mlp", "vlad"):
+        assert {int(n.split("/")[-1][4]) for n in listed if n.startswith(f"neural/{model}/fold")} == {0, 1, 2}
+    record = json.loads((trained["model"] / "model.json").read_text())
+    assert record["store_identity"]["frame_encoder"] == "precomputed"
+    assert record["aggregates"]["pca_dim"] == 8 and record["dims"]["frame_dim"] == 16
+
+
+def test_a_missing_file_in_the_model_directory_is_refused_naming_it(trained, tmp_path):
+    model = copy_model(trained, tmp_path)
+    victim = next((model / "neural" / "vlad").glob("fold1.*"))
+    victim.unlink()
+    result = invoke("predict", "--data", trained["data"], "--split", "test", "--model", model,
+                    "--out", tmp_path / "x.csv")
+    assert result.exit_code != 0
+    assert f"{victim}: listed in manifest.json but missing" in result.output
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_an_altered_file_in_the_model_directory_is_refused_naming_it(trained, tmp_path):
+    model = copy_model(trained, tmp_path)
+    reweight = model / "stack" / "reweight.json"
+    reweight.write_text(reweight.read_text().replace('"kind_": "', '"kind_": "x'))
+    with pytest.raises(ModelDirError, match=f"{reweight}: altered since it was packaged"):
+        verify(model)
+
+
+def test_an_unlisted_file_in_the_model_directory_is_refused_naming_it(trained, tmp_path):
+    model = copy_model(trained, tmp_path)
+    (model / "neural" / "mlp" / "fold9.pt").write_bytes(b"not ours")
+    with pytest.raises(ModelDirError, match="fold9.pt: file not listed in manifest.json"):
+        verify(model)
+
+
+def test_raw_frames_for_a_model_trained_on_precomputed_features_are_refused(trained, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(trained["data"] / "annotations", data / "annotations")
+    for video in json.loads((data / "annotations" / "test.json").read_text()):
+        write_jpeg_zip(data, "test", video["id"], [(200, 10, 10)])
+    result = invoke("predict", "--data", data, "--split", "test", "--model", trained["model"],
+                    "--out", tmp_path / "x.csv")
+    assert result.exit_code != 0
+    assert "has raw frames (zip), but the model was trained on precomputed frame features" in result.output
+
+
+def test_a_store_of_another_text_encoder_or_precision_is_refused_naming_the_difference(trained, tmp_path):
+    run_ok("predict", "--data", trained["data"], "--split", "test", "--model", trained["model"],
+           "--out", tmp_path / "p.csv", "--cache", tmp_path / "cache")
+    record = json.loads((trained["model"] / "model.json").read_text())
+    with StoreReader(tmp_path / "cache" / "test.h5") as reader:
+        check_identity(reader, record)                  # the store predict made passes
+        other = json.loads(json.dumps(record))
+        other["store_identity"]["text_encoder_checksum"] = "0" * 64
+        with pytest.raises(PredictError, match="text_encoder_checksum: '0000"):
+            check_identity(reader, other)
+        other = json.loads(json.dumps(record))
+        other["store_identity"]["precision"] = "bf16"
+        with pytest.raises(PredictError, match="precision: 'bf16' -> "):
+            check_identity(reader, other)
+
