@@ -23,7 +23,7 @@ from features.annotations import annotations_path, read_annotations
 from features.categories import BUILTIN_MAP, load_category_map
 from features.class_names import write_class_names
 from features.device import keep_freed_memory_mapped, resolve_device
-from features.frames import MediaFault, detect_source, open_source
+from features.frames import MediaFault, check_source, detect_source, open_source
 from features.store import StoreDims, StoreError, StoreReader, StoreWriter, check_config, create_store
 
 
@@ -65,6 +65,7 @@ def extract(data_dir, splits, cache_dir, options):
     for name, least in (("frames", 1), ("batch_size", 1), ("frame_batch", 0)):
         if getattr(options, name) < least:
             raise ExtractError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(options, name)}")
+    kinds = frame_sources(data_dir, splits, options)          # before any encoder is loaded
     device = resolve_device(options.device)
     if device == "cpu":
         keep_freed_memory_mapped()        # ~3x faster CPU encoders (see its docstring)
@@ -75,8 +76,7 @@ def extract(data_dir, splits, cache_dir, options):
                            f"accepts ({text_encoder.max_tokens})")
     frame_encoder = None
     reports = {}
-    for split in splits:
-        kind = options.frames_from if options.frames_from != "auto" else detect_source(data_dir, split)
+    for split, kind in kinds.items():
         if kind != "npy" and frame_encoder is None:
             frame_encoder = build_frame_encoder(options.frame_encoder, device)
         reports[split] = extract_split(data_dir, split, cache_dir, options, kind, category_map,
@@ -88,6 +88,20 @@ def extract(data_dir, splits, cache_dir, options):
                                                 options.overwrite).items():
             reports[split]["aggregates"] = agg_report
     return reports
+
+
+def frame_sources(data_dir, splits, options):
+    """{split: frame layout}; refuses a split without its annotations file or without frames."""
+    kinds = {}
+    for split in splits:
+        ann_path = Path(options.annotations) if options.annotations else annotations_path(data_dir, split)
+        if not ann_path.exists():
+            present = _annotated_splits(data_dir)
+            raise ExtractError(f"{ann_path}: no annotations for split '{split}'; splits with annotations "
+                               f"in {Path(data_dir) / 'annotations'}: {', '.join(present) or 'none'}")
+        auto = options.frames_from == "auto"
+        kinds[split] = detect_source(data_dir, split) if auto else check_source(data_dir, split, options.frames_from)
+    return kinds
 
 
 def extract_split(data_dir, split, cache_dir, options, kind, category_map, frame_encoder, text_encoder, device):
@@ -350,7 +364,12 @@ def _write_report(path, split, n_videos, faults_path):
 
 def list_splits(data_dir):
     """Every split that has an annotations file, labelled first."""
-    names = sorted(p.stem for p in (Path(data_dir) / "annotations").glob("*.json"))
+    names = _annotated_splits(data_dir)
     if not names:
         raise ExtractError(f"{data_dir}/annotations: no <split>.json annotation files")
-    return sorted(names, key=lambda n: (n != "labeled", n))
+    return names
+
+
+def _annotated_splits(data_dir):
+    names = sorted(p.stem for p in (Path(data_dir) / "annotations").glob("*.json"))
+    return sorted(names, key=lambda n: (n != schema.LABELLED_SPLIT, n))

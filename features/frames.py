@@ -16,6 +16,14 @@ from PIL import Image
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".flv", ".m4v")
 
 
+FLOAT16_MAX = 65504.0
+LAYOUTS = {"npy": "zip_feats/{split}.zip", "zip": "zip_frames/{split}", "video": "videos/{split}"}
+
+
+class FrameSourceError(ValueError):
+    """A split's frames cannot be found or read as a whole (no layout, several layouts, no readable member)."""
+
+
 class MediaFault(Exception):
     """The media of one video cannot be used; `file` and `reason` go into the extract report."""
 
@@ -115,7 +123,7 @@ class NpyZipFrames:
                 continue
             if arr.ndim == 2:
                 return int(arr.shape[1])
-        raise ValueError(f"{self.path}: no readable [n_frames, D] .npy member among the first 100")
+        raise FrameSourceError(f"{self.path}: no readable [n_frames, D] .npy member among the first 100")
 
     def load(self, video_id):
         zf = self._open()
@@ -126,19 +134,25 @@ class NpyZipFrames:
             arr = np.load(io.BytesIO(zf.read(self._members[video_id])), allow_pickle=False)
         except (ValueError, OSError, zipfile.BadZipFile) as err:
             raise MediaFault(where, f"unreadable npy: {err}") from err
-        _check_features(where, arr, self.dim)
+        arr = _check_features(where, arr, self.dim)                   # (n, D) float16
         return LoadedFrames(arr[uniform_indices(len(arr), self.n_frames)], where)
 
 
 def _check_features(where, arr, dim):
-    if arr.dtype != np.float16:
-        raise MediaFault(where, f"dtype {arr.dtype}, expected float16")
+    """(n, D) features as float16: float32/float64 are cast, refusing values float16 cannot hold."""
     if arr.ndim != 2 or (dim is not None and arr.shape[1] != dim):
         raise MediaFault(where, f"shape {arr.shape}, expected [n_frames, {dim}]")
     if arr.shape[0] == 0:
         raise MediaFault(where, "zero frames")
+    if arr.dtype not in (np.float16, np.float32, np.float64):
+        raise MediaFault(where, f"dtype {arr.dtype}, expected float16 (or float32/float64 within its range)")
     if not np.isfinite(arr).all():
         raise MediaFault(where, "NaN or inf values")
+    peak = float(np.abs(arr).max())
+    if peak > FLOAT16_MAX:
+        raise MediaFault(where, f"float16 overflow: |x| up to {peak:.6g} in {arr.dtype}, float16 holds "
+                                f"at most {FLOAT16_MAX:.0f}")
+    return arr.astype(np.float16, copy=False)
 
 
 class VideoFileFrames:
@@ -190,17 +204,23 @@ SOURCES = {"zip": JpegZipFrames, "npy": NpyZipFrames, "video": VideoFileFrames}
 def detect_source(data_dir, split):
     """Which layout DATA holds for this split: 'npy', 'zip' or 'video'."""
     data_dir = Path(data_dir)
-    found = [name for name, where in (("npy", data_dir / "zip_feats" / f"{split}.zip"),
-                                      ("zip", data_dir / "zip_frames" / split),
-                                      ("video", data_dir / "videos" / split)) if where.exists()]
+    found = [kind for kind, where in LAYOUTS.items() if (data_dir / where.format(split=split)).exists()]
     if not found:
         raise FileNotFoundError(
             f"{data_dir}: no frames for split '{split}': expected zip_feats/{split}.zip, "
             f"zip_frames/{split}/ or videos/{split}/")
     if len(found) > 1:
-        raise ValueError(f"{data_dir}: split '{split}' has frames in several layouts ({', '.join(found)}); "
-                         "choose one with --frames-from")
+        raise FrameSourceError(f"{data_dir}: split '{split}' has frames in several layouts "
+                               f"({', '.join(found)}); choose one with --frames-from")
     return found[0]
+
+
+def check_source(data_dir, split, kind):
+    """Refuse a layout asked for by name (--frames-from) whose file or folder is absent."""
+    where = Path(data_dir) / LAYOUTS[kind].format(split=split)
+    if not where.exists():
+        raise FileNotFoundError(f"{where}: no frames for split '{split}' in the '{kind}' layout (--frames-from)")
+    return kind
 
 
 def open_source(kind, data_dir, split, n_frames):

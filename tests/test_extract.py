@@ -17,7 +17,7 @@ from features.aggregates import AggregateOptions
 from features.extract import ExtractOptions, extract
 from features.store import StoreReader
 from run import cli
-from tests.media import jpeg_bytes, write_annotations, write_feature_zip, write_jpeg_zip
+from tests.media import jpeg_bytes, write_annotations, write_feature_zip, write_jpeg_zip, write_mp4
 
 REPO = Path(__file__).resolve().parents[1]
 MAP_CSV = "category_id,level1_id,level1_name,level2_name\n0000,00,a,a0\n0001,00,a,a1\n0100,01,b,b0\n"
@@ -160,22 +160,66 @@ def test_structural_fault_stops_the_command_with_one_line(tmp_path):
     assert "labeled.json" in result.output and "'v001'" in result.output and "'category_id'" in result.output
 
 
-def test_feature_zip_layout_needs_no_frame_encoder(tmp_path):
+def test_feature_zip_layout_needs_no_frame_encoder_and_reports_each_bad_npy(tmp_path):
     rng = np.random.default_rng(0)
-    arrays = {f"f{i:03d}": rng.normal(size=(3 + i, 8)).astype(np.float16) for i in range(5)}
-    arrays["f002"] = arrays["f002"].astype(np.float32)                      # wrong dtype
-    arrays["f003"][1, 2] = np.inf
+    arrays = {f"f{i:03d}": rng.normal(size=(3 + i, 8)).astype(np.float16) for i in range(8)}
+    arrays["f002"] = arrays["f002"].astype(np.float32)                      # castable: kept as float16
+    arrays["f003"][1, 2] = np.inf                                           # NaN/inf
+    arrays["f004"] = arrays["f004"].astype(np.float64) * 1e5                # overflows float16
+    arrays["f005"] = arrays["f005"][:, :5]                                  # wrong shape
+    arrays["f006"] = arrays["f006"][:0]                                     # zero frames
+    arrays["f007"] = arrays["f007"].astype(np.int32)                        # wrong dtype
     write_feature_zip(tmp_path, "test", arrays)
-    write_annotations(tmp_path, "test", [{"id": k, "title": "x", "asr": "", "ocr": []} for k in arrays])
+    ids = list(arrays) + ["f008"]                                           # not in the zip
+    write_annotations(tmp_path, "test", [{"id": k, "title": "x", "asr": "", "ocr": []} for k in ids])
     report = extract(tmp_path, ["test"], tmp_path / "c", options(frames=4))["test"]
     store = StoreReader(tmp_path / "c" / "test.h5")
     assert store.config["frame_encoder"] == "precomputed"
-    assert store.read(schema.LABEL_FINE, slice(None)).tolist() == [-1] * 5
+    assert store.read(schema.LABEL_FINE, slice(None)).tolist() == [-1] * 9
     mask = store.read(schema.FRAME_MASK, slice(None))
-    assert mask.sum(1).tolist() == [3, 4, 0, 0, 4]
+    assert mask.sum(1).tolist() == [3, 4, 4, 0, 0, 0, 0, 0, 0]
     np.testing.assert_array_equal(store.read(schema.FRAME_EMB, slice(0, 1))[0, :3], arrays["f000"])
-    assert {f["id"]: f["reason"].split(",")[0] for f in report["faults"]} == {
-        "f002": "dtype float32", "f003": "NaN or inf values"}
+    cast = store.read(schema.FRAME_EMB, slice(2, 3))[0]                     # (F, D) of the float32 video
+    np.testing.assert_array_equal(cast, arrays["f002"][[0, 1, 3, 4]].astype(np.float16))
+    reasons = {f["id"]: f["reason"] for f in report["faults"]}
+    assert set(reasons) == {"f003", "f004", "f005", "f006", "f007", "f008"}
+    assert reasons["f003"] == "NaN or inf values" and reasons["f006"] == "zero frames"
+    assert reasons["f004"].startswith("float16 overflow") and "float64" in reasons["f004"]
+    assert reasons["f005"].startswith("shape (8, 5)") and reasons["f007"].startswith("dtype int32")
+    assert reasons["f008"] == "missing npy member"
+    assert all(f["file"].endswith(f"test.zip:{f['id']}.npy") for f in report["faults"])
+    on_disk = json.loads((tmp_path / "c" / "test.report.json").read_text())
+    assert on_disk["n_videos_with_faults"] == 6 and sum(on_disk["fault_counts"].values()) == 6
+    assert on_disk["fault_counts"]["float16 overflow"] == 1
+
+
+def test_an_undecodable_video_file_is_masked_and_reported(tmp_path):
+    write_mp4(tmp_path / "videos" / "test" / "m000.mp4", n_frames=6)
+    (tmp_path / "videos" / "test" / "m001.mp4").write_bytes(b"\x00" * 100)
+    write_annotations(tmp_path, "test", [{"id": f"m00{i}", "title": "x", "asr": "", "ocr": []} for i in range(2)])
+    report = extract(tmp_path, ["test"], tmp_path / "c", options(frames=2, max_tokens=8))["test"]
+    assert StoreReader(tmp_path / "c" / "test.h5").read(schema.FRAME_MASK, slice(None)).sum(1).tolist() == [2, 0]
+    assert [(f["id"], f["reason"].split(":")[0]) for f in report["faults"]] == [("m001", "undecodable video")]
+    assert report["fault_counts"] == {"undecodable video": 1} and report["faults"][0]["file"].endswith("m001.mp4")
+
+
+def test_an_unknown_split_is_refused_before_any_encoder_is_loaded(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "data", n=2, faults=False)
+    write_annotations(root, "test", [])
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("an encoder was built before the splits were checked")
+    monkeypatch.setattr("features.encoders.build_text_encoder", no_encoder)
+    monkeypatch.setattr("features.encoders.build_frame_encoder", no_encoder)
+    base = ["extract", "--data", str(root), "--out", str(tmp_path / "c"), "--device", "cpu", "--split", "labeled"]
+    result = CliRunner().invoke(cli, base + ["--split", "nosuch"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "annotations/nosuch.json" in result.output and "labeled, test" in result.output
+    result = CliRunner().invoke(cli, base[:-2] + ["--split", "test"])                # annotated, no frames
+    assert result.exit_code == 1 and "no frames for split 'test'" in result.output, result.output
+    result = CliRunner().invoke(cli, base + ["--frames-from", "npy"])
+    assert result.exit_code == 1 and "zip_feats/labeled.zip" in result.output, result.output
+    assert not (tmp_path / "c").exists()
 
 
 def _done_rows(path):

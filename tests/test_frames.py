@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from features.frames import (JpegZipFrames, MediaFault, NpyZipFrames, VideoFileFrames, detect_source,
-                             uniform_indices)
+from features.frames import (FrameSourceError, JpegZipFrames, MediaFault, NpyZipFrames, VideoFileFrames,
+                             detect_source, uniform_indices)
 from tests.media import jpeg_bytes, write_feature_zip, write_jpeg_zip, write_mp4
 
 
@@ -43,15 +43,20 @@ def test_npy_features_sampled_and_checked(tmp_path):
     good = np.arange(40 * 6, dtype=np.float16).reshape(40, 6)
     bad_nan = good.copy()
     bad_nan[3, 1] = np.nan
-    write_feature_zip(tmp_path, "test", {"a": good, "b": good.astype(np.float32), "c": good[:, :5],
-                                         "d": bad_nan, "e": good[:0]})
+    huge = good.astype(np.float32)
+    huge[0, 0] = 70000
+    write_feature_zip(tmp_path, "test", {"a": good, "b": good.astype(np.int16), "c": good[:, :5],
+                                         "d": bad_nan, "e": good[:0], "f": good.astype(np.float64),
+                                         "g": huge, "h": bad_nan.astype(np.float32)})
     source = NpyZipFrames(tmp_path, "test", n_frames=8)
     source.dim = source.probe_dim()
     assert source.dim == 6
     loaded = source.load("a")
     assert loaded.frames.shape == (8, 6) and loaded.frames[0, 0] == 0 and loaded.frames[-1, 0] == good[-1, 0]
-    for vid, reason in [("b", "dtype float32"), ("c", "shape"), ("d", "NaN or inf"), ("e", "zero frames"),
-                        ("zz", "missing npy member")]:
+    wide = source.load("f")                                 # float64 in range: cast, not dropped
+    assert wide.frames.dtype == np.float16 and np.array_equal(wide.frames, loaded.frames)
+    for vid, reason in [("b", "dtype int16"), ("c", "shape"), ("d", "NaN or inf"), ("e", "zero frames"),
+                        ("g", "float16 overflow.*70000"), ("h", "NaN or inf"), ("zz", "missing npy member")]:
         with pytest.raises(MediaFault, match=reason):
             source.load(vid)
 
@@ -76,5 +81,5 @@ def test_layout_detection(tmp_path):
     write_jpeg_zip(tmp_path, "test", "v001", [(0, 0, 0)])
     assert detect_source(tmp_path, "test") == "zip"
     write_feature_zip(tmp_path, "test", {})
-    with pytest.raises(ValueError, match="several layouts"):
+    with pytest.raises(FrameSourceError, match="several layouts"):
         detect_source(tmp_path, "test")
