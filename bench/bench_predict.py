@@ -2,16 +2,20 @@
 
     PYTHONPATH=. python bench/bench_predict.py --demo demo_out [--split test]
 
-Takes a finished `python run.py demo --out DIR` (DIR/data, DIR/run, DIR/stack) and labels DIR/data's
-split twice, side by side in one process:
+Takes a finished `python run.py demo --out DIR` (DIR/data, DIR/run, DIR/stack), packages DIR/stack/model
+when the demo did not (inference.package.package_model with DIR/data/category_map.csv), and labels
+DIR/data's split twice, side by side in one process, reading only the model directory:
     bare     the frozen encoders' forward pass alone (frames, text fields, joined tokens) on inputs
              decoded and tokenised beforehand (bench/bench_extract.py's measure), the run's extract options;
-    predict  inference.predict.predict end to end: build the encoders, decode, encode, write a fresh
-             store, aggregates with the run's codebook, every fold model of every base model, the
-             stacker and the reweighting, write the CSV.
+    predict  inference.predict.predict end to end: verify the model directory (sha256 of every file),
+             build the encoders, decode, encode, write a fresh store, aggregates with the model's
+             codebook, every fold model of every base model, the stacker and the reweighting, the CSV.
 Prints seconds per video of each and the ratio; the difference is what the tool adds to the encoders.
+`--profile N` also prints predict's N most expensive functions (cumulative time, cProfile).
 """
 import argparse
+import cProfile
+import pstats
 import resource
 import sys
 import tempfile
@@ -25,8 +29,30 @@ from bench_extract import bare_forward_seconds  # noqa: E402
 from features.annotations import annotations_path, read_annotations  # noqa: E402
 from features.categories import load_category_map  # noqa: E402
 from features.encoders import build_frame_encoder, build_text_encoder  # noqa: E402
-from inference.predict import extract_options, predict  # noqa: E402
-from stacking.rundir import read_run_config  # noqa: E402
+from inference.model_dir import open_model_dir  # noqa: E402
+from inference.package import package_model  # noqa: E402
+from inference.predict import extract_options, predict, source_kind  # noqa: E402
+
+
+def model_dir_of(demo):
+    """DEMO/stack/model, packaged from DEMO/run and DEMO/stack when the demo did not write it."""
+    model_dir = demo / "stack" / "model"
+    if not model_dir.exists():
+        package_model(demo / "run", demo / "stack", model_dir, category_map=demo / "data" / "category_map.csv")
+    return model_dir
+
+
+def timed_predict(data, split, model_dir, profile):
+    """Seconds of one predict end to end (its own fresh cache), and the profiler when asked."""
+    profiler = cProfile.Profile() if profile else None
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        if profiler:
+            profiler.enable()
+        predict(data, split, model_dir, Path(tmp) / "pred.csv", Path(tmp) / "cache")
+        if profiler:
+            profiler.disable()
+        return time.perf_counter() - start, profiler
 
 
 def main():
@@ -34,27 +60,28 @@ def main():
     parser.add_argument("--demo", default="demo_out", help="output directory of `python run.py demo`")
     parser.add_argument("--split", default="test")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", type=int, default=0, help="print predict's N costliest functions")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     demo = Path(args.demo)
-    data, run_dir, stack_dir = demo / "data", demo / "run", demo / "stack"
-    cmap = data / "category_map.csv"
-    opts = extract_options(read_run_config(run_dir), str(cmap))
-    videos = read_annotations(annotations_path(data, args.split), load_category_map(cmap))
+    data, model_dir = demo / "data", model_dir_of(demo)
+    model = open_model_dir(model_dir)
+    opts = extract_options(model, source_kind(data, args.split, model.model_json))
+    videos = read_annotations(annotations_path(data, args.split), load_category_map(model.category_map_path))
     n = len(videos)
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        predict(data, args.split, run_dir, stack_dir, Path(tmp) / "pred.csv", Path(tmp) / "cache", str(cmap))
-        end_to_end = time.perf_counter() - start
+    end_to_end, profiler = timed_predict(data, args.split, model_dir, args.profile)
     frame_encoder = build_frame_encoder(opts.frame_encoder, "cpu")
     text_encoder = build_text_encoder(opts.text_encoder, "cpu")
     bare = bare_forward_seconds(data, args.split, videos, opts, frame_encoder, text_encoder)
-    print(f"{n} videos of {data}/{args.split}, <= {opts.frames} frames each, torch threads {args.threads}")
+    print(f"{n} videos of {data}/{args.split}, <= {opts.frames} frames each, torch threads {args.threads}, "
+          f"model directory {model_dir}")
     print(f"encoder forward alone : {1000 * bare / n:8.1f} ms/video ({bare:.1f} s)")
     print(f"predict end to end    : {1000 * end_to_end / n:8.1f} ms/video ({end_to_end:.1f} s, "
           "encoders loaded inside)")
-    print(f"ratio predict / encoder forward: {end_to_end / bare:.2f}")
+    print(f"ratio predict / encoder forward: {end_to_end / bare:.2f} (target <= 1.2)")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if profiler:
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.profile)
     print("reproduce: PYTHONPATH=. python bench/bench_predict.py " + " ".join(sys.argv[1:]))
 
 

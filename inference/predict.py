@@ -12,9 +12,11 @@ The training cache and run directory are not read: the model directory carries a
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
+
 from features import schema
 from features.frames import detect_source
-from features.records import atomic_path, options_diff
+from features.records import options_diff
 from features.store import StoreReader
 from inference.model_dir import open_model_dir
 from inference.package import store_dims
@@ -31,22 +33,22 @@ def predict(data_dir, split, model_dir, out_file, cache_dir=None):
     returns (N,) fine class indices. The new store goes to cache_dir (default OUT_FILE.cache/)."""
     from features.extract import extract
     from neural.predict import predict_store
+    from stacking.submission import write_predictions
     model = open_model_dir(model_dir)
     cache_dir = _own_cache(cache_dir, out_file, model.path)
     kind = source_kind(data_dir, split, model.model_json)
     extract(data_dir, [split], cache_dir, extract_options(model, kind))
     store_path = schema.store_path(cache_dir, split)
-    with StoreReader(store_path) as reader:
+    with StoreReader(store_path) as reader:             # before aggregates: a wrong store goes no further
         check_identity(reader, model.model_json)
-        ids = reader.ids                                                    # (N,) str
     if model.codebook_path is not None:
         from features.aggregates import run_aggregates
         run_aggregates(cache_dir, [split], aggregate_options(model.model_json), codebook_path=model.codebook_path)
     probas = predict_store(model.neural_dir, store_path, model.model_json["models"])
-    pred = stack_probas(model, probas, store_path, ids)
-    from stacking.submission import write_predictions
-    with atomic_path(out_file) as tmp:
-        write_predictions(tmp, ids, pred, model.model_json["fine_classes"], store_path)
+    with StoreReader(store_path) as reader:             # agg/* now present
+        ids = reader.ids                                                    # (N,) str
+        pred = stack_probas(model, probas, reader, np.arange(len(ids)))
+        write_predictions(out_file, ids, pred, model.model_json["fine_classes"], reader)
     return pred
 
 
@@ -114,14 +116,14 @@ def aggregate_options(model_json):
     return AggregateOptions(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items() if k in known})
 
 
-def stack_probas(model, probas, store_path, ids):
-    """{model: (N, C)} of videos `ids` of the store -> (N,) fine class indices after stacker and reweighting."""
+def stack_probas(model, probas, reader, rows):
+    """{model: (N, C)} of the open store's rows `rows` (N,) -> (N,) fine class indices after the stacker
+    and the reweighting."""
     from stacking.reweight import PriorReweighter
     from stacking.signals import build_input
     from stacking.stackers import load_stacker
     meta = model.model_json
-    X = build_input(meta["models"], probas, store_path, ids, meta["signals"])
+    X = build_input(meta["models"], probas, reader, rows, meta["signals"])
     stacker = load_stacker(model.stack_dir / "stacker")
     reweighter = PriorReweighter.load(model.stack_dir / "reweight.json")
     return reweighter.transform(stacker.predict_proba(X)).argmax(axis=1)
-
