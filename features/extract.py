@@ -24,7 +24,9 @@ from features.categories import BUILTIN_MAP, load_category_map
 from features.class_names import write_class_names
 from features.device import keep_freed_memory_mapped, resolve_device
 from features.frames import MediaFault, check_source, detect_source, open_source
+from features.records import write_json
 from features.store import StoreDims, StoreError, StoreReader, StoreWriter, check_config, create_store
+from features.text_coverage import batch_record, field_token_counts, unk_summary, warn_unreadable
 
 
 class ExtractError(RuntimeError):
@@ -116,6 +118,7 @@ def extract_split(data_dir, split, cache_dir, options, kind, category_map, frame
     _prepare_store(path, split, videos, category_map, config, options,
                    StoreDims(options.frames, frame_dim, text_encoder.dim, options.max_tokens))
     faults_path = path.with_name(f"{split}.faults.jsonl")
+    tokens_path = path.with_name(f"{split}.tokens.jsonl")
     writer = StoreWriter(path)
     try:
         done = writer.done_rows()
@@ -127,7 +130,7 @@ def extract_split(data_dir, split, cache_dir, options, kind, category_map, frame
         loader = DataLoader(items, batch_sampler=batches, collate_fn=list, num_workers=options.workers,
                             persistent_workers=False, prefetch_factor=4 if options.workers else None)
         bar = tqdm(total=len(videos), initial=int(done.sum()), unit="video", desc=f"extract {split}")
-        with _BatchWriter(writer, faults_path, bar) as sink:
+        with _BatchWriter(writer, faults_path, tokens_path, bar) as sink:
             for batch in loader:
                 faults = [dict(id=it["id"], file=f, reason=r) for it in batch for f, r in it["faults"]]
                 arrays = encode_batch(batch, frame_encoder, text_encoder, options, frame_dim, device, faults)
@@ -135,12 +138,14 @@ def extract_split(data_dir, split, cache_dir, options, kind, category_map, frame
                     first = faults[0]
                     raise ExtractError(f"{first['file']}: video {first['id']}: {first['reason']} "
                                        "(--on-error fail; use --on-error skip to mask and report it)")
-                sink.put(batch[0]["row"], arrays, faults)
+                sink.put(batch[0]["row"], arrays, faults, batch_record(batch[0]["row"], batch))
         bar.close()
         writer.mark_complete()
     finally:
         writer.close()
-    return _write_report(path, split, len(videos), faults_path)
+    report = _write_report(path, split, len(videos), faults_path, unk_summary(tokens_path))
+    warn_unreadable(split, report["text_unk"], options.text_encoder)
+    return report
 
 
 def _store_config(options, kind, category_map, frame_encoder, text_encoder):
@@ -162,6 +167,7 @@ def _prepare_store(path, split, videos, category_map, config, options, dims):
     if path.exists() and options.overwrite:
         path.unlink()
         path.with_name(f"{split}.faults.jsonl").unlink(missing_ok=True)
+        path.with_name(f"{split}.tokens.jsonl").unlink(missing_ok=True)
     if path.exists():
         check_config(path, config)
         _check_same_ids(path, videos)
@@ -215,9 +221,10 @@ class VideoItems(Dataset):
             faults.append((fault.file, fault.reason))
         tok = dict(truncation=True, max_length=self.max_tokens)
         sep = f" {self.tokenizer.sep_token or '|'} "
+        field_ids = [self.tokenizer(t, **tok)["input_ids"] if t else None for t in video.texts]
         return {
-            "row": row, "id": video.id, "frames": frames, "faults": faults,
-            "field_ids": [self.tokenizer(t, **tok)["input_ids"] if t else None for t in video.texts],
+            "row": row, "id": video.id, "frames": frames, "faults": faults, "field_ids": field_ids,
+            "unk_counts": field_token_counts(self.tokenizer, field_ids),
             "joined_ids": self.tokenizer(sep.join(video.texts), **tok)["input_ids"],
             "text_len": [len(t) for t in video.texts],
         }
@@ -300,8 +307,8 @@ def _encode_joined(batch, text_encoder, max_tokens, device):
 class _BatchWriter:
     """Writes batches on a thread of its own (bounded queue), faults first, then rows, then done flags."""
 
-    def __init__(self, writer, faults_path, bar):
-        self.writer, self.faults_path, self.bar = writer, faults_path, bar
+    def __init__(self, writer, faults_path, tokens_path, bar):
+        self.writer, self.faults_path, self.tokens_path, self.bar = writer, faults_path, tokens_path, bar
         self.queue = queue.Queue(maxsize=2)
         self.error = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -310,10 +317,10 @@ class _BatchWriter:
         self.thread.start()
         return self
 
-    def put(self, start, arrays, faults):
+    def put(self, start, arrays, faults, token_record):
         if self.error:
             raise self.error
-        self.queue.put((start, arrays, faults))
+        self.queue.put((start, arrays, faults, token_record))
 
     def _run(self):
         while True:
@@ -323,12 +330,10 @@ class _BatchWriter:
             if self.error:
                 continue
             try:
-                start, arrays, faults = job
+                start, arrays, faults, token_record = job
                 if faults:
-                    with open(self.faults_path, "a", encoding="utf-8") as fh:
-                        fh.writelines(json.dumps(f) + "\n" for f in faults)
-                        fh.flush()
-                        os.fsync(fh.fileno())
+                    _append_synced(self.faults_path, [json.dumps(f) + "\n" for f in faults])
+                _append_synced(self.tokens_path, [token_record])
                 self.writer.write_rows(start, arrays)
                 self.bar.update(len(arrays[schema.FRAME_MASK]))
             except Exception as err:     # re-raised in the main thread by put() or __exit__
@@ -341,7 +346,14 @@ class _BatchWriter:
             raise self.error
 
 
-def _write_report(path, split, n_videos, faults_path):
+def _append_synced(path, lines):
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.writelines(lines)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_report(path, split, n_videos, faults_path, text_unk):
     """The JSON report beside the store: every faulted video with its file and reason, counted."""
     faults, seen = [], set()
     if faults_path.exists():
@@ -356,9 +368,9 @@ def _write_report(path, split, n_videos, faults_path):
         kind = fault["reason"].split(":")[0]
         counts[kind] = counts.get(kind, 0) + 1
     report = {"split": split, "store": str(path), "n_videos": n_videos,
-              "n_videos_with_faults": len({f["id"] for f in faults}), "fault_counts": counts, "faults": faults}
-    report_path = path.with_name(f"{split}.report.json")
-    report_path.write_text(json.dumps(report, indent=1), encoding="utf-8")
+              "n_videos_with_faults": len({f["id"] for f in faults}), "fault_counts": counts,
+              "text_unk": text_unk, "faults": faults}
+    write_json(path.with_name(f"{split}.report.json"), report)
     return report
 
 

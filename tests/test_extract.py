@@ -193,6 +193,26 @@ def test_feature_zip_layout_needs_no_frame_encoder_and_reports_each_bad_npy(tmp_
     assert on_disk["fault_counts"]["float16 overflow"] == 1
 
 
+def test_text_the_tokenizer_cannot_read_is_measured_per_field_and_warned_about(tmp_path, capsys):
+    """all-MiniLM-L6-v2's vocabulary lacks most Chinese characters: they become [UNK]."""
+    titles = ["连衣裙 女 夏季 新款", "蓝色牛仔裤", "纯棉短袖T恤"]
+    arrays = {f"c{i}": np.ones((2, 4), np.float16) for i in range(3)}
+    write_feature_zip(tmp_path, "test", arrays)
+    write_annotations(tmp_path, "test", [{"id": k, "title": t, "asr": "a red summer dress", "ocr": []}
+                                         for k, t in zip(arrays, titles)])
+    report = extract(tmp_path, ["test"], tmp_path / "c", options(frames=2, batch_size=2))["test"]
+    unk = json.loads((tmp_path / "c" / "test.report.json").read_text())["text_unk"]
+    assert unk == report["text_unk"]
+    assert unk["title"]["unk_share"] > 0.5 and unk["title"]["tokens"] >= 12
+    assert unk["asr"] == {"unk": 0, "tokens": 12, "unk_share": 0.0}           # 4 words x 3
+    assert unk["ocr"] == {"unk": 0, "tokens": 0, "unk_share": None}
+    err = capsys.readouterr().err
+    assert "WARNING: test:" in err and "of the title tokens" in err and "--text-encoder bert:<dir>" in err
+    assert f"{unk['title']['unk_share']:.1%}" in err and "asr tokens" not in err
+    rerun = extract(tmp_path, ["test"], tmp_path / "c", options(frames=2, batch_size=2))["test"]
+    assert rerun["text_unk"] == unk                                   # a resumed run counts no row twice
+
+
 def test_an_undecodable_video_file_is_masked_and_reported(tmp_path):
     write_mp4(tmp_path / "videos" / "test" / "m000.mp4", n_frames=6)
     (tmp_path / "videos" / "test" / "m001.mp4").write_bytes(b"\x00" * 100)
