@@ -78,7 +78,7 @@ def bench_synthetic(args):
     (w1, c1), (w2, c2) = times[f"lgbm multiclass fit, {args.lgbm_rounds} rounds"], \
         times[f"lgbm multiclass fit, {2 * args.lgbm_rounds} rounds"]
     per_round = ((w2 - w1) / args.lgbm_rounds, (c2 - c1) / args.lgbm_rounds)
-    default_rounds = LGBMStacker().params["n_rounds"]
+    default_rounds = LGBMStacker().params.n_rounds
     extra = default_rounds - args.lgbm_rounds
     times["lgbm multiclass: per round (measured difference)"] = per_round
     lgbm_full = f"lgbm multiclass: {default_rounds} rounds (EXTRAPOLATED)"
@@ -89,7 +89,7 @@ def bench_synthetic(args):
 
     with Clock() as c:
         rerank = RerankStacker(top_k=args.top_k, threads=args.threads, fine_to_coarse=f2c).fit(train_X, y[~held])
-    rerank_fit = f"rerank fit (top-{args.top_k}, {rerank.params['n_rounds']} rounds, in full)"
+    rerank_fit = f"rerank fit (top-{args.top_k}, {rerank.params.n_rounds} rounds, in full)"
     times[rerank_fit] = (c.wall, c.cpu)
     with Clock() as c:
         proba = rerank.predict_proba(test_X)

@@ -6,9 +6,8 @@ on an inner out-of-fold pass over the other folds only (nested), never on the pr
 scored on. Then the stacker is refit on all labelled videos and the reweighting tuned on the full
 out-of-fold predictions, and both predict the other splits.
 """
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,41 +16,51 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from features import schema
+from features.records import write_json
+from features.store import StoreReader, rows_of
 from neural.metrics import metric_from_proba
 from stacking.plots import plot_per_class_f1
 from stacking.reweight import PriorReweighter
 from stacking.rundir import RunDirError, available_splits, load_run, split_predictions
 from stacking.signals import build_input, signal_names_for
-from stacking.stackers import make_stacker
+from stacking.stackers import check_overrides, make_stacker, stacker_params
 from stacking.submission import write_predictions
 
 
 @dataclass
 class StackOptions:
     models: tuple = ()              # base models; empty = every model in run.json
-    stacker: str = "rerank"         # the LightGBM stacker: "rerank" (binary, top-k) or "lgbm" (multiclass)
-    top_k: int = 10                 # candidates per video for "rerank"
-    n_rounds: int = 0               # boosting rounds; 0 = the stacker's default
-    logreg_c: float = 0.1           # inverse regularisation of the logistic-regression stacker
+    stacker: str = "rerank"         # the stacker fitted and saved: a kind of stacking.stackers.STACKERS
+    params: dict = field(default_factory=dict)   # stacker parameters {"[kind.]name": value} over the defaults
     reweight: str = "auto"          # "power", "inverse" or "auto" (the better of the two, chosen nested)
     use_shift_stats: bool = True    # add agg/shift_stats to the signals when the store has it
     split: str = "test"             # split written to submission.csv; "" for none
     threads: int = 1                 # LightGBM threads: 2 ran 30-50x slower than 1 on the loaded 2-core machine
     seed: int = 0
     compare: tuple = ("logreg",)    # extra stackers scored side by side (not saved)
+    # the old spellings of params={"top_k": k, "n_rounds": r} (0: the default); tests/test_stack_e2e.py uses them
+    top_k: InitVar[int] = None
+    n_rounds: InitVar[int] = None
+
+    def __post_init__(self, top_k, n_rounds):
+        self.params = dict(self.params)
+        if top_k is not None:
+            self.params.setdefault("top_k", top_k)
+        if n_rounds:
+            self.params.setdefault("n_rounds", n_rounds)
+
+    @property
+    def kinds(self):
+        """The stackers used: the saved one, then the compared ones."""
+        return [self.stacker, *[k for k in self.compare if k != self.stacker]]
 
 
-def stacker_factory(kind, options, fine_to_coarse):
-    """A function making a fresh, unfitted stacker of `kind` with the options' settings."""
-    if kind == "logreg":
-        return lambda: make_stacker("logreg", C=options.logreg_c, seed=options.seed)
-    if kind == "average":
-        return lambda: make_stacker("average")
-    params = {"threads": options.threads, "seed": options.seed}
-    if options.n_rounds:
-        params["n_rounds"] = options.n_rounds
-    if kind == "rerank":
-        params.update(top_k=options.top_k, fine_to_coarse=fine_to_coarse)
+def stacker_maker(kind, options, fine_to_coarse):
+    """A function making a fresh, unfitted stacker of `kind`: its declared defaults, the values the stack
+    shares with every stacker declaring them (threads, seed, fine_to_coarse), then the options' params."""
+    shared = {"threads": options.threads, "seed": options.seed,
+              "fine_to_coarse": [int(c) for c in fine_to_coarse]}
+    params = stacker_params(kind, shared, options.params)
     return lambda: make_stacker(kind, **params)
 
 
@@ -105,9 +114,9 @@ def evaluate(run, X, options, timings):
     table = {f"base:{m}": metric_from_proba(y, run.oof[m], f2c) for m in run.models}
     table["average"] = metric_from_proba(y, X.probas.mean(axis=0), f2c)
     for kind in options.compare:
-        oof = _timed(timings, f"oof_{kind}", cross_val_predict, stacker_factory(kind, options, f2c), X, y, fold, kind)
+        oof = _timed(timings, f"oof_{kind}", cross_val_predict, stacker_maker(kind, options, f2c), X, y, fold, kind)
         table[kind] = metric_from_proba(y, oof, f2c)
-    make = stacker_factory(options.stacker, options, f2c)
+    make = stacker_maker(options.stacker, options, f2c)
     stack_oof = _timed(timings, f"oof_{options.stacker}", cross_val_predict, make, X, y, fold, options.stacker)
     table[options.stacker] = metric_from_proba(y, stack_oof, f2c)
     reweighted, chosen = _timed(timings, "nested_reweight", nested_reweight, make, X, y, fold, stack_oof,
@@ -126,14 +135,14 @@ def evaluate(run, X, options, timings):
 def stack(run_dir, out_dir, options=None):
     """Score, fit and save the stack of RUN_DIR into OUT_DIR; returns the metrics dict written."""
     options = options or StackOptions()
+    check_overrides(options.params, options.kinds)       # before any work: unknown kinds and parameters
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = {}
     with threadpool_limits(options.threads):
         run = _timed(timings, "load_run", load_run, run_dir, options.models)
         splits = _check_split(run, options.split)
-        names = signal_names_for(run, options)
-        X = _timed(timings, "signals", build_input, run.models, run.oof, run.store_path, run.ids, names)
+        X, names = _timed(timings, "signals", labelled_input, run, options)
         table, stack_oof, reweighted, extra = evaluate(run, X, options, timings)
         stacker, reweighter = _timed(timings, "refit", refit, run, X, stack_oof, options)
         save_stack(out_dir, run, stacker, reweighter, names, options)
@@ -146,14 +155,17 @@ def stack(run_dir, out_dir, options=None):
                "n_videos": len(run.ids), "n_folds": run.n_folds, "n_classes": run.n_classes,
                "signals": names, "options": _options_json(options), "table": table,
                "reweight_final": {"kind": reweighter.kind_, "param": reweighter.param_},
-               **extra, "predictions": written, "times_s": timings}
-    if options.stacker == "rerank":
-        metrics["rerank_train_recall_at_k"] = stacker.train_recall_
-        metrics["rerank_oof_recall_at_k"] = float((np.argsort(-X.probas.mean(0), axis=1)[:, :options.top_k]
-                                                    == run.label[:, None]).any(axis=1).mean())
-    with open(out_dir / "metrics.json", "w", encoding="utf-8") as fh:
-        json.dump(metrics, fh, indent=1)
+               **extra, "predictions": written, "times_s": timings, **stacker.report(X, run.label)}
+    write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def labelled_input(run, options):
+    """(StackInput of the labelled videos' OOF probabilities and signals, the signals' names)."""
+    with StoreReader(run.store_path) as reader:
+        names = signal_names_for(reader, len(run.models), run.n_classes, options.use_shift_stats)
+        rows = rows_of(reader.ids, run.ids, reader.path)
+        return build_input(run.models, run.oof, reader, rows, names), names
 
 
 def _options_json(options):
@@ -172,20 +184,21 @@ def _check_split(run, split):
 
 def refit(run, X, stack_oof, options):
     """The stacker on all labelled videos; the reweighting tuned on its full out-of-fold predictions."""
-    stacker = stacker_factory(options.stacker, options, run.fine_to_coarse.tolist())().fit(X, run.label)
+    stacker = stacker_maker(options.stacker, options, run.fine_to_coarse)().fit(X, run.label)
     counts = np.bincount(run.label, minlength=run.n_classes)
     reweighter = PriorReweighter(options.reweight).fit(stack_oof, run.label, counts, run.fine_to_coarse)
     return stacker, reweighter
 
 
 def save_stack(out_dir, run, stacker, reweighter, signal_names, options):
+    """stacker/, reweight.json, then stack.json: a stack directory with stack.json is whole."""
     stacker.save(out_dir / "stacker")
     reweighter.save(out_dir / "reweight.json")
-    with open(out_dir / "stack.json", "w", encoding="utf-8") as fh:
-        json.dump({"run_dir": str(run.run_dir), "fingerprint": run.fingerprint, "models": run.models,
-                   "signals": signal_names, "fine_classes": run.fine_classes,
-                   "fine_to_coarse": run.fine_to_coarse.tolist(), "store_config": run.store_config,
-                   "options": _options_json(options)}, fh, indent=1)
+    write_json(out_dir / "stack.json",
+               {"run_dir": str(run.run_dir), "fingerprint": run.fingerprint, "models": run.models,
+                "signals": signal_names, "fine_classes": run.fine_classes,
+                "fine_to_coarse": run.fine_to_coarse.tolist(), "store_config": run.store_config,
+                "options": _options_json(options)})
 
 
 def predict_splits(run, splits, stacker, reweighter, names, out_dir, options):
@@ -193,10 +206,10 @@ def predict_splits(run, splits, stacker, reweighter, names, out_dir, options):
     written = {}
     for split in splits:
         ids, probas = split_predictions(run, split)
-        store_path = schema.store_path(run.config["cache_dir"], split)
-        X = build_input(run.models, probas, store_path, ids, names)
-        pred = reweighter.transform(stacker.predict_proba(X)).argmax(axis=1)
-        name = "submission.csv" if split == options.split else f"predictions_{split}.csv"
-        write_predictions(out_dir / name, ids, pred, run.fine_classes, store_path)
+        with StoreReader(schema.store_path(run.config["cache_dir"], split)) as reader:   # opened once
+            X = build_input(run.models, probas, reader, rows_of(reader.ids, ids, reader.path), names)
+            pred = reweighter.transform(stacker.predict_proba(X)).argmax(axis=1)
+            name = "submission.csv" if split == options.split else f"predictions_{split}.csv"
+            write_predictions(out_dir / name, ids, pred, run.fine_classes, reader)
         written[split] = {"file": name, "rows": int(len(ids))}
     return written

@@ -7,14 +7,18 @@ Two families (n_c floored at 1 so a class unseen in training gets the largest we
 given, so give it predictions it will not be scored on (stacking/pipeline.py tunes it inside the
 stacker's cross-validation).
 """
-import json
-
 import numpy as np
+
+from features.records import read_json, write_json
 
 
 TAUS = tuple(np.round(np.arange(0.0, 1.51, 0.05), 2))
 ALPHAS = (0.0, 0.1, 0.3, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
 KINDS = ("power", "inverse")
+
+
+class ReweightError(ValueError):
+    """An unknown reweighting, or a saved one that cannot be read."""
 
 
 def challenge_mean(y, pred, fine_to_coarse, n_classes):
@@ -40,13 +44,13 @@ def class_weights(kind, param, class_counts):
         return n ** -float(param)
     if kind == "inverse":
         return float(param) / n + 1.0
-    raise ValueError(f"unknown reweighting '{kind}'; choose one of {', '.join(KINDS)}")
+    raise ReweightError(f"unknown reweighting '{kind}'; choose one of {', '.join(KINDS)}")
 
 
 class PriorReweighter:
     def __init__(self, kind="auto", taus=TAUS, alphas=ALPHAS):
         if kind not in KINDS + ("auto",):
-            raise ValueError(f"unknown reweighting '{kind}'; choose auto or one of {', '.join(KINDS)}")
+            raise ReweightError(f"unknown reweighting '{kind}'; choose auto or one of {', '.join(KINDS)}")
         self.kind, self.taus, self.alphas = kind, tuple(taus), tuple(alphas)
 
     def _candidates(self):
@@ -73,18 +77,17 @@ class PriorReweighter:
         return (out / np.maximum(out.sum(axis=1, keepdims=True), 1e-300)).astype(np.float32)
 
     def save(self, path):
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump({"kind": self.kind, "kind_": self.kind_, "param_": self.param_, "score_": self.score_,
-                       "class_counts_": self.class_counts_.tolist(), "weights_": self.weights_.tolist(),
-                       "curve_": self.curve_}, fh, indent=1)
+        write_json(path, {"kind": self.kind, "kind_": self.kind_, "param_": self.param_, "score_": self.score_,
+                          "class_counts_": self.class_counts_.tolist(), "weights_": self.weights_.tolist(),
+                          "curve_": self.curve_})
 
     @classmethod
     def load(cls, path):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                state = json.load(fh)
-        except OSError as err:
-            raise ValueError(f"{path}: cannot read the fitted reweighting: {err}") from err
+        state = read_json(path, error=ReweightError, hint="no fitted reweighting here")
+        missing = [k for k in ("kind", "kind_", "param_", "score_", "class_counts_", "weights_", "curve_")
+                   if k not in state]
+        if missing:
+            raise ReweightError(f"{path}: field '{missing[0]}' is missing")
         out = cls(state["kind"])
         out.kind_, out.param_, out.score_ = state["kind_"], state["param_"], state["score_"]
         out.class_counts_ = np.asarray(state["class_counts_"], np.float64)

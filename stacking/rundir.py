@@ -14,9 +14,9 @@ import h5py
 import numpy as np
 
 from features import schema
+from features.records import options_diff
 from features.store import StoreReader, rows_of
-
-LABELLED_SPLIT = schema.LABELLED_SPLIT
+from neural.outputs import read_run
 
 
 class RunDirError(ValueError):
@@ -46,24 +46,6 @@ class RunData:
     @property
     def n_folds(self):
         return int(self.fold.max()) + 1
-
-
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except OSError as err:
-        raise RunDirError(f"{path}: cannot read: {err}") from err
-    except json.JSONDecodeError as err:
-        raise RunDirError(f"{path}: not valid JSON: {err}") from err
-
-
-def read_run_config(run_dir):
-    config = read_json(Path(run_dir) / "run.json")
-    for key in ("cache_dir", "fine_classes", "fine_to_coarse", "models"):
-        if key not in config:
-            raise RunDirError(f"{run_dir}/run.json: field '{key}' is missing")
-    return config
 
 
 def read_folds(run_dir):
@@ -143,7 +125,7 @@ def load_run(run_dir, models=None):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: no run directory here")
-    config = read_run_config(run_dir)
+    config = read_run(run_dir)
     models = list(models) if models else list(config["models"])
     missing = [m for m in models if not predictions_path(run_dir, m).exists()]
     if missing:
@@ -174,14 +156,14 @@ def load_run(run_dir, models=None):
 
 def check_store(config, ids, label, fine_classes):
     """The labelled store run.json names must be the one the models were trained on."""
-    path = schema.store_path(config["cache_dir"], config.get("split", LABELLED_SPLIT))
-    reader = StoreReader(path)
-    try:
+    path = schema.store_path(config["cache_dir"], config.get("split", schema.LABELLED_SPLIT))
+    with StoreReader(path) as reader:
         if reader.fine_classes != fine_classes:
             raise RunDirError(f"{path}: the store's fine_classes differ from run.json's; "
                               "the run was made from a different store or class set")
-        if "store_config" in config and reader.config != config["store_config"]:
-            raise RunDirError(f"{path}: the store's config differs from the one recorded in run.json; "
+        if reader.config != config["store_config"]:
+            raise RunDirError(f"{path}: the store's config differs from the one recorded in run.json "
+                              f"({options_diff(config['store_config'], reader.config)}); "
                               "the run was made from a different store (re-extracted since?)")
         store_rows = rows_of(reader.ids, ids, path)
         store_label = reader.read(schema.LABEL_FINE, slice(None))[store_rows]
@@ -190,8 +172,6 @@ def check_store(config, ids, label, fine_classes):
             raise RunDirError(f"{path}: video {ids[row]} has label {store_label[row]} in the store but "
                               f"{label[row]} in the run's predictions; the run was made from a different store")
         return path, reader.config
-    finally:
-        reader.close()
 
 
 def fingerprint(ids, fold, fine_classes, store_config):

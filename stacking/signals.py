@@ -7,7 +7,6 @@ low-dimensional agg/shift_stats.
 import numpy as np
 
 from features import schema
-from features.store import StoreReader, rows_of
 from stacking.stackers import StackInput
 
 SHIFT_STATS = f"{schema.AGG_GROUP}/shift_stats"
@@ -32,46 +31,38 @@ def store_signal_names(reader, use_shift_stats):
     return names
 
 
-def store_signals(store_path, rows, names, batch_size=4096):
-    """Signals `names` (from store_signal_names) of the store rows `rows` (N,) -> (N, S) float32.
+def store_signals(reader, rows, names, batch_size=4096):
+    """Signals `names` (from store_signal_names) of rows `rows` (N,) of the open store -> (N, S) float32.
 
     The store is read in contiguous row batches; only the small datasets are touched.
     """
-    reader = StoreReader(store_path)
-    try:
-        want_shift = any(n.startswith("shift_stats_") for n in names)
+    want_shift = any(n.startswith("shift_stats_") for n in names)
+    if want_shift:
+        reader.require(SHIFT_STATS, "python run.py extract (aggregates)")
+    out = np.zeros((reader.n, len(names)), np.float32)                  # (N_store, S)
+    for start in range(0, reader.n, batch_size):
+        rows_b = slice(start, min(start + batch_size, reader.n))
+        parts = [reader.read(schema.FRAME_MASK, rows_b).sum(axis=1, keepdims=True),
+                 reader.read(schema.TEXT_LEN, rows_b)]
         if want_shift:
-            reader.require(SHIFT_STATS, "python run.py extract (aggregates)")
-        out = np.zeros((reader.n, len(names)), np.float32)              # (N_store, S)
-        for start in range(0, reader.n, batch_size):
-            rows_b = slice(start, min(start + batch_size, reader.n))
-            parts = [reader.read(schema.FRAME_MASK, rows_b).sum(axis=1, keepdims=True),
-                     reader.read(schema.TEXT_LEN, rows_b)]
-            if want_shift:
-                parts.append(reader.read(SHIFT_STATS, rows_b).astype(np.float32))
-            out[rows_b] = np.concatenate(parts, axis=1)
-        return out[np.asarray(rows)]
-    finally:
-        reader.close()
+            parts.append(reader.read(SHIFT_STATS, rows_b).astype(np.float32))
+        out[rows_b] = np.concatenate(parts, axis=1)
+    return out[np.asarray(rows)]
 
 
-def build_input(models, probas, store_path, ids, signal_names):
-    """StackInput for videos `ids` of the store at store_path, from {model: (N, C)} probabilities."""
+def build_input(models, probas, reader, rows, signal_names):
+    """StackInput from {model: (N, C)} probabilities of the videos at rows `rows` (N,) of the open store.
+
+    rows: features.store.rows_of(reader.ids, ids, reader.path), which the caller has anyway to write
+    the predictions, so the store is opened and its ids read once per split.
+    """
     stacked = np.stack([probas[m] for m in models])                              # (M, N, C)
     pred_sig, _ = prediction_signals(list(stacked))
     store_names = [n for n in signal_names if not n.startswith(("margin_", "entropy_"))]
-    reader = StoreReader(store_path)
-    store_ids = reader.ids
-    reader.close()
-    rows = rows_of(store_ids, ids, store_path)
-    return StackInput(stacked, np.concatenate([pred_sig, store_signals(store_path, rows, store_names)], axis=1))
+    return StackInput(stacked, np.concatenate([pred_sig, store_signals(reader, rows, store_names)], axis=1))
 
 
-def signal_names_for(run, options):
-    reader = StoreReader(run.store_path)
-    try:
-        store_names = store_signal_names(reader, options.use_shift_stats)
-    finally:
-        reader.close()
-    _, pred_names = prediction_signals([np.full((1, run.n_classes), 1.0 / run.n_classes)] * len(run.models))
-    return pred_names + store_names
+def signal_names_for(reader, n_models, n_classes, use_shift_stats):
+    """Names of the signals build_input makes for n_models models over the open store `reader`."""
+    _, pred_names = prediction_signals([np.full((1, n_classes), 1.0 / n_classes)] * n_models)
+    return pred_names + store_signal_names(reader, use_shift_stats)

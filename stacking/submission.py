@@ -3,21 +3,19 @@ from collections import Counter
 
 import numpy as np
 
-from features.store import StoreReader
+from features.records import atomic_path
 
 
 class SubmissionError(ValueError):
     pass
 
 
-def check_ids(ids, store_path):
-    """Every video of the split's store exactly once, and nothing else."""
-    reader = StoreReader(store_path)
-    store_ids = reader.ids
-    reader.close()
-    dup = [v for v, n in Counter(ids).items() if n > 1]
+def check_ids(ids, store_ids, store_path):
+    """Every video of the split's store (store_ids, read from store_path) exactly once, and nothing else."""
+    counts = Counter(ids)
+    dup = [v for v, n in counts.items() if n > 1]
     if dup:
-        raise SubmissionError(f"{store_path}: video id {dup[0]} would be written {Counter(ids)[dup[0]]} times")
+        raise SubmissionError(f"{store_path}: video id {dup[0]} would be written {counts[dup[0]]} times")
     missing, extra = set(store_ids) - set(ids), set(ids) - set(store_ids)
     if missing or extra:
         which = f"missing {sorted(missing)[0]}" if missing else f"unknown {sorted(extra)[0]}"
@@ -25,11 +23,12 @@ def check_ids(ids, store_path):
                               f"({len(missing)} missing, {len(extra)} unknown; e.g. {which})")
 
 
-def write_predictions(path, ids, pred, fine_classes, store_path):
-    """Write `id,category_id` for videos `ids` (N,) with fine class indices `pred` (N,)."""
-    check_ids(list(ids), store_path)
+def write_predictions(path, ids, pred, fine_classes, reader):
+    """Write `id,category_id` for videos `ids` (N,) with fine class indices `pred` (N,), atomically;
+    `ids` must cover the split's store (an open StoreReader) exactly."""
+    check_ids(list(ids), reader.ids, reader.path)
     classes = np.asarray(fine_classes)
-    with open(path, "w", encoding="utf-8", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
         for video, cls in zip(ids, classes[np.asarray(pred)]):
             fh.write(f"{video},{cls}\n")
 

@@ -10,9 +10,12 @@ from features.store import StoreError
 from neural.metrics import metric_from_proba
 from stacking import pipeline
 from stacking.pipeline import StackOptions, stack
-from inference.predict import predict_from_probas
+from features.store import StoreReader, rows_of
+from stacking.reweight import PriorReweighter
 from stacking.rundir import RunDirError, load_run, split_predictions
-from stacking.stackers import STACKERS, StackInput, load_stacker, make_stacker
+from stacking.signals import build_input
+from stacking.stackers import (STACKERS, StackerError, StackInput, check_overrides, load_stacker, make_stacker,
+                               parse_overrides, stacker_params)
 from stacking.submission import SubmissionError, read_predictions
 from tests.test_stack_fakes import write_fake_run, write_predictions
 
@@ -90,12 +93,13 @@ def test_saved_stack_reproduces_the_submission(stacked):
     run_dir, out, _, _ = stacked
     run = load_run(run_dir)
     ids, probas = split_predictions(run, "test")
-    target = out.parent / "again.csv"
-    predict_from_probas(out, probas, run_dir.parent / "cache" / "test.h5", ids, target)
-    assert target.read_text() == (out / "submission.csv").read_text()
-    missing = {m: p for m, p in probas.items() if m != "b"}
-    with pytest.raises(ValueError, match="'b'"):
-        predict_from_probas(out, missing, run_dir.parent / "cache" / "test.h5", ids, target)
+    meta = json.loads((out / "stack.json").read_text())
+    # only what the stack directory holds: stack.json's models and signals, stacker/, reweight.json
+    with StoreReader(run_dir.parent / "cache" / "test.h5") as reader:
+        X = build_input(meta["models"], probas, reader, rows_of(reader.ids, ids, reader.path), meta["signals"])
+    pred = PriorReweighter.load(out / "reweight.json").transform(load_stacker(out / "stacker").predict_proba(X))
+    expected = [ln.split(",")[1] for ln in (out / "submission.csv").read_text().splitlines()]
+    assert [run.fine_classes[c] for c in pred.argmax(axis=1)] == expected
 
 
 def test_plot_and_low_quartile_report(stacked):
@@ -114,9 +118,7 @@ def test_each_stacker_saves_and_loads_to_the_same_predictions(kind, tmp_path):
     probas = rng.dirichlet(np.ones(5), size=(2, 150)).astype(np.float32)
     probas[0, np.arange(150), y] += 1.0
     X = StackInput(probas / probas.sum(axis=2, keepdims=True), rng.normal(size=(150, 3)).astype(np.float32))
-    params = {"threads": 1, "n_rounds": 20} if kind in ("lgbm", "rerank") else {}
-    if kind == "rerank":
-        params["top_k"] = 3
+    params = stacker_params(kind, {"threads": 1}, {"n_rounds": 20, "top_k": 3})
     fitted = make_stacker(kind, **params).fit(X, y)
     proba = fitted.predict_proba(X)
     assert proba.shape == (150, 5)
@@ -194,14 +196,80 @@ def test_cli_stack_and_its_one_line_errors(tmp_path):
     run_dir, _ = write_fake_run(tmp_path, n=60, n_test=12)
     runner = CliRunner()
     result = runner.invoke(cli, ["stack", "--model", str(run_dir), "--out", str(tmp_path / "out"),
-                                 "--rounds", "5", "--compare", "", "--threads", "1"])
+                                 "--param", "n_rounds=5", "--param", "rerank.top_k=3", "--compare", "",
+                                 "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "rerank+reweight" in result.output
     assert len((tmp_path / "out" / "submission.csv").read_text().splitlines()) == 12
-    result = runner.invoke(cli, ["stack", "--model", str(run_dir), "--out", str(tmp_path / "out2"),
-                                 "--models", "a,zz"])
-    assert result.exit_code != 0
-    assert "base model(s) missing: zz" in result.output and "Traceback" not in result.output
+    saved = json.loads((tmp_path / "out" / "stacker" / "stacker.json").read_text())["params"]
+    assert (saved["n_rounds"], saved["top_k"], saved["threads"]) == (5, 3, 1)
+    for args, message in ((["--models", "a,zz"], "base model(s) missing: zz"),
+                          (["--param", "n_round=5"], "no settable parameter 'n_round'"),
+                          (["--param", "top_k=three"], "top_k=three"),
+                          (["--param", "C=1", "--compare", ""], "'C': not a parameter of rerank"),
+                          (["--compare", "logreg,zz"], "unknown stacker(s) zz")):
+        result = runner.invoke(cli, ["stack", "--model", str(run_dir), "--out", str(tmp_path / "out2"), *args])
+        assert result.exit_code != 0
+        assert message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_stack_and_compare_choices_come_from_the_registry():
+    from run import cli
+    options = {p.name: p for p in cli.commands["stack"].params}
+    assert list(options["stacker"].type.choices) == list(STACKERS) == ["rerank", "lgbm", "logreg", "average"]
+    for kind in STACKERS:
+        assert kind in options["compare"].help and kind in options["stacker"].help
+
+
+def test_stacker_parameters_are_defaults_then_shared_values_then_overrides():
+    shared = {"threads": 2, "seed": 5, "fine_to_coarse": [0, 0, 1]}
+    overrides = {"n_rounds": 7, "lgbm.n_rounds": 9, "logreg.C": 1.0}
+    assert stacker_params("rerank", shared, overrides) == {**shared, "n_rounds": 7}
+    assert stacker_params("lgbm", shared, overrides) == {"threads": 2, "seed": 5, "n_rounds": 9}
+    assert stacker_params("logreg", shared, overrides) == {"seed": 5, "C": 1.0}
+    assert stacker_params("average", shared, overrides) == {}
+    made = make_stacker("lgbm", **stacker_params("lgbm", shared, overrides))
+    assert (made.params.n_rounds, made.params.learning_rate) == (9, 0.1)          # the rest at defaults
+
+
+def test_unknown_stackers_and_parameters_are_refused_naming_them():
+    with pytest.raises(StackerError, match="unknown stacker 'zz'.*rerank"):
+        check_overrides({}, ["rerank", "zz"])
+    with pytest.raises(StackerError, match="'lgbm' is not used here"):
+        check_overrides({"lgbm.n_rounds": 3}, ["rerank", "logreg"])
+    with pytest.raises(StackerError, match="'C': not a parameter of rerank"):
+        check_overrides({"C": 1.0}, ["rerank"])
+    with pytest.raises(StackerError, match="seed comes from the stack itself"):
+        check_overrides({"seed": 3}, ["rerank"])
+    with pytest.raises(StackerError, match="stacker 'logreg' has no parameter top_k"):
+        make_stacker("logreg", top_k=3)
+    assert parse_overrides(["top_k=3", "logreg.C=0.5"]) == {"top_k": 3, "logreg.C": 0.5}
+    with pytest.raises(StackerError, match="expected \\[kind.\\]name=value"):
+        parse_overrides(["top_k"])
+    with pytest.raises(StackerError, match="fine_to_coarse"):
+        parse_overrides(["fine_to_coarse=1"])
+    with pytest.raises(StackerError, match="unknown stacker 'zz'"):
+        stack("unused", "unused", StackOptions(compare=("zz",)))
+
+
+def test_a_saved_stacker_missing_a_file_is_refused_naming_it(tmp_path):
+    X = StackInput(np.full((2, 30, 3), 1 / 3, np.float32), np.zeros((30, 1), np.float32))
+    y = np.arange(30) % 3
+    make_stacker("lgbm", n_rounds=2).fit(X, y).save(tmp_path / "lgbm")
+    (tmp_path / "lgbm" / "booster.txt").unlink()
+    with pytest.raises(StackerError, match="booster.txt: missing"):
+        load_stacker(tmp_path / "lgbm")
+    with pytest.raises(StackerError, match="stacker.json: cannot read"):
+        load_stacker(tmp_path / "nothing")
+
+
+def test_a_stacker_whose_arrays_fail_to_save_leaves_no_stacker_json(tmp_path, monkeypatch):
+    X = StackInput(np.full((2, 30, 3), 1 / 3, np.float32), np.zeros((30, 1), np.float32))
+    fitted = make_stacker("logreg").fit(X, np.arange(30) % 3)
+    monkeypatch.setattr(np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        fitted.save(tmp_path / "logreg")
+    assert sorted(p.name for p in (tmp_path / "logreg").iterdir()) == []
 
 
 def test_refuses_nested_reweighting_with_two_folds(tmp_path):

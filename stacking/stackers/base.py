@@ -1,0 +1,130 @@
+"""The contract every stacker keeps, and how a fitted one is saved and loaded.
+
+    stacker = Kind(**params);  stacker.fit(X, y) -> self;  stacker.predict_proba(X) -> (N, C)
+    stacker.save(dir);  load_stacker(dir) -> the same predictions
+
+X is a StackInput: the base models' probabilities (M, N, C) and per-video signals (N, S). A stacker
+declares its parameters as a dataclass `Params` (defaults and help, via `param`); what it learns ends
+in `_`. A saved stacker is a directory: its arrays (`_save_arrays`: .npz, a booster's text file) and
+stacker.json ({"kind", "params", "learned"}), written last, so a directory with stacker.json is whole.
+No pickle: loading runs no code from the directory.
+"""
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from features.records import atomic_path, read_json, write_json
+
+
+class StackerError(ValueError):
+    """An unknown stacker or parameter, or a saved stacker that cannot be read."""
+
+
+@dataclass
+class StackInput:
+    probas: np.ndarray      # (M, N, C) float32 base model probabilities
+    signals: np.ndarray     # (N, S) float32 per-video signals
+
+    def take(self, rows):
+        return StackInput(self.probas[:, rows], self.signals[rows])
+
+    def __len__(self):
+        return self.probas.shape[1]
+
+    @property
+    def n_classes(self):
+        return self.probas.shape[2]
+
+
+def param(default, help):
+    """A declared stacker parameter: its default and one line of help (shown by `stack --help`)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class NoParams:
+    """A stacker without parameters."""
+
+
+def declared(params_cls):
+    """[(name, default, help)] of a Params dataclass, in declaration order."""
+    return [(f.name, f.default, f.metadata.get("help", "")) for f in fields(params_cls)]
+
+
+class Stacker:
+    """Base class: parameters checked against `Params`, save/load of stacker.json; subclasses fit and predict."""
+    kind = ""
+    summary = ""                     # one line for `stack --help`
+    Params = NoParams
+
+    def __init__(self, **params):
+        names = [f.name for f in fields(self.Params)]
+        unknown = sorted(set(params) - set(names))
+        if unknown:
+            raise StackerError(f"stacker '{self.kind}' has no parameter {', '.join(unknown)}; "
+                               f"it has: {', '.join(names) or 'none'}")
+        self.params = self.Params(**params)
+
+    def fit(self, X, y):
+        raise NotImplementedError
+
+    def predict_proba(self, X):
+        raise NotImplementedError
+
+    def report(self, X, y):
+        """Extra numbers for metrics.json after the final fit on (X, y); none by default."""
+        return {}
+
+    def learned(self):
+        """The JSON-able part of what was learned (arrays go to `_save_arrays`)."""
+        return {"n_classes_": self.n_classes_}
+
+    def restore(self, path, learned):
+        """Set what was learned from stacker.json's `learned` and the arrays in `path`."""
+        self.n_classes_ = learned["n_classes_"]
+
+    def _save_arrays(self, path):
+        """Write the learned arrays into directory `path` (atomically, one file each)."""
+
+    def save(self, path):
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self._save_arrays(path)
+        write_json(path / "stacker.json", {"kind": self.kind, "params": asdict(self.params),
+                                           "learned": self.learned()})
+        return path
+
+
+def save_npz(path, **arrays):
+    """np.savez to `path` atomically (through an open file: np.savez would append .npz to a .tmp name)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def load_npz(path, names):
+    """{name: array} of `names` from an .npz written by save_npz; a missing file or array names it."""
+    try:
+        with np.load(path) as arrays:
+            missing = [n for n in names if n not in arrays.files]
+            if missing:
+                raise StackerError(f"{path}: array(s) {', '.join(missing)} missing from the saved stacker")
+            return {n: arrays[n] for n in names}
+    except OSError as err:
+        raise StackerError(f"{path}: cannot read the saved stacker's arrays: {err}") from err
+
+
+def load_stacker(path):
+    """The fitted stacker saved in directory `path` by `Stacker.save`."""
+    from stacking.stackers import make_stacker           # the registry imports this module
+    path = Path(path)
+    meta = read_json(path / "stacker.json", error=StackerError, hint="no fitted stacker here")
+    for key in ("kind", "params", "learned"):
+        if key not in meta:
+            raise StackerError(f"{path}/stacker.json: field '{key}' is missing")
+    stacker = make_stacker(meta["kind"], **meta["params"])
+    try:
+        stacker.restore(path, meta["learned"])
+    except KeyError as err:
+        raise StackerError(f"{path}/stacker.json: field 'learned.{err.args[0]}' is missing") from err
+    return stacker
