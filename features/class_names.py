@@ -6,7 +6,7 @@ Names are pooled exactly as the store pools a text field (masked mean of the las
 
     fine_ids (C,) str, fine_texts (C,) str "<level1_name> <level2_name>", fine_emb (C, Dt) float32
     coarse_ids (C1,) str, coarse_texts (C1,) str "<level1_name>", coarse_emb (C1, Dt) float32
-    attrs: text_encoder (spec), text_checksum
+    attrs: text_encoder (spec), text_checksum, precision (the encoder's)
 
 Written only when every fine class has a name (the challenge's own map has none), and atomically.
 """
@@ -62,11 +62,12 @@ def write_class_names(cache_dir, category_map, text_encoder, encoder_spec):
         return None
     fine_texts, coarse_texts = texts
     path = Path(cache_dir) / CLASS_NAMES_FILE
-    if path.exists() and _same_file(path, category_map, fine_texts, text_encoder.checksum):
+    if path.exists() and _same_file(path, category_map, fine_texts, text_encoder):
         return path
     fine_emb, coarse_emb = embed_texts(fine_texts, text_encoder), embed_texts(coarse_texts, text_encoder)
     save_class_names(path, category_map, fine_texts, fine_emb, coarse_texts, coarse_emb,
-                     {"text_encoder": encoder_spec, "text_checksum": text_encoder.checksum})
+                     {"text_encoder": encoder_spec, "text_checksum": text_encoder.checksum,
+                      "precision": text_encoder.precision})
     return path
 
 
@@ -85,9 +86,10 @@ def save_class_names(path, category_map, fine_texts, fine_emb, coarse_texts, coa
         h5.attrs.update(attrs)
 
 
-def _same_file(path, category_map, fine_texts, checksum):
+def _same_file(path, category_map, fine_texts, text_encoder):
     with h5py.File(path, "r") as h5:
-        return (h5.attrs.get("text_checksum") == checksum
+        return (h5.attrs.get("text_checksum") == text_encoder.checksum
+                and h5.attrs.get("precision") == text_encoder.precision
                 and list(h5["fine_ids"].asstr()[:]) == list(category_map.fine_ids)
                 and list(h5["fine_texts"].asstr()[:]) == list(fine_texts))
 

@@ -1,5 +1,9 @@
-"""Which torch device a stage runs on: the GPU when there is one, the CPU when not."""
+"""Which torch device a stage runs on (the GPU when there is one, the CPU when not) and in which precision."""
 import torch
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class DeviceError(RuntimeError):
@@ -13,6 +17,32 @@ def resolve_device(device="auto"):
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda asked for, but torch sees no CUDA device")
     return device
+
+
+def resolve_precision(precision, device):
+    """'auto' -> fp32 on the CPU, bf16 on CUDA when supported else fp16; refuses what the device cannot run.
+
+    fp16 on the CPU is refused (torch's CPU kernels are bf16's, fp16 there is slow and partial)."""
+    kind = torch.device(device).type
+    if precision not in PRECISIONS:
+        raise DeviceError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if kind != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if kind == "cpu" and precision == "fp16":
+        raise DeviceError("--precision fp16 on the CPU: use bf16 or fp32 there")
+    if kind == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise DeviceError("--precision bf16: this GPU does not support bfloat16; use fp16 or fp32")
+    return precision
+
+
+def autocast(device, precision):
+    """The autocast context encoders run under: disabled for fp32 (exact, batch-stable)."""
+    kind = torch.device(device).type
+    if precision == "fp32":
+        return torch.autocast(kind, enabled=False)
+    return torch.autocast(kind, dtype=AUTOCAST_DTYPES[precision])
 
 
 GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3

@@ -16,8 +16,9 @@ An embedded default is only an alias for a full spec whose weights sit inside an
 all go through the same loader. Where weights come from (a file, a directory, a tag, random) is
 decided once, in `_weights_source`, not in each loader.
 
-Every encoder is frozen (eval mode, no gradients), runs under inference_mode, and under autocast
-(bf16 where supported, else fp16) on CUDA. Encoders hold no cross-sample operation, so an item's
+Every encoder is frozen (eval mode, no gradients), runs under inference_mode, and in its `precision`
+(features/device.py resolve_precision: "auto" is fp32 on the CPU, bf16 where supported else fp16 on
+CUDA; bf16 and fp16 run under autocast). Encoders hold no cross-sample operation, so an item's
 embedding does not depend on what else is in its batch. `.checksum` is the sha256 of the weight
 file(s), or of the state_dict bytes when the weights come from a tag, a hub name or random init.
 """
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from features.device import autocast, resolve_precision
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,16 +67,17 @@ TEXT_EMBEDDED = {
 class FrameEncoder:
     """images (B, 3, H, W) float -> (B, D) float32 through a frozen `net`."""
 
-    def __init__(self, name, net, dim, image_size, preprocess, checksum, device):
+    def __init__(self, name, net, dim, image_size, preprocess, checksum, device, precision="auto"):
         self.name, self.dim, self.image_size = name, dim, image_size
         self.preprocess = preprocess        # PIL.Image -> (3, H, W); picklable, model-free
         self.checksum = checksum
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.net = _freeze(net).to(self.device)
 
     def encode(self, images):
         """(B, 3, H, W) float tensor -> (B, D) float32 tensor on the CPU."""
-        with torch.inference_mode(), _autocast(self.device):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             emb = self.net(images.to(self.device, non_blocking=True))   # (B, D)
         return emb.float().cpu()
 
@@ -81,17 +85,18 @@ class FrameEncoder:
 class TextEncoder:
     """(input_ids, attention_mask) (B, T) -> hidden (B, T, Dt), pooled (B, Dt), float32."""
 
-    def __init__(self, name, model, tokenizer, checksum, device):
+    def __init__(self, name, model, tokenizer, checksum, device, precision="auto"):
         self.name, self.tokenizer, self.checksum = name, tokenizer, checksum
         self.dim = model.config.hidden_size
         self.max_tokens = model.config.max_position_embeddings   # longest T the model accepts
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.model = _freeze(model).to(self.device)
 
     def encode(self, input_ids, attention_mask):
         """Hidden states zeroed at padding; pooled = masked mean of the last hidden state."""
         mask = attention_mask.to(self.device)
-        with torch.inference_mode(), _autocast(self.device):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask)
         return masked_mean_hidden(out.last_hidden_state.float(), mask)
 
@@ -106,16 +111,20 @@ def masked_mean_hidden(hidden, attention_mask):
 
 # ----------------------------------------------------------------------------- the factory
 
-def build_frame_encoder(spec: str, device: str = "cpu") -> FrameEncoder:
-    """A frozen frame encoder for `spec` (see the module docstring) on `device`."""
+def build_frame_encoder(spec: str, device: str = "cpu", precision: str = "auto") -> FrameEncoder:
+    """A frozen frame encoder for `spec` (see the module docstring) on `device`, run in `precision`."""
     family, rest = _split_spec(spec, FRAME_EMBEDDED, FRAME_LOADERS, "frame")
-    return FRAME_LOADERS[family](spec, rest, device)
+    encoder = FRAME_LOADERS[family](spec, rest, device)
+    encoder.precision = resolve_precision(precision, encoder.device)
+    return encoder
 
 
-def build_text_encoder(spec: str, device: str = "cpu") -> TextEncoder:
-    """A frozen text encoder for `spec` (see the module docstring) on `device`."""
+def build_text_encoder(spec: str, device: str = "cpu", precision: str = "auto") -> TextEncoder:
+    """A frozen text encoder for `spec` (see the module docstring) on `device`, run in `precision`."""
     family, rest = _split_spec(spec, TEXT_EMBEDDED, TEXT_LOADERS, "text")
-    return TEXT_LOADERS[family](spec, rest, device)
+    encoder = TEXT_LOADERS[family](spec, rest, device)
+    encoder.precision = resolve_precision(precision, encoder.device)
+    return encoder
 
 
 def _split_spec(spec, embedded, loaders, kind):
@@ -284,13 +293,6 @@ def _freeze(module):
     for p in module.parameters():
         p.requires_grad_(False)
     return module
-
-
-def _autocast(device):
-    if device.type != "cuda":
-        return torch.autocast("cpu", enabled=False)     # CPU stays fp32: exact and batch-stable
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 @contextmanager

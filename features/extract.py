@@ -22,7 +22,7 @@ from features.aggregates import AggregateOptions, run_aggregates
 from features.annotations import annotations_path, read_annotations
 from features.categories import BUILTIN_MAP, load_category_map
 from features.class_names import write_class_names
-from features.device import keep_freed_memory_mapped, resolve_device
+from features.device import keep_freed_memory_mapped, resolve_device, resolve_precision
 from features.frames import MediaFault, check_source, detect_source, open_source
 from features.records import write_json
 from features.store import StoreDims, StoreError, StoreReader, StoreWriter, check_config, create_store
@@ -47,6 +47,7 @@ class ExtractOptions:
     frame_batch: int = 0                        # most images per encoder forward; 0: 32 on CPU, 256 on GPU
     workers: int = 2                            # DataLoader processes decoding and tokenising
     device: str = "auto"                        # auto | cpu | cuda
+    precision: str = "auto"                     # auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16/fp16 on CUDA)
     on_error: str = "skip"                      # skip (mask, count, report) | fail
     overwrite: bool = False
     aggregates: AggregateOptions | None = field(default_factory=AggregateOptions)   # None: skip agg/*
@@ -69,10 +70,11 @@ def extract(data_dir, splits, cache_dir, options):
             raise ExtractError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(options, name)}")
     kinds = frame_sources(data_dir, splits, options)          # before any encoder is loaded
     device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, device)      # part of each store's identity
     if device == "cpu":
         keep_freed_memory_mapped()        # ~3x faster CPU encoders (see its docstring)
     category_map = load_category_map(options.category_map)
-    text_encoder = build_text_encoder(options.text_encoder, device)
+    text_encoder = build_text_encoder(options.text_encoder, device, precision)
     if options.max_tokens > text_encoder.max_tokens:
         raise ExtractError(f"--max-tokens {options.max_tokens} is more than {options.text_encoder} "
                            f"accepts ({text_encoder.max_tokens})")
@@ -80,7 +82,7 @@ def extract(data_dir, splits, cache_dir, options):
     reports = {}
     for split, kind in kinds.items():
         if kind != "npy" and frame_encoder is None:
-            frame_encoder = build_frame_encoder(options.frame_encoder, device)
+            frame_encoder = build_frame_encoder(options.frame_encoder, device, precision)
         reports[split] = extract_split(data_dir, split, cache_dir, options, kind, category_map,
                                        frame_encoder if kind != "npy" else None, text_encoder, device)
     # after the stores: a store refusing this encoder must not leave class names from it beside them
@@ -153,6 +155,7 @@ def _store_config(options, kind, category_map, frame_encoder, text_encoder):
     identity["frames_from"] = kind
     map_file = Path(options.category_map) if options.category_map else BUILTIN_MAP
     return {
+        "precision": text_encoder.precision,            # the frame encoder runs in the same one
         "frame_encoder": frame_encoder.name if frame_encoder else "precomputed",
         "frame_encoder_checksum": frame_encoder.checksum if frame_encoder else None,
         "text_encoder": text_encoder.name,
@@ -175,7 +178,7 @@ def _prepare_store(path, split, videos, category_map, config, options, dims):
     fine = [category_map.fine_index(v.category_id) if v.category_id else -1 for v in videos]
     coarse = [int(category_map.fine_to_coarse[f]) if f >= 0 else -1 for f in fine]
     create_store(path, split, [v.id for v in videos], fine, coarse, dims, config, category_map,
-                 environment=_environment())
+                 environment=_environment(options))
 
 
 def _check_same_ids(path, videos):
@@ -185,11 +188,16 @@ def _check_same_ids(path, videos):
                          "use --overwrite to rebuild it")
 
 
-def _environment():
+def _environment(options):
+    """What the store was made on and with; recorded, never compared (the config is the identity)."""
     import h5py
     import transformers
+    device = torch.device(resolve_device(options.device))
     versions = {"torch": torch.__version__, "numpy": np.__version__, "h5py": h5py.__version__,
-                "transformers": transformers.__version__}
+                "transformers": transformers.__version__, "device": device.type,
+                "category_map_file": str(Path(options.category_map).resolve()) if options.category_map else None}
+    if device.type == "cuda":
+        versions["gpu"] = torch.cuda.get_device_name(device)
     try:
         import open_clip
         versions["open_clip"] = open_clip.__version__

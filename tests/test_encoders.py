@@ -247,3 +247,30 @@ def test_minilm_embeds_real_titles(real_items):
     hidden, pooled = enc.encode(batch["input_ids"], batch["attention_mask"])
     assert pooled.shape == (8, 384) and torch.isfinite(pooled).all()
     assert _nearest_share_category(pooled)
+
+
+@NEEDS_FASHION
+def test_bf16_on_the_cpu_changes_features_only_a_little(real_items):
+    """--precision bf16 runs the encoders under CPU autocast: not the fp32 numbers, but close to them."""
+    exact, half = build_frame_encoder("efficientnet-lite0", "cpu", "fp32"), build_frame_encoder(
+        "efficientnet-lite0", "cpu", "bf16")
+    images = torch.stack([exact.preprocess(_first_frame(item)) for item in real_items[:4]])   # (4, 3, H, W)
+    assert (exact.precision, half.precision, build_frame_encoder("efficientnet-lite0").precision) == (
+        "fp32", "bf16", "fp32")                                              # auto on the CPU is fp32
+    a, b = exact.encode(images), half.encode(images)                         # (4, 1280) each
+    assert not torch.equal(a, b)
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+    text = build_text_encoder("minilm", "cpu", "bf16")
+    tok = text.tokenizer([item["title"] for item in real_items[:4]], padding=True, return_tensors="pt")
+    _, pooled_half = text.encode(tok["input_ids"], tok["attention_mask"])
+    _, pooled = build_text_encoder("minilm", "cpu", "fp32").encode(tok["input_ids"], tok["attention_mask"])
+    assert torch.nn.functional.cosine_similarity(pooled, pooled_half).min() > 0.99
+
+
+def test_a_precision_the_device_cannot_run_is_refused():
+    from features.device import DeviceError, resolve_precision
+    with pytest.raises(DeviceError, match="fp16 on the CPU"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(DeviceError, match="fp64.*auto, fp32, bf16, fp16"):
+        resolve_precision("fp64", "cpu")
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"

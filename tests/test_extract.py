@@ -213,6 +213,21 @@ def test_text_the_tokenizer_cannot_read_is_measured_per_field_and_warned_about(t
     assert rerun["text_unk"] == unk                                   # a resumed run counts no row twice
 
 
+def test_a_store_made_in_fp32_refuses_an_extract_in_bf16_naming_precision(tmp_path):
+    write_feature_zip(tmp_path, "test", {f"p{i}": np.ones((2, 4), np.float16) for i in range(2)})
+    write_annotations(tmp_path, "test", [{"id": f"p{i}", "title": "x", "asr": "", "ocr": []} for i in range(2)])
+    args = ["extract", "--data", str(tmp_path), "--out", str(tmp_path / "c"), "--device", "cpu", "--workers", "0",
+            "--frames", "2", "--max-tokens", "8", "--no-aggregates"]
+    result = CliRunner().invoke(cli, args)                                  # auto on the CPU: fp32
+    assert result.exit_code == 0, result.output
+    store = StoreReader(tmp_path / "c" / "test.h5")
+    assert store.config["precision"] == "fp32" and json.loads(store.attrs["environment"])["device"] == "cpu"
+    result = CliRunner().invoke(cli, args + ["--precision", "bf16"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "precision: 'fp32' -> 'bf16'" in result.output and "--overwrite" in result.output
+    assert CliRunner().invoke(cli, args + ["--precision", "fp32"]).exit_code == 0      # same identity: resumes
+
+
 def test_an_undecodable_video_file_is_masked_and_reported(tmp_path):
     write_mp4(tmp_path / "videos" / "test" / "m000.mp4", n_frames=6)
     (tmp_path / "videos" / "test" / "m001.mp4").write_bytes(b"\x00" * 100)
