@@ -43,6 +43,9 @@ def cli():
               help="Most images per frame-encoder forward (0: 32 on CPU, 256 on GPU); bounds memory.")
 @click.option("--workers", default=2, show_default=True, help="Processes decoding frames and tokenising.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Encoders' precision, part of each store's identity: auto = fp32 on the CPU, bf16 on a GPU "
+                   "that supports it, else fp16.")
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="skip: mask a video's bad media, count and report it; fail: stop at the first.")
 @click.option("--overwrite", is_flag=True, help="Rebuild stores made with other encoders or options.")
