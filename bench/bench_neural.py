@@ -162,9 +162,11 @@ def peak_rss_mb():
 
 def scale_worker(args):
     """One model, one epoch on every row of the store (no folds): seconds and peak RSS of this process."""
-    from neural.data import StoreBatches, model_inputs
-    from neural.pipeline import model_spec
+    from features.codebook import Codebook
     from features.device import resolve_device
+    from neural.data import StoreBatches
+    from neural.models import model_entry, model_inputs
+    from neural.spec import spec_from_store
     from neural.train import fit_fold
     torch.set_num_threads(args.threads)
     imports_mb = peak_rss_mb()                     # torch, sklearn, h5py: before any data is read
@@ -175,8 +177,9 @@ def scale_worker(args):
     if args.rows:       # a seeded random subset, so reads stay scattered over the whole file
         rows = np.sort(np.random.default_rng(0).choice(rows, args.rows, replace=False))
     dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, opts.max_tokens)
-    spec = model_spec(args.models, reader, opts, names)
-    _, info = fit_fold(spec, dataset, rows, opts, 0, resolve_device(), Path(args.cache[0]) / "codebook.h5")
+    codebook = Codebook.load(Path(args.cache[0]) / "codebook.h5") if model_entry(args.models).needs_codebook else None
+    spec = spec_from_store(args.models, reader, opts, names, codebook)
+    _, info = fit_fold(spec, dataset, rows, opts, 0, resolve_device(), codebook)
     peak_mb = peak_rss_mb()
     print(json.dumps({"seconds": info["seconds_per_epoch"][0], "rows": len(rows), "peak_rss_mb": peak_mb,
                       "imports_rss_mb": imports_mb}))

@@ -1,4 +1,5 @@
-"""Batches of rows read lazily from a feature store, for training and prediction.
+"""Batches of rows read lazily from a feature store, for training and prediction (which datasets a
+model reads is its registry entry: neural/models/__init__.py, model_inputs).
 
 An item of `StoreBatches` is a whole batch: a sorted array of row indices, read with one h5py fancy
 index per dataset (h5py needs increasing indices), so a split is never loaded whole. Padded axes
@@ -12,39 +13,17 @@ from features import schema
 
 AGG_COMMAND = "python run.py extract"      # the aggregates stage of extract writes agg/*
 
-# what each model reads; mlp additionally reads the 2-D agg/* datasets (see agg_names)
-MODEL_INPUTS = {
-    "single": (schema.TEXT_TOKENS, schema.TEXT_TOKEN_MASK, schema.FRAME_EMB, schema.FRAME_MASK),
-    "dual": (schema.TEXT_TOKENS, schema.TEXT_TOKEN_MASK, schema.FRAME_EMB, schema.FRAME_MASK),
-    "cross": (schema.TEXT_TOKENS, schema.TEXT_TOKEN_MASK, schema.FRAME_EMB, schema.FRAME_MASK),
-    "vlad": (schema.FRAME_EMB, schema.FRAME_MASK, schema.TEXT_POOLED, schema.TEXT_FIELD_MASK),
-    "mlp": (schema.TEXT_POOLED, schema.TEXT_FIELD_MASK),
-    "linear": (schema.FRAME_EMB, schema.FRAME_MASK, schema.TEXT_POOLED, schema.TEXT_FIELD_MASK),
-    "names": (schema.TEXT_POOLED, schema.TEXT_FIELD_MASK),
-}
-MLP_AGGREGATES = ("agg/first_frame", "agg/shift_stats")    # plus every agg/<pooling> (N, width)
+MLP_AGGREGATES = ("agg/first_frame", "agg/shift_stats")    # required; plus every agg/<pooling> (N, width)
 
 
 def agg_names(reader):
-    """The (N, width) aggregate datasets the mlp reads: first frame, shift statistics, each pooling."""
+    """The (N, width) aggregate datasets a model that reads aggregates (mlp) takes: first frame, shift
+    statistics, each pooling; a store without them raises StoreError naming the command."""
     vectors = sorted(n for n in reader.names if n.startswith(schema.AGG_GROUP + "/")
                      and len(reader.h5[n].shape) == 2)
     for name in MLP_AGGREGATES:
         reader.require(name, AGG_COMMAND)
     return vectors
-
-
-def model_inputs(model, reader, aggregates=None):
-    """Dataset names `model` reads from this store; a missing one raises StoreError naming its command."""
-    names = list(MODEL_INPUTS[model])
-    for name in names:
-        reader.require(name)
-    if model == "mlp":
-        aggregates = agg_names(reader) if aggregates is None else list(aggregates)
-        for name in aggregates:
-            reader.require(name, AGG_COMMAND)
-        names += aggregates
-    return names
 
 
 def _trim(batch, values_key, mask_key, limit=None):

@@ -1,8 +1,6 @@
-"""Options of a `train-neural` run: one plain dataclass, recorded in run.json and every predictions.h5."""
+"""Options of a `train-neural` run: one plain dataclass, recorded in run.json and every predictions.h5.
+The model names are the registry's (neural/models/__init__.py)."""
 from dataclasses import asdict, dataclass, fields
-
-MODEL_NAMES = ("single", "dual", "cross", "vlad", "mlp", "linear", "names")
-
 
 class OptionsError(ValueError):
     """Options of a train-neural run that cannot be used (unknown, out of range)."""
@@ -77,9 +75,14 @@ class NeuralOptions:
 
 
 def parse_models(text):
-    """'single,dual' -> ('single', 'dual'), refusing unknown names."""
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    bad = [n for n in names if n not in MODEL_NAMES]
-    if bad or not names:
-        raise OptionsError(f"unknown model(s) {bad or text!r}; choose from {', '.join(MODEL_NAMES)}")
-    return names
+    """Kept for callers outside neural/: the registry's parse_models (neural/models/__init__.py)."""
+    from neural.models import parse_models as parse          # lazy: the registry imports torch
+    return parse(text)
+
+
+def __getattr__(name):
+    """MODEL_NAMES, kept for callers outside neural/, comes from the registry (neural.models.MODEL_NAMES)."""
+    if name == "MODEL_NAMES":
+        from neural.models import MODEL_NAMES
+        return MODEL_NAMES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

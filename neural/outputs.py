@@ -45,6 +45,7 @@ def read_run(run_dir):
     if len(run["fine_to_coarse"]) != len(run["fine_classes"]):
         raise RunError(f"{path}: field 'fine_to_coarse' has {len(run['fine_to_coarse'])} entries for "
                        f"{len(run['fine_classes'])} fine classes")
+    _result_options(path, run["options"])
     if run["n_folds"] < 2:
         raise RunError(f"{path}: field 'n_folds' is {run['n_folds']}, at least 2 expected")
     return run

@@ -1,11 +1,9 @@
 """train_neural: folds once, then every model out-of-fold, resumable per model and fold.
 
 RUN_DIR layout: the "Neural run directory" contract in notes/CONTRACTS.md (run.json, folds.h5,
-<model>/predictions.h5, <model>/fold<k>.pt). Training uses no early stopping on the held-out fold (a
+<model>/predictions.h5, <model>/fold<k>.{safetensors,json}). Training uses no early stopping on the held-out fold (a
 fixed number of epochs), so out-of-fold predictions are honest estimates.
 """
-import json
-import os
 import shutil
 from pathlib import Path
 
@@ -15,18 +13,23 @@ import torch
 
 from features import schema
 from features.class_names import CLASS_NAMES_FILE, load_class_names
+from features.codebook import CODEBOOK_FILE, Codebook
 from features.device import resolve_device
+from features.records import options_diff
 from features.store import StoreReader
 from neural import outputs
-from neural.data import StoreBatches, model_inputs
+from neural.checkpoint import fold_paths, fold_saved, load_fold, read_record, save_fold
+from neural.data import StoreBatches
 from neural.folds import load_folds, make_folds, save_folds
 from neural.metrics import metric_from_proba
-from neural.options import MODEL_NAMES, NeuralOptions
+from neural.models import REGISTRY, model_entry, model_inputs
+from neural.options import NeuralOptions
 from neural.outputs import RunError
-from neural.predict import check_classes, codebook_path, predict_split
+from neural.predict import check_classes, predict_split
+from neural.spec import spec_from_store
 from neural.train import fit_fold, predict_rows
 
-LABELED = "labeled"
+LABELED = schema.LABELLED_SPLIT
 
 
 def other_splits(cache_dir, options):
@@ -43,9 +46,9 @@ def other_splits(cache_dir, options):
 
 
 def available_models(cache_dir):
-    """Every model, less `names` when CACHE_DIR has no class names to score against."""
+    """Every model of the registry, less one that needs class names when CACHE_DIR has none."""
     has_names = (Path(cache_dir) / CLASS_NAMES_FILE).exists()
-    return tuple(m for m in MODEL_NAMES if m != "names" or has_names)
+    return tuple(name for name, entry in REGISTRY.items() if has_names or not entry.needs_class_names)
 
 
 def describe_models(models):
@@ -87,20 +90,6 @@ def write_run_json(run_dir, cache_dir, reader, models, options):
     return outputs.write_run(run_dir, run, options.result_dict())
 
 
-def model_spec(model, reader, options, names):
-    spec = {"model": model, "n_fine": len(reader.fine_classes), "n_coarse": len(reader.coarse_classes),
-            "hidden": options.hidden, "n_layers": options.n_layers, "n_heads": options.n_heads,
-            "dropout": options.dropout, "max_tokens": options.max_tokens, "vlad_pooling": options.vlad_pooling}
-    h5 = reader.h5
-    if schema.FRAME_EMB in names:
-        spec["n_frames"], spec["frame_dim"] = h5[schema.FRAME_EMB].shape[1:]
-    text = schema.TEXT_TOKENS if schema.TEXT_TOKENS in names else schema.TEXT_POOLED
-    spec["text_dim"] = h5[text].shape[-1]
-    spec["aggregates"] = [n for n in names if n.startswith(schema.AGG_GROUP + "/")]
-    spec["aggregate_widths"] = [h5[n].shape[1] for n in spec["aggregates"]]
-    return spec
-
-
 class ModelRun:
     """One model's folds and outputs inside RUN_DIR/<model>/."""
 
@@ -108,61 +97,54 @@ class ModelRun:
         self.name, self.options, self.fold, self.rows = name, options, fold, rows
         self.dir = Path(run_dir) / name
         self.reader, self.split_readers = reader, split_readers
+        entry = model_entry(name)
         names = model_inputs(name, reader)
         for r in split_readers.values():           # fail before training, not after
             model_inputs(name, r, [n for n in names if n.startswith(schema.AGG_GROUP + "/")])
-        self.spec = model_spec(name, reader, options, names)
+        # the cache files that only initialise a model: loaded now, so a missing one fails before fold 0
+        self.codebook = Codebook.load(Path(cache_dir) / CODEBOOK_FILE) if entry.needs_codebook else None
+        self.class_names = load_class_names(cache_dir, reader.fine_classes) if entry.needs_class_names else None
+        self.spec = spec_from_store(name, reader, options, names, self.codebook)
         self.dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, options.max_tokens)
-        self.codebook = codebook_path(cache_dir)
-        self.class_names = load_class_names(cache_dir, reader.fine_classes) if name == "names" else None
-        if name == "vlad":                          # a missing or mismatched codebook fails here, not in fold 0
-            from neural.models import build_model
-            build_model(self.spec, self.codebook)
         self.device = resolve_device()
         self.preds = self.dir / "predictions.h5"
-        self.record = dict(options.result_dict(), model=name, spec=self.spec)
+        self.record = dict(options.result_dict(), model=name, spec=self.spec.to_dict())
 
     def open(self, ids, labels_lab, split_ids):
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.preds.exists():
             outputs.open_predictions(self.preds, ids, self.options.n_folds, split_ids, self.record)
         else:
-            outputs.create_predictions(self.preds, ids, labels_lab, self.spec["n_fine"],
+            outputs.create_predictions(self.preds, ids, labels_lab, self.spec.n_fine,
                                        self.options.n_folds, split_ids, self.record)
 
     def run_fold(self, k):
         """Train (or reload) fold k and store its out-of-fold rows."""
-        ckpt = self.dir / f"fold{k}.pt"
         held = np.flatnonzero(self.fold == k)              # positions in the labelled ids
         train = np.flatnonzero(self.fold != k)
         assert not np.intersect1d(held, train).size        # a fold model never sees its own OOF rows
-        if ckpt.exists():
-            model = self.load(ckpt)
+        if fold_saved(self.dir, k):
+            model = self.load(k)
         else:
             seed = self.options.seed * 100 + k
             model, info = fit_fold(self.spec, self.dataset, self.rows[train], self.options, seed,
                                    self.device, self.codebook, desc=f"{self.name} fold {k}",
                                    class_names=self.class_names)
-            self.save(ckpt, model, k, info)
+            save_fold(self.dir, k, model, self.spec, info, self.options)
         proba = predict_rows([model], self.dataset, self.rows[held], self.options.batch_size,
                              self.device, self.options.num_workers)
         outputs.write_fold(self.preds, k, held, proba)      # self.rows is sorted, so held order matches
 
-    def save(self, path, model, k, info):
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"spec": self.spec, "state_dict": model.state_dict(), "fold": k, "info": info,
-                    "options": self.options.to_dict()}, tmp)
-        os.replace(tmp, path)
-
-    def load(self, path):
-        from neural.models import build_model
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        model = build_model(ckpt["spec"], self.codebook).to(self.device)
-        model.load_state_dict(ckpt["state_dict"])
-        return model.eval()
+    def load(self, k):
+        """Fold k's saved model; one made from another spec than this run's is refused."""
+        model, spec, _ = load_fold(self.dir, k, self.device)
+        if spec != self.spec:
+            raise RunError(f"{fold_paths(self.dir, k)[1]}: made with another model spec "
+                           f"({options_diff(spec.to_dict(), self.spec.to_dict())}); use another --out or --overwrite")
+        return model
 
     def finish(self, labels_lab, fine_to_coarse):
-        models = [self.load(self.dir / f"fold{k}.pt") for k in range(self.options.n_folds)]
+        models = [self.load(k) for k in range(self.options.n_folds)]
         with h5py.File(self.preds, "r+") as h5:
             for split, r in self.split_readers.items():
                 for rows, proba in predict_split(models, self.spec, r, self.options.batch_size, self.device,
@@ -174,7 +156,7 @@ class ModelRun:
         for k in range(self.options.n_folds):
             held = self.fold == k
             metrics["folds"].append(metric_from_proba(labels_lab[held], oof[held], fine_to_coarse))
-            info = torch.load(self.dir / f"fold{k}.pt", map_location="cpu", weights_only=False)["info"]
+            info = read_record(self.dir, k)[1]["info"]
             metrics["seconds_per_epoch"].append(float(np.mean(info["seconds_per_epoch"])))
         outputs.finish(self.preds, metrics)
         return metrics
@@ -205,7 +187,7 @@ def train_neural(cache_dir, out_dir, models, options=None, overwrite=False):
         run.open(ids, labels[rows], split_ids)
         done, complete = outputs.fold_done(run.preds)
         for k in range(options.n_folds):
-            if not (done[k] and (run.dir / f"fold{k}.pt").exists()):
+            if not (done[k] and fold_saved(run.dir, k)):
                 run.run_fold(k)
         results[name] = outputs.read_metrics(run.preds) if complete else \
             run.finish(labels[rows], reader.fine_to_coarse)

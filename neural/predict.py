@@ -1,35 +1,31 @@
-"""Fold models of a run directory -> probabilities for any store (used by train-neural and `predict`)."""
+"""Fold models of a run directory -> probabilities for any store (used by train-neural and `predict`).
+
+Needs only RUN_DIR/run.json and RUN_DIR/<model>/fold<k>.{safetensors,json}: no cache file, no
+predictions.h5 (the packaged model directory holds exactly that under neural/)."""
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from features.device import resolve_device
 from features.store import StoreReader
-from neural.data import StoreBatches, model_inputs
-from neural.models import build_model
+from neural.checkpoint import load_fold
+from neural.data import StoreBatches
+from neural.models import model_inputs
+from neural.options import NeuralOptions
 from neural.outputs import RunError, read_run
 from neural.train import predict_batches
 
 
-def codebook_path(cache_dir):
-    return Path(cache_dir) / "codebook.h5"
-
-
-def load_fold_models(run_dir, model, device):
-    """The K fold models of one model name, in eval mode, and their spec."""
-    run = read_run(run_dir)
-    models, spec = [], None
-    for k in range(run["n_folds"]):
-        path = Path(run_dir) / model / f"fold{k}.pt"
-        if not path.exists():
-            raise RunError(f"{path}: fold checkpoint missing; rerun `python run.py train-neural` to finish it")
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-        spec = ckpt["spec"]
-        net = build_model(spec, codebook_path(run["cache_dir"])).to(device)
-        net.load_state_dict(ckpt["state_dict"])
-        models.append(net.eval())
-    return models, spec
+def load_fold_models(run_dir, model, n_folds, device):
+    """The n_folds fold models of one model name, in eval mode, and their (common) ModelSpec."""
+    models, specs = [], []
+    for k in range(n_folds):
+        net, spec, _ = load_fold(Path(run_dir) / model, k, device)
+        models.append(net)
+        specs.append(spec)
+    if any(s != specs[0] for s in specs):
+        raise RunError(f"{Path(run_dir) / model}: its fold models were built from different specs; retrain it")
+    return models, specs[0]
 
 
 def check_classes(reader, run):
@@ -40,22 +36,25 @@ def check_classes(reader, run):
 
 def predict_split(models, spec, reader, batch_size, device, num_workers=0):
     """Yield (rows, proba) batches of every row of a store, averaged over the fold models."""
-    names = model_inputs(spec["model"], reader, spec.get("aggregates"))
-    dataset = StoreBatches(reader, names, max_tokens=spec.get("max_tokens"))
+    names = model_inputs(spec.model, reader, spec.aggregates)
+    dataset = StoreBatches(reader, names, max_tokens=spec.max_tokens)
     yield from predict_batches(models, dataset, np.arange(len(reader)), batch_size, device, num_workers)
 
 
-def predict_store(run_dir, store_path, models=None):
-    """{model name: (N, C) float32 probabilities averaged over the fold models} for a store."""
+def predict_store(run_dir, store_path=None, models=None, reader=None):
+    """{model name: (N, C) float32 probabilities averaged over the fold models} for a store, given by its
+    path or as an open StoreReader (`reader=`, left open)."""
     run = read_run(run_dir)
-    reader = StoreReader(store_path)
+    if reader is None:
+        with StoreReader(store_path) as opened:
+            return predict_store(run_dir, models=models, reader=opened)
     check_classes(reader, run)
-    device = resolve_device()
+    device, batch_size = resolve_device(), NeuralOptions.from_dict(run["options"]).batch_size
     out = {}
     for name in models or run["models"]:
-        fold_models, spec = load_fold_models(run_dir, name, device)
+        fold_models, spec = load_fold_models(run_dir, name, run["n_folds"], device)
         proba = np.zeros((len(reader), len(run["fine_classes"])), np.float32)
-        for rows, p in predict_split(fold_models, spec, reader, run["options"]["batch_size"], device):
+        for rows, p in predict_split(fold_models, spec, reader, batch_size, device):
             proba[rows] = p
         out[name] = proba
     return out

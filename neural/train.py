@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from neural.data import loader, ordered_batches, shuffled_batches, to_device
-from neural.models import build_model
+from neural.models import FitContext, build_model
 
 LABEL_KEYS = ("rows", "label_fine", "label_coarse")
 
@@ -108,15 +108,18 @@ def train_step(model, batch, weights, options, optimizer, device):
     return float(loss.detach())
 
 
-def fit_fold(spec, dataset, train_rows, options, seed, device, codebook_path=None, desc="fold", class_names=None):
-    """Train one model on `train_rows` (store rows). -> (model to predict with, info dict).
+def fit_fold(spec, dataset, train_rows, options, seed, device, codebook=None, desc="fold", class_names=None):
+    """Train one model (ModelSpec) on `train_rows` (store rows). -> (model to predict with, info dict).
+    `codebook` (features.codebook.Codebook) and `class_names` initialise the models that need them.
 
     Everything random is drawn from `seed`, so a fold trains identically whether or not the folds
     before it ran in the same process (what makes resuming exact)."""
     torch.manual_seed(seed)
-    model = build_model(spec, codebook_path, class_names).to(device)
+    model = build_model(spec)
+    model.initialise(FitContext(dataset, train_rows, options.batch_size, codebook, class_names))
+    model = model.to(device)
     labels = dataset.labels[train_rows]
-    weights = class_weights(labels, spec["n_fine"], options.balance_beta).to(device) \
+    weights = class_weights(labels, spec.n_fine, options.balance_beta).to(device) \
         if options.class_balanced else None
     n_batches = math.ceil(len(train_rows) / options.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)

@@ -7,11 +7,15 @@ import torch
 from features.class_names import load_class_names
 from features.store import StoreError, StoreReader
 from neural import outputs, pipeline
-from neural.data import StoreBatches, model_inputs
+from features.codebook import Codebook
+from neural.checkpoint import fold_saved
+from neural.data import StoreBatches
 from neural.folds import load_folds, make_folds
+from neural.models import model_inputs
 from neural.options import NeuralOptions
-from neural.pipeline import available_models, model_spec, train_neural
+from neural.pipeline import available_models, train_neural
 from neural.predict import predict_store
+from neural.spec import spec_from_store
 from neural.train import fit_fold, predict_rows
 from tests.fakes import write_fake_store
 
@@ -48,9 +52,9 @@ def test_each_model_loss_falls(cache, model):
     names = model_inputs(model, reader)
     labels = reader.read("label_fine", slice(None))
     dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, opts.max_tokens)
-    spec = model_spec(model, reader, opts, names)
-    _, info = fit_fold(spec, dataset, np.arange(len(reader)), opts, seed=0, device="cpu",
-                       codebook_path=cache / "codebook.h5")
+    codebook = Codebook.load(cache / "codebook.h5") if model == "vlad" else None
+    spec = spec_from_store(model, reader, opts, names, codebook)
+    _, info = fit_fold(spec, dataset, np.arange(len(reader)), opts, seed=0, device="cpu", codebook=codebook)
     losses = info["epoch_loss"]
     assert losses[-1] < 0.7 * losses[0], losses
 
@@ -87,7 +91,7 @@ def test_oof_rows_come_only_from_the_fold_model_that_did_not_see_them(cache, tmp
         held = np.flatnonzero(fold == k)
         assert not seen[k] & set(held.tolist())                      # never trained on its OOF rows
         assert seen[k] | set(held.tolist()) == set(range(60))        # trained on all the others
-        model = run.load(tmp_path / "run" / "mlp" / f"fold{k}.pt")
+        model = run.load(k)
         from neural.train import predict_rows
         np.testing.assert_allclose(oof[held], predict_rows([model], run.dataset, held, 16, "cpu"), atol=1e-6)
     np.testing.assert_allclose(oof.sum(1), 1, atol=1e-5)            # every row written, a distribution
@@ -171,7 +175,7 @@ def test_a_fold_killed_after_its_checkpoint_is_not_retrained(cache, tmp_path, mo
     monkeypatch.setattr(outputs, "write_fold", killed_before_rows)
     with pytest.raises(KeyboardInterrupt):
         train_neural(cache, tmp_path / "resumed", ["mlp"], opts)
-    assert (tmp_path / "resumed" / "mlp" / "fold1.pt").exists()
+    assert fold_saved(tmp_path / "resumed" / "mlp", 1)
     monkeypatch.setattr(outputs, "write_fold", real_write)
     trained, real_fit = [], pipeline.fit_fold
     monkeypatch.setattr(pipeline, "fit_fold", lambda *a, **kw: trained.append(a[4]) or real_fit(*a, **kw))
@@ -198,7 +202,7 @@ def test_names_model_recognises_a_class_it_never_trained_on(cache):
     opts = NeuralOptions(**dict(TINY, epochs=4))
     names = model_inputs("names", reader)
     dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, opts.max_tokens)
-    net, _ = fit_fold(model_spec("names", reader, opts, names), dataset, seen, opts, seed=0, device="cpu",
+    net, _ = fit_fold(spec_from_store("names", reader, opts, names), dataset, seen, opts, seed=0, device="cpu",
                       class_names=load_class_names(cache, reader.fine_classes))
     predicted = predict_rows([net], dataset, unseen, 16, "cpu").argmax(axis=1)
     assert (predicted == 5).mean() >= 0.8, predicted

@@ -1,0 +1,37 @@
+"""The contract of a model: FoldModel (built from its ModelSpec alone, optionally initialised from a
+FitContext), and ModelEntry, its line in the registry (neural/models/__init__.py)."""
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+
+@dataclass
+class FitContext:
+    """What a model may learn from before its first step (FoldModel.initialise): the training rows of
+    the fold, and the cache files its registry entry asks for."""
+    dataset: Any                       # neural.data.StoreBatches over the labelled store
+    rows: Any                          # (N_train,) store rows of this fold's training data
+    batch_size: int
+    codebook: Any = None               # features.codebook.Codebook, when the entry needs_codebook
+    class_names: Any = None            # features.class_names.ClassNames, when the entry needs_class_names
+
+
+class FoldModel(nn.Module):
+    """Built from a ModelSpec alone (so a checkpoint's tensors always fit it); forward maps a batch dict
+    to (fine logits (B, C), coarse logits (B, C1)); everything it learned lives in its state dict."""
+
+    def initialise(self, context):
+        """Called once before training (FitContext); the default keeps the random initialisation."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of the registry: its name, its class, the store datasets it reads and what else it needs."""
+    name: str
+    cls: type                          # a FoldModel subclass, cls(spec)
+    inputs: tuple                      # store dataset names it reads (mlp adds every agg/* vector)
+    help: str                          # one line for `train-neural --help`
+    reads_aggregates: bool = False     # also reads every 2-D agg/* dataset of the store
+    needs_codebook: bool = False       # initialised from CACHE_DIR/codebook.h5 when training
+    needs_class_names: bool = False    # initialised from CACHE_DIR/class_names.h5 (not trained by default without it)

@@ -1,0 +1,29 @@
+"""dual: a text transformer and a video transformer, concatenated into a fusion transformer; mean pooled."""
+import torch
+import torch.nn as nn
+
+from neural.models.base import FoldModel, ModelEntry
+from neural.models.blocks import TOKENS_AND_FRAMES, Heads, TokensAndFrames, encoder, masked_mean
+
+
+class DualStream(FoldModel):
+    def __init__(self, spec):
+        super().__init__()
+        args = (spec.hidden, spec.n_heads, spec.n_layers, spec.dropout)
+        self.front = TokensAndFrames(spec)
+        self.text_encoder, self.video_encoder, self.fusion = encoder(*args), encoder(*args), encoder(*args)
+        self.norm = nn.LayerNorm(spec.hidden)
+        self.heads = Heads(spec.hidden, spec.n_fine, spec.n_coarse, spec.dropout)
+
+    def forward(self, batch):
+        text, text_mask, video, video_mask = self.front(batch)
+        text = self.text_encoder(text, src_key_padding_mask=~text_mask)        # (B, T, H)
+        video = self.video_encoder(video, src_key_padding_mask=~video_mask)    # (B, F, H)
+        x = torch.cat([text, video], dim=1)                                    # (B, T+F, H)
+        mask = torch.cat([text_mask, video_mask], dim=1)
+        x = self.norm(self.fusion(x, src_key_padding_mask=~mask))
+        return self.heads(masked_mean(x, mask))
+
+
+ENTRY = ModelEntry("dual", DualStream, TOKENS_AND_FRAMES,
+                   "a text and a video transformer, then a fusion transformer")

@@ -1,0 +1,26 @@
+"""single: text tokens and frames, tagged by modality, in one transformer; mean over real positions."""
+import torch
+import torch.nn as nn
+
+from neural.models.base import FoldModel, ModelEntry
+from neural.models.blocks import TOKENS_AND_FRAMES, Heads, TokensAndFrames, encoder, masked_mean
+
+
+class SingleStream(FoldModel):
+    def __init__(self, spec):
+        super().__init__()
+        self.front = TokensAndFrames(spec)
+        self.encoder = encoder(spec.hidden, spec.n_heads, spec.n_layers, spec.dropout)
+        self.norm = nn.LayerNorm(spec.hidden)
+        self.heads = Heads(spec.hidden, spec.n_fine, spec.n_coarse, spec.dropout)
+
+    def forward(self, batch):
+        text, text_mask, video, video_mask = self.front(batch)
+        x = torch.cat([text, video], dim=1)                           # (B, T+F, H)
+        mask = torch.cat([text_mask, video_mask], dim=1)              # (B, T+F)
+        x = self.norm(self.encoder(x, src_key_padding_mask=~mask))
+        return self.heads(masked_mean(x, mask))
+
+
+ENTRY = ModelEntry("single", SingleStream, TOKENS_AND_FRAMES,
+                   "text tokens and frames, tagged by modality, in one transformer")
