@@ -80,13 +80,21 @@ def _neural_defaults():
 _NEURAL = _neural_defaults()
 
 
+class _ModelsOption(click.Option):
+    """--models, whose help comes from the model registry when help is shown (importing the registry
+    loads torch: seconds that no other command should pay at start-up)."""
+
+    def get_help_record(self, ctx):
+        from neural.models import models_help
+        self.help = models_help()
+        return super().get_help_record(ctx)
+
+
 @cli.command("train-neural")
 @click.option("--cache", "cache_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Cache directory of `extract` (labeled.h5, other splits, codebook.h5).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--models", default="",
-              help="Comma-separated: single, dual, cross, vlad, mlp, linear, names; default: all of them, "
-                   "names only when the cache has class_names.h5 (the category map names its classes).")
+@click.option("--models", cls=_ModelsOption, default=None)
 @click.option("--split", "splits", multiple=True,
               help="Other split to predict (repeatable); default: every other store in the cache.")
 @click.option("--folds", "n_folds", default=_NEURAL.n_folds, show_default=True)
@@ -111,12 +119,13 @@ _NEURAL = _neural_defaults()
 @click.option("--overwrite", is_flag=True, help="Delete the run directory first.")
 def train_neural(cache_dir, out_dir, models, overwrite, **options):
     """Train fusion models out-of-fold on the cached features; resumable per model and fold."""
-    from neural.options import NeuralOptions, parse_models
+    from neural.models import parse_models
+    from neural.options import NeuralOptions
     from neural.pipeline import available_models, describe_models, train_neural as run_train
-    names = parse_models(models) if models else available_models(cache_dir)
-    if not models:
+    names = available_models(cache_dir) if models is None else parse_models(models)
+    if models is None:
         click.echo(describe_models(names))
-    results = run_train(cache_dir, out_dir, names, NeuralOptions(**options), overwrite)
+    results = run_train(cache_dir, out_dir, names, NeuralOptions(**options).check(), overwrite)
     for name, metrics in results.items():
         oof = metrics["oof"]
         click.echo(f"{name}: OOF mean-F1 {oof['mean']:.4f} (l2 micro {oof['l2_micro']:.4f}, "
