@@ -1,4 +1,11 @@
 """Codebook fit, codebook-initialised pooling, shift similarities, and agg/* written into stores."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -314,6 +321,46 @@ def test_resume_after_an_interruption_gives_identical_content(tmp_path):
     got, attrs = _agg_content(broken / "labeled.h5")
     want, _ = _agg_content(clean / "labeled.h5")
     assert attrs["aggregates_complete"]
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+KILLABLE = """
+import sys, time
+from features.aggregates import AggregateOptions, run_aggregates
+run_aggregates(sys.argv[1], ["labeled"], AggregateOptions(**{small}), on_batch=lambda *a: time.sleep(0.3))
+"""
+
+
+def _agg_done_rows(path):
+    try:
+        with h5py.File(path, "r", locking=False) as h5:
+            return int(h5["agg/done"][:].sum())
+    except (OSError, KeyError):
+        return 0
+
+
+def test_a_kill_9_during_the_aggregates_stage_resumes_to_the_same_content(tmp_path):
+    """SIGKILL a real process writing agg/* mid-way; the rerun equals an uninterrupted run."""
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    for cache in (clean, killed):
+        _stores(cache)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE.format(small=SMALL), str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _agg_done_rows(killed / "labeled.h5") < 32 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 32 <= _agg_done_rows(killed / "labeled.h5") < 70, "the run was not interrupted mid-way"
+    assert not _agg_content(killed / "labeled.h5")[1]["aggregates_complete"]
+    run_aggregates(killed, ["labeled"], AggregateOptions(**SMALL))
+    run_aggregates(clean, ["labeled"], AggregateOptions(**SMALL))
+    got, attrs = _agg_content(killed / "labeled.h5")
+    want, _ = _agg_content(clean / "labeled.h5")
+    assert attrs["aggregates_complete"] and set(got) == set(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 

@@ -295,6 +295,21 @@ def test_killed_extract_resumes_to_the_same_content(tmp_path):
         json.loads((tmp_path / "whole" / "labeled.report.json").read_text())["faults"]
 
 
+def test_the_default_two_worker_extract_equals_the_in_process_one(tmp_path):
+    root = make_dataset(tmp_path / "data", n=8)
+    common = ["--data", str(root), "--category-map", str(root / "category_map.csv"), "--frames", "4",
+              "--max-tokens", "16", "--batch-size", "3", "--device", "cpu", "--no-aggregates"]
+    result = CliRunner().invoke(cli, ["extract", *common, "--out", str(tmp_path / "w2")])   # --workers 2
+    assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(cli, ["extract", *common, "--workers", "0", "--out", str(tmp_path / "w0")]).exit_code == 0
+    two, zero = StoreReader(tmp_path / "w2" / "labeled.h5"), StoreReader(tmp_path / "w0" / "labeled.h5")
+    assert two.attrs["complete"] and two.read(schema.FRAME_MASK, slice(None)).sum() > 0
+    for name in sorted(zero.names):
+        np.testing.assert_array_equal(two.read(name, slice(None)), zero.read(name, slice(None)), err_msg=name)
+    reports = [json.loads((tmp_path / d / "labeled.report.json").read_text()) for d in ("w2", "w0")]
+    assert reports[0]["faults"] == reports[1]["faults"] and reports[0]["n_videos_with_faults"] == 3
+
+
 def test_limit_keeps_the_first_videos_and_is_part_of_the_config(tmp_path):
     rng = np.random.default_rng(1)
     arrays = {f"f{i:03d}": rng.normal(size=(2, 8)).astype(np.float16) for i in range(6)}
