@@ -160,31 +160,30 @@ def stack(run_dir, out_dir, models, compare, **options):
     opts = StackOptions(models=tuple(m for m in models.split(",") if m),
                         compare=tuple(c for c in compare.split(",") if c), **options)
     metrics = run_stack(run_dir, out_dir, opts)
+    from inference.package import package_model
+    model_dir = package_model(run_dir, out_dir)
     for name, m in metrics["table"].items():
         click.echo(f"{name:64s} mean-F1 {m['mean']:.4f} (l2 {m['l2_micro']:.4f}/{m['l2_macro']:.4f}, "
                    f"l1 {m['l1_micro']:.4f}/{m['l1_macro']:.4f})")
     click.echo(f"-> {out_dir}/metrics.json, per_class_f1.png, stacker/, reweight.json"
                + "".join(f", {v['file']}" for v in metrics["predictions"].values()))
+    click.echo(f"model directory (all `predict --model` needs): {model_dir}")
 
 
 @cli.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Dataset root in the challenge layout holding the new videos.")
+              help="Dataset root in the challenge layout holding the new videos (zip_frames/, zip_feats/ or videos/).")
 @click.option("--split", required=True, help="Split of DATA to label (DATA/annotations/<split>.json).")
-@click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Run directory of `train-neural`.")
-@click.option("--stack", "stack_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Stack directory written by `stack --out` from the same run.")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Model directory written by `stack` (STACK_DIR/model); may be copied anywhere.")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
               help="Output CSV: id,category_id lines, no header.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
-              help="Where the new split's features are cached; default: OUT.cache/ (never the run's cache).")
-@click.option("--category-map", type=click.Path(exists=True, dir_okay=False),
-              help="The category map the run was extracted with, when it was not the built-in one.")
-def predict(data_dir, split, run_dir, stack_dir, out_file, cache_dir, category_map):
-    """Label new videos: saved encoders -> aggregates -> fold models -> stacker, one CSV line per video."""
+              help="Where the new split's features are cached; default: OUT.cache/.")
+def predict(data_dir, split, model_dir, out_file, cache_dir):
+    """Label new videos: recorded encoders -> aggregates -> fold models -> stacker, one CSV line per video."""
     from inference.predict import predict as run_predict
-    pred = run_predict(data_dir, split, run_dir, stack_dir, out_file, cache_dir, category_map)
+    pred = run_predict(data_dir, split, model_dir, out_file, cache_dir)
     click.echo(f"{len(pred)} videos -> {out_file}")
 
 
