@@ -49,7 +49,7 @@ def model(tmp_path_factory):
            "--codebook-sample", "100")
     run_ok("train-neural", "--cache", cache, "--out", run_dir, "--models", "mlp,vlad", "--folds", "3",
            "--epochs", "1", "--hidden", "16", "--batch-size", "8", "--threads", "1", "--workers", "0")
-    run_ok("stack", "--model", run_dir, "--out", stack_dir, "--rounds", "5", "--top-k", "2", "--compare", "",
+    run_ok("stack", "--model", run_dir, "--out", stack_dir, "--param", "n_rounds=5", "--param", "top_k=2", "--compare", "",
            "--threads", "1")
     moved = root / "shipped" / "model"
     moved.parent.mkdir()
@@ -88,4 +88,4 @@ def test_a_model_trained_on_frame_zips_predicts_mp4_videos_with_their_frames(mod
     report = json.loads((tmp_path / "cache" / "new.report.json").read_text())
     assert report["n_videos_with_faults"] == 0
     assert [line.split(",")[0] for line in out.read_text().splitlines()] == [v["id"] for v in videos]
-    assert {line.split(",")[1] for line in out.read_text().splitlines()} <= set(model["classes"])
+    assert {line.split(",")[1] for line in out.read_text().splitlines()} <= set(load_category_map().fine_ids)

@@ -23,7 +23,7 @@ EXTRACT = ["--frames", "4", "--max-tokens", "16", "--batch-size", "16", "--worke
            "--pca-dim", "8", "--clusters", "4", "--gmm-components", "2", "--codebook-sample", "400"]
 TRAIN = ["--models", "mlp,vlad", "--folds", "3", "--epochs", "1", "--hidden", "16", "--batch-size", "16",
          "--threads", "1", "--workers", "0"]
-STACK = ["--rounds", "10", "--top-k", "3", "--compare", "", "--threads", "1"]
+STACK = ["--param", "n_rounds=10", "--param", "top_k=3", "--compare", "", "--threads", "1"]
 
 
 def invoke(*args):
