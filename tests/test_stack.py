@@ -190,10 +190,14 @@ def test_read_predictions_round_trip(stacked):
     assert len(rows) == len((out / "submission.csv").read_text().splitlines())
 
 
-def test_cli_stack_and_its_one_line_errors(tmp_path):
+def test_cli_stack_and_its_one_line_errors(tmp_path, monkeypatch):
     from click.testing import CliRunner
+    import inference.package
     from run import cli
     run_dir, _ = write_fake_run(tmp_path, n=60, n_test=12)
+    # the fake run has predictions but no fold models to package; packaging is tested on a real run
+    # (tests/test_stack_e2e.py), here only the stack's options and errors
+    monkeypatch.setattr(inference.package, "package_model", lambda run_dir, stack_dir: f"{stack_dir}/model")
     runner = CliRunner()
     result = runner.invoke(cli, ["stack", "--model", str(run_dir), "--out", str(tmp_path / "out"),
                                  "--param", "n_rounds=5", "--param", "rerank.top_k=3", "--compare", "",
@@ -276,3 +280,17 @@ def test_refuses_nested_reweighting_with_two_folds(tmp_path):
     run_dir, _ = write_fake_run(tmp_path, n=60, n_test=12, n_folds=2)
     with pytest.raises(RunDirError, match="has 2 folds.*at least 3"):
         stack(run_dir, tmp_path / "out", StackOptions(threads=1, n_rounds=5, compare=()))
+
+
+def test_stacking_imports_nothing_from_the_stages_after_it():
+    """Data flows one way (notes/CONTRACTS.md): stacking/ may not reach inference/ or demo/."""
+    import ast
+    from pathlib import Path
+    later = {"inference", "demo", "run"}
+    offenders = []
+    for path in sorted((Path(__file__).parents[1] / "stacking").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in later]
+    assert offenders == []
