@@ -133,20 +133,43 @@ def train_neural(cache_dir, out_dir, models, overwrite, **options):
                    f"-> {out_dir}/{name}/predictions.h5")
 
 
+def _stackers():
+    import stacking.stackers          # the registry (light: lightgbm and scikit-learn load on use)
+    return stacking.stackers
+
+
+_STACKERS = _stackers()
+
+
+def _stacker_params(ctx, param, values):
+    try:
+        return _STACKERS.parse_overrides(values)
+    except _STACKERS.StackerError as err:
+        raise click.BadParameter(str(err)) from err
+
+
+def _stacker_kinds(ctx, param, value):
+    unknown = [k for k in value.split(",") if k and k not in _STACKERS.STACKERS]
+    if unknown:
+        raise click.BadParameter(f"unknown stacker(s) {', '.join(unknown)}; choose from {', '.join(_STACKERS.STACKERS)}")
+    return value
+
+
 @cli.command()
 @click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Run directory of `train-neural` (run.json, folds.h5, <model>/predictions.h5).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Stack directory: submission.csv, metrics.json, per_class_f1.png, the fitted stack.")
 @click.option("--models", default="", help="Comma-separated base models; default: every model of the run.")
-@click.option("--stacker", type=click.Choice(["rerank", "lgbm"]), default="rerank", show_default=True,
-              help="rerank: binary LightGBM over each video's top-k classes; lgbm: one multiclass LightGBM.")
-@click.option("--top-k", default=10, show_default=True, help="Candidate classes per video (rerank).")
-@click.option("--rounds", "n_rounds", default=0, show_default=True, help="Boosting rounds; 0: the stacker's default.")
+@click.option("--stacker", type=click.Choice(list(_STACKERS.STACKERS)), default="rerank", show_default=True,
+              help=f"The stacker fitted and saved. {_STACKERS.describe_stackers()}.")
+@click.option("--param", "params", multiple=True, metavar="[KIND.]NAME=VALUE", callback=_stacker_params,
+              help="Set a stacker parameter (repeatable), for every stacker in use that has it or for KIND "
+                   f"only. {_STACKERS.describe_params()}.")
 @click.option("--reweight", type=click.Choice(["auto", "power", "inverse"]), default="auto", show_default=True,
               help="Long-tail reweighting p_c * n_c^-tau (power) or p_c * (a / n_c + 1) (inverse), tuned nested.")
-@click.option("--compare", default="logreg", show_default=True,
-              help="Comma-separated extra stackers scored side by side: logreg, lgbm, rerank.")
+@click.option("--compare", default="logreg", show_default=True, callback=_stacker_kinds,
+              help=f"Comma-separated extra stackers scored side by side: {', '.join(_STACKERS.STACKERS)}.")
 @click.option("--shift-stats/--no-shift-stats", "use_shift_stats", default=True, show_default=True,
               help="Add the store's agg/shift_stats to the per-video signals.")
 @click.option("--split", default="test", show_default=True,
@@ -196,18 +219,25 @@ def predict(data_dir, split, model_dir, out_file, cache_dir):
               help="Category map of --data (default: the challenge's 200 classes).")
 @click.option("--split", "splits", multiple=True,
               help="Split of --data to run (repeatable); default: every DATA/annotations/*.json.")
-@click.option("--epochs", default=6, show_default=True)
-@click.option("--folds", "n_folds", default=5, show_default=True)
+@click.option("--tiny", is_flag=True,
+              help="The fewest videos and frames that still run every stage (84 labelled, 2 frames each, 3 folds): "
+                   "well under a minute, noisy scores; for checking that it all fits together.")
+@click.option("--epochs", type=int, help="Epochs of each model [default: 6; --tiny: 4].")
+@click.option("--folds", "n_folds", type=int, help="Folds [default: 5; --tiny: 3].")
 @click.option("--models", default="", help="Comma-separated base models; default: every model the cache allows.")
 @click.option("--threads", default=1, show_default=True, help="Torch and LightGBM CPU threads.")
-def demo(out_dir, data_dir, category_map, models, splits, **options):
+def demo(out_dir, data_dir, category_map, models, splits, tiny, **options):
     """Generate a small dataset with known signals (or use --data), run extract, train-neural and stack
-    on the CPU, and print the metric table, the per-kind accuracies and where each output went."""
+    on the CPU, package the model, and print the metric table, the per-kind accuracies and where each
+    output went."""
+    from dataclasses import replace
     from neural.options import parse_models
     from demo.run import DemoOptions, run_demo
     if (category_map or splits) and not data_dir:
         raise click.UsageError("--category-map and --split go with --data (the generated data brings its own)")
-    options = DemoOptions(models=parse_models(models) if models else (), splits=splits, **options)
+    given = {k: v for k, v in options.items() if v is not None}
+    options = replace(DemoOptions.tiny() if tiny else DemoOptions(),
+                      models=parse_models(models) if models else (), splits=splits, **given)
     run_demo(out_dir, data_dir, category_map, options, click.echo)
 
 

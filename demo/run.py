@@ -20,7 +20,10 @@ import torch
 from features.aggregates import AggregateOptions
 from features.categories import load_category_map
 from features.extract import ExtractOptions, extract, list_splits
+from features.records import read_json, write_json
+from demo import DemoError
 from demo.synthetic import generate_demo_dataset
+from inference.package import package_model
 from neural.metrics import challenge_metric
 from neural.options import NeuralOptions
 from neural.pipeline import available_models, describe_models, train_neural
@@ -60,6 +63,15 @@ class DemoOptions:
     compare: tuple = ("logreg",)
     extra: dict = field(default_factory=dict)   # NeuralOptions overrides, e.g. {"lr": 3e-3}
 
+    @classmethod
+    def tiny(cls):
+        """`demo --tiny`: every stage on the fewest videos and frames that keep each claim checkable, in well
+        under a minute on one thread: 4 labelled videos a class (the fewest 3 folds allow), 2 frames each
+        through the encoder, small models. Its scores are noisy: it shows the wiring, not the models."""
+        return cls(n_labelled=84, n_unlabelled=2, n_test=14, n_frames=4, image_size=32, tail_ratio=1.0,
+                   frames=2, max_tokens=16, pca_dim=8, n_clusters=4, n_gmm=2, workers=0, n_folds=3, epochs=4,
+                   hidden=16, extra={"lr": 3e-3})
+
 
 def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print):
     """Run every stage into OUT_DIR (data/, cache/, run/, stack/) and echo the results; returns a summary
@@ -67,20 +79,21 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
     the generated data the per-kind accuracies and the test score."""
     options = options or DemoOptions()
     if options.n_folds < 3:
-        raise ValueError(f"n_folds={options.n_folds}: the stack tunes its reweighting inside its own "
+        raise DemoError(f"n_folds={options.n_folds}: the stack tunes its reweighting inside its own "
                          "cross-validation over the run's folds, which needs at least 3")
     torch.set_num_threads(options.threads)        # extract's encoders too
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    times, peaks, started = {}, {}, time.perf_counter()
+    times, cpu, peaks, started = {}, {}, {}, time.perf_counter()
 
     def stage(name, fn, *args):
         echo(f"== {name} ...")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = fn(*args)
         times[name] = round(time.perf_counter() - t0, 1)
+        cpu[name] = round(time.process_time() - c0, 1)       # steadier than wall time on a shared machine
         peaks[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)    # Linux: KiB
-        echo(f"== {name} done in {times[name]:.1f} s (peak RSS so far {peaks[name]:,} MiB)")
+        echo(f"== {name} done in {times[name]:.1f} s ({cpu[name]:.1f} s CPU; peak RSS so far {peaks[name]:,} MiB)")
         return result
 
     generated = data_dir is None
@@ -99,10 +112,12 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
     stack_options = StackOptions(split=TEST_SPLIT if TEST_SPLIT in splits else "", threads=options.threads,
                                  seed=options.seed, compare=tuple(options.compare))
     metrics = stage("stack", stack, run_dir, stack_dir, stack_options)
-    times["total"] = round(time.perf_counter() - started, 1)
+    model_dir = stage("package", package_model, run_dir, stack_dir)
+    times["total"], cpu["total"] = round(time.perf_counter() - started, 1), round(sum(cpu.values()), 1)
 
-    summary = {"options": asdict(options), "data_dir": str(data_dir), "times_s": times, "peak_rss_mib": peaks,
-               "outputs": outputs(cache_dir, run_dir, stack_dir, metrics), "table": metrics["table"]}
+    summary = {"options": asdict(options), "data_dir": str(data_dir), "times_s": times, "cpu_s": cpu,
+               "peak_rss_mib": peaks,
+               "outputs": outputs(cache_dir, run_dir, stack_dir, model_dir, metrics), "table": metrics["table"]}
     echo("")
     echo(format_table(metrics["table"]))
     if generated:
@@ -117,9 +132,8 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
     echo("")
     for name, path in summary["outputs"].items():
         echo(f"{name:14s} {path}")
-    echo("stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
-    with open(out_dir / "demo.json", "w", encoding="utf-8") as fh:
-        json.dump(summary, fh, indent=1, default=str)
+    echo("stage times (s, wall/CPU): " + ", ".join(f"{k} {times[k]:.1f}/{cpu[k]:.1f}" for k in times))
+    write_json(out_dir / "demo.json", summary, default=str)
     return summary
 
 
@@ -127,10 +141,10 @@ def _generate(data_dir, options):
     """Generate unless a dataset of the same configuration is already there (resume)."""
     args = dict(n_labelled=options.n_labelled, n_unlabelled=options.n_unlabelled, n_test=options.n_test,
                 n_frames=options.n_frames, image_size=options.image_size, tail_ratio=options.tail_ratio,
-                seed=options.seed)
+                seed=options.seed, n_folds=options.n_folds)
     summary_path = data_dir / "summary.json"
     if summary_path.exists():
-        old = json.loads(summary_path.read_text())
+        old = read_json(summary_path, error=DemoError)
         sizes = {s: v["n_videos"] for s, v in old["splits"].items()}
         if sizes == {"labeled": args["n_labelled"], "unlabeled": args["n_unlabelled"], "test": args["n_test"]} \
                 and all(old["config"][k] == args[k] for k in ("n_frames", "image_size", "tail_ratio", "seed")):
@@ -152,9 +166,9 @@ def neural_options(options):
                          **options.extra)
 
 
-def outputs(cache_dir, run_dir, stack_dir, metrics):
+def outputs(cache_dir, run_dir, stack_dir, model_dir, metrics):
     out = {"stores": str(cache_dir), "run": str(run_dir), "metrics": str(stack_dir / "metrics.json"),
-           "per-class F1": str(stack_dir / "per_class_f1.png")}
+           "per-class F1": str(stack_dir / "per_class_f1.png"), "model": str(model_dir)}
     for split, written in metrics["predictions"].items():
         out[f"{split} labels"] = str(stack_dir / written["file"])
     return out
@@ -232,7 +246,7 @@ def score_submission(data_dir, submission, category_map):
     submitted = read_predictions(submission)
     missing = set(answers) - set(submitted)
     if missing:
-        raise ValueError(f"{submission}: no prediction for test video {sorted(missing)[0]} "
+        raise DemoError(f"{submission}: no prediction for test video {sorted(missing)[0]} "
                          f"({len(missing)} missing)")
     ids = sorted(answers)
     true = [cmap.fine_index(answers[v]) for v in ids]

@@ -45,7 +45,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from demo import DemoError
 from features.categories import BUILTIN_MAP, load_category_map
+from features.records import write_json
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)                          # fixed member time: byte-identical zips
 JPEG_QUALITY = 90
@@ -326,19 +328,19 @@ def _video_id(prefix, index, width):
 
 # ---------------------------------------------------------------- the demo dataset
 
-def _check_demo_args(n_labelled, n_unlabelled, n_test, n_frames, image_size, tail_ratio, n_classes):
+def _check_demo_args(n_labelled, n_unlabelled, n_test, n_frames, image_size, tail_ratio, n_classes, n_folds):
     if n_frames < 4:
-        raise ValueError(f"n_frames={n_frames}: need at least 4 (order classes need 3 frames or more)")
+        raise DemoError(f"n_frames={n_frames}: need at least 4 (order classes need 3 frames or more)")
     if image_size < 32 or image_size % 16:
-        raise ValueError(f"image_size={image_size}: need a multiple of 16, at least 32 (pattern periods)")
+        raise DemoError(f"image_size={image_size}: need a multiple of 16, at least 32 (pattern periods)")
     if tail_ratio < 1:
-        raise ValueError(f"tail_ratio={tail_ratio}: must be >= 1")
+        raise DemoError(f"tail_ratio={tail_ratio}: must be >= 1")
     if min(n_unlabelled, n_test) < 0:
-        raise ValueError("n_unlabelled and n_test must be >= 0")
+        raise DemoError("n_unlabelled and n_test must be >= 0")
     counts = long_tail_counts(n_labelled, n_classes, tail_ratio)
-    if counts.min() < 6:
-        raise ValueError(f"n_labelled={n_labelled}: the smallest of {n_classes} classes would get "
-                         f"{counts.min()} items; 5-fold CV needs 6, so raise n_labelled")
+    if counts.min() < n_folds + 1:
+        raise DemoError(f"n_labelled={n_labelled}: the smallest of {n_classes} classes would get "
+                        f"{counts.min()} items; {n_folds}-fold CV needs {n_folds + 1}, so raise n_labelled")
     return counts
 
 
@@ -377,18 +379,19 @@ def _write_demo_split(out_dir, split, labels, classes, id_offset, n_frames, imag
 
 
 def generate_demo_dataset(out_dir, n_labelled=400, n_unlabelled=100, n_test=100, n_frames=8,
-                          image_size=64, seed=0, tail_ratio=12.0, progress=True):
+                          image_size=64, seed=0, tail_ratio=12.0, n_folds=5, progress=True):
     """Writes the demo dataset under out_dir and returns (and saves as summary.json) its summary.
 
     Layout: annotations/{labeled,unlabeled,test}.json, zip_frames/<split>/<id[-3:]>/<id>.zip
     (JPEGs 0.jpg..), category_map.csv, answers/{unlabeled,test}.csv (the hidden labels: id,category_id),
-    summary.json. Each video has between max(3, n_frames // 2) and n_frames frames. The defaults
+    summary.json. Each video has between max(3, n_frames // 2) and n_frames frames. The smallest class
+    gets at least n_folds + 1 labelled videos, so every fold model sees it. The defaults
     write 600 videos and 3,587 frames (about 2 minutes of EfficientNet-Lite0 at 30 images/s) in ~2 s.
     """
     out_dir = Path(out_dir)
     classes = demo_classes()
     counts = _check_demo_args(n_labelled, n_unlabelled, n_test, n_frames, image_size, tail_ratio,
-                              len(classes))
+                              len(classes), n_folds)
     for sub in ("annotations", "zip_frames", "answers"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)      # a stale split must not survive
         (out_dir / sub).mkdir(parents=True)
@@ -402,7 +405,7 @@ def generate_demo_dataset(out_dir, n_labelled=400, n_unlabelled=100, n_test=100,
                                           image_size, seed, labelled, progress)
         offset += n
     summary = _demo_summary(out_dir, classes, counts, splits, n_frames, image_size, seed, tail_ratio)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out_dir / "summary.json", summary)        # last: the dataset is whole when it exists
     return summary
 
 
@@ -463,9 +466,9 @@ def generate_feature_zip_dataset(out_dir, n_videos, n_frames=32, dim=768, split=
     """
     category_map = load_category_map()
     if not 1 <= n_classes <= category_map.n_fine:
-        raise ValueError(f"n_classes={n_classes}: must be between 1 and {category_map.n_fine} (the map's classes)")
+        raise DemoError(f"n_classes={n_classes}: must be between 1 and {category_map.n_fine} (the map's classes)")
     if n_videos < 1 or n_frames < 1 or dim < 1:
-        raise ValueError(f"n_videos={n_videos}, n_frames={n_frames}, dim={dim}: all must be >= 1")
+        raise DemoError(f"n_videos={n_videos}, n_frames={n_frames}, dim={dim}: all must be >= 1")
     out_dir, started = Path(out_dir), time.perf_counter()
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 2**32 - 1])
     class_ids = [category_map.fine_ids[i] for i in rng.permutation(category_map.n_fine)[:n_classes]]

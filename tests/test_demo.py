@@ -1,34 +1,38 @@
-"""The demo through the real pipeline: generated data -> extract -> train-neural -> stack, tiny and on the CPU."""
+"""The demo through the real CLI: `run.py demo --tiny` generates data, then extract -> train-neural -> stack
+-> package, on the CPU, on one thread, in the default test run (~40 s of CPU; the full-size
+`python run.py demo` is in bench/README.md)."""
 import csv
 import json
 
+import numpy as np
 import pytest
-import torch
+from click.testing import CliRunner
 
-from features.categories import load_category_map
-from neural.options import MODEL_NAMES
+from demo import DemoError
 from demo.run import DemoOptions, accuracy_by_kind, run_demo, score_submission
-
-
-# ~35 s of CPU, but 4-5 minutes of wall time on the shared 2-core machine (extract of 300 frames waits for
-# the CPU); the full-size `python run.py demo` (bench/README.md) covers the same path.
-slow = pytest.mark.slow
+from features.categories import load_category_map
+from neural.models import MODEL_NAMES
+from run import cli
 
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("demo")
-    # the fewest videos the generator allows (6 of each of 14 classes), 3 frames each: extract dominates
-    options = DemoOptions(n_labelled=84, n_unlabelled=2, n_test=14, n_frames=4, image_size=32, tail_ratio=1.0,
-                          frames=3, max_tokens=16, pca_dim=8, n_clusters=4, n_gmm=2, workers=0, n_folds=3,
-                          epochs=4, hidden=16, threads=1, extra={"lr": 3e-3})
-    lines = []
-    summary = run_demo(out, options=options, echo=lines.append)
-    return out, summary, "\n".join(lines)
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = CliRunner().invoke(cli, ["demo", "--tiny", "--out", str(out), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "demo.json").read_text()), result.output
 
 
-@slow
+def test_tiny_is_the_smallest_demo_three_folds_allow(tmp_path):
+    tiny = DemoOptions.tiny()
+    assert (tiny.n_folds, tiny.tail_ratio, tiny.frames) == (3, 1.0, 2)
+    assert tiny.n_labelled == 14 * 6                     # 14 classes; the generator's floor is n_folds + 1 = 4
+    smaller = DemoOptions(**{**tiny.__dict__, "n_labelled": 14 * 3})
+    with pytest.raises(DemoError, match="n_labelled=42.*3-fold CV needs 4"):
+        run_demo(tmp_path / "out", options=smaller, echo=lambda _: None)
+    assert not (tmp_path / "out" / "cache").exists()
+
+
 def test_submission_has_one_line_per_test_video_with_mapped_classes(tiny_demo):
     out, summary, _ = tiny_demo
     data = out / "data"
@@ -42,7 +46,6 @@ def test_submission_has_one_line_per_test_video_with_mapped_classes(tiny_demo):
     assert summary["test"]["n_videos"] == len(test_ids) == 14
 
 
-@slow
 def test_metrics_has_every_model_and_the_stack_beats_chance(tiny_demo):
     out, summary, text = tiny_demo
     table = json.loads((out / "stack" / "metrics.json").read_text())["table"]
@@ -55,7 +58,6 @@ def test_metrics_has_every_model_and_the_stack_beats_chance(tiny_demo):
         assert f"{name} " in text and f"{table[name]['mean']:.4f}" in text
 
 
-@slow
 def test_per_kind_table_covers_every_kind_and_model(tiny_demo):
     _, summary, text = tiny_demo
     kinds = summary["kinds"]
@@ -68,34 +70,45 @@ def test_per_kind_table_covers_every_kind_and_model(tiny_demo):
     assert "accuracy by kind" in text and "submission on the test split" in text
 
 
-def test_two_folds_are_refused_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match="n_folds=2"):
-        run_demo(tmp_path / "out", options=DemoOptions(n_folds=2), echo=lambda _: None)
-    assert not (tmp_path / "out").exists()
+def test_demo_packages_the_model_directory_and_prints_where_it_is(tiny_demo):
+    out, summary, text = tiny_demo
+    model = out / "stack" / "model"
+    assert summary["outputs"]["model"] == str(model)
+    assert f"model          {model}" in text
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert {"model.json", "stack/stack.json", "stack/reweight.json"} <= set(manifest["files"])
 
 
-@slow
 def test_rerun_resumes_without_retraining(tiny_demo):
     out, summary, _ = tiny_demo
-    options = DemoOptions(**summary["options"])
-    again = run_demo(out, options=options, echo=lambda _: None)
+    again = run_demo(out, options=DemoOptions(**summary["options"]), echo=lambda _: None)
     assert again["table"] == summary["table"]
-    assert again["times_s"]["train-neural"] < max(2.0, summary["times_s"]["train-neural"] / 3)
+    assert again["cpu_s"]["train-neural"] < max(2.0, summary["cpu_s"]["train-neural"] / 3)
 
 
-def test_accuracy_by_kind_counts_only_the_kinds_videos():
-    import numpy as np
-    kinds = np.array(["a", "a", "b"])
-    label = np.array([0, 1, 2, 2])
-    pred = np.array([0, 0, 2, 1])
-    assert accuracy_by_kind(label, pred, kinds) == {"a": 0.5, "b": 0.5}
-
-
-@slow
 def test_score_submission_refuses_a_submission_missing_videos(tiny_demo, tmp_path):
     out, _, _ = tiny_demo
     lines = (out / "stack" / "submission.csv").read_text().splitlines()
     partial = tmp_path / "partial.csv"
     partial.write_text("\n".join(lines[1:]) + "\n")
-    with pytest.raises(ValueError, match="no prediction for test video"):
+    with pytest.raises(DemoError, match="no prediction for test video"):
         score_submission(out / "data", partial, out / "data" / "category_map.csv")
+
+
+def test_two_folds_are_refused_before_any_work(tmp_path):
+    with pytest.raises(DemoError, match="n_folds=2"):
+        run_demo(tmp_path / "out", options=DemoOptions(n_folds=2), echo=lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_cli_options_of_the_generated_data_are_refused_alone(tmp_path):
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "out"), "--split", "test"])
+    assert result.exit_code != 0 and "--split go with --data" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_accuracy_by_kind_counts_only_the_kinds_videos():
+    kinds = np.array(["a", "a", "b"])
+    label = np.array([0, 1, 2, 2])
+    pred = np.array([0, 0, 2, 1])
+    assert accuracy_by_kind(label, pred, kinds) == {"a": 0.5, "b": 0.5}

@@ -7,7 +7,6 @@ import io
 import json
 import tracemalloc
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,11 +20,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from demo import DemoError
+from demo.synthetic import (CLASS_WORDS, MIX_PAIRS, PATTERN_COLOURS, generate_demo_dataset,
+                            generate_feature_zip_dataset)
 from features.annotations import read_annotations
 from features.categories import load_category_map
 from features.frames import JpegZipFrames, NpyZipFrames
-from demo.synthetic import (CLASS_WORDS, MIX_PAIRS, PATTERN_COLOURS, generate_demo_dataset,
-                                generate_feature_zip_dataset)
 
 N_LABELLED = 800
 
@@ -171,11 +171,14 @@ def test_demo_is_deterministic_under_its_seed(tmp_path):
     assert sum(a[k] != c.get(k) for k in a if k.startswith("zip_frames")) > 200
 
 
-def test_demo_rejects_a_labelled_split_too_small_for_five_folds(tmp_path):
-    with pytest.raises(ValueError, match="n_labelled=100"):
+def test_demo_rejects_a_labelled_split_too_small_for_its_folds(tmp_path):
+    with pytest.raises(DemoError, match="n_labelled=100.*5-fold CV needs 6"):
         generate_demo_dataset(tmp_path, n_labelled=100, progress=False)
-    with pytest.raises(ValueError, match="n_frames=3"):
+    with pytest.raises(DemoError, match="n_labelled=42.*3-fold CV needs 4"):
+        generate_demo_dataset(tmp_path, n_labelled=42, tail_ratio=1.0, n_folds=3, progress=False)
+    with pytest.raises(DemoError, match="n_frames=3"):
         generate_demo_dataset(tmp_path, n_frames=3, progress=False)
+    assert not (tmp_path / "summary.json").exists()
 
 
 # ---------------------------------------------------------------- planted signals
@@ -284,5 +287,5 @@ def test_feature_zip_is_deterministic_and_streams(tmp_path):
 
 
 def test_feature_zip_rejects_more_classes_than_the_map_has(tmp_path):
-    with pytest.raises(ValueError, match="n_classes=201"):
+    with pytest.raises(DemoError, match="n_classes=201"):
         generate_feature_zip_dataset(tmp_path, 10, n_classes=201, progress=False)
