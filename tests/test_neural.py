@@ -229,3 +229,34 @@ def test_names_model_predicts_from_its_checkpoint_alone(cache, tmp_path):
     finally:
         (tmp_path / "moved.h5").rename(cache / "class_names.h5")
     assert (proba.argmax(axis=1) == labels).mean() > 0.8
+
+
+def test_fold_models_of_every_model_predict_without_the_cache_files_that_initialised_them(cache, tmp_path):
+    """A fold model is its ModelSpec and tensors: with codebook.h5 and class_names.h5 gone, and from a
+    directory holding only run.json and <model>/fold<k>.{safetensors,json} (what the packaged model
+    directory keeps under neural/), every model predicts exactly what train-neural wrote."""
+    import shutil
+    from neural.models import MODEL_NAMES
+    opts = NeuralOptions(**dict(TINY, epochs=1))
+    train_neural(cache, tmp_path / "run", list(MODEL_NAMES), opts)
+    bare = tmp_path / "bare"
+    for model in MODEL_NAMES:
+        (bare / model).mkdir(parents=True)
+        for k in range(opts.n_folds):
+            for suffix in (".safetensors", ".json"):
+                shutil.copy(tmp_path / "run" / model / f"fold{k}{suffix}", bare / model)
+    shutil.copy(tmp_path / "run" / "run.json", bare / "run.json")
+    store = tmp_path / "store" / "test.h5"                 # the test store alone, away from its cache
+    store.parent.mkdir()
+    shutil.copy(cache / "test.h5", store)
+    for name in ("codebook.h5", "class_names.h5"):
+        (cache / name).rename(tmp_path / name)
+    try:
+        with StoreReader(store) as reader:
+            probas = predict_store(bare, models=list(MODEL_NAMES), reader=reader)
+    finally:
+        for name in ("codebook.h5", "class_names.h5"):
+            (tmp_path / name).rename(cache / name)
+    for model in MODEL_NAMES:
+        with h5py.File(tmp_path / "run" / model / "predictions.h5", "r") as h5:
+            np.testing.assert_allclose(probas[model], h5["proba/test"][:], atol=1e-6, err_msg=model)
