@@ -1,11 +1,13 @@
-"""`demo`: the whole tool in one command: (generated) data -> extract -> train-neural -> stack, on the CPU.
+"""`demo`: the whole tool in one command: (generated) data -> extract -> train-neural -> stack -> the packaged
+model directory, on the CPU.
 
-Without --data it generates features/synthetic.py's demo dataset, whose 14 classes come in four kinds
+Without --data it generates demo/synthetic.py's demo dataset, whose 14 classes come in four kinds
 (text-only, frame-only, order, mix), each findable by a different part of the system, and whose test
 labels are known (answers/test.csv). So besides the stack's metric table it prints, per kind, how
 often each model is right (out-of-fold on the labelled split, and on the test split), and the test
 score of the submission. Each stage is resumable, so a rerun into the same OUT_DIR reuses the work
-done (the generated data is regenerated only when its summary.json is missing).
+done (the generated data is regenerated only when its summary.json is missing or describes other
+sizes). `--tiny` (DemoOptions.tiny) is the smallest demo that still checks every claim, for the tests.
 """
 import csv
 import json
