@@ -7,7 +7,7 @@ scored on. Then the stacker is refit on all labelled videos and the reweighting 
 out-of-fold predictions, and both predict the other splits.
 """
 import time
-from dataclasses import InitVar, asdict, dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +38,6 @@ class StackOptions:
     threads: int = 1                 # LightGBM threads: 2 ran 30-50x slower than 1 on the loaded 2-core machine
     seed: int = 0
     compare: tuple = ("logreg",)    # extra stackers scored side by side (not saved)
-    # the old spellings of params={"top_k": k, "n_rounds": r} (0: the default); tests/test_stack_e2e.py uses them
-    top_k: InitVar[int] = None
-    n_rounds: InitVar[int] = None
-
-    def __post_init__(self, top_k, n_rounds):
-        self.params = dict(self.params)
-        if top_k is not None:
-            self.params.setdefault("top_k", top_k)
-        if n_rounds:
-            self.params.setdefault("n_rounds", n_rounds)
 
     @property
     def kinds(self):

@@ -24,7 +24,7 @@ from tests.test_stack_fakes import write_fake_run, write_predictions
 def stacked(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
     run_dir, test_label = write_fake_run(root)
-    metrics = stack(run_dir, root / "out", StackOptions(threads=1, compare=("logreg", "lgbm"), n_rounds=60))
+    metrics = stack(run_dir, root / "out", StackOptions(threads=1, compare=("logreg", "lgbm"), params={"n_rounds": 60}))
     return run_dir, root / "out", metrics, test_label
 
 
@@ -178,10 +178,10 @@ def test_submission_ids_are_checked_against_the_store(tmp_path):
 
     rewrite(test_ids[:-1], test[:-1])          # a test video without a prediction
     with pytest.raises(SubmissionError, match="1 missing, 0 unknown; e.g. missing test00011"):
-        stack(run_dir, tmp_path / "out", StackOptions(threads=1, n_rounds=5, compare=()))
+        stack(run_dir, tmp_path / "out", StackOptions(threads=1, params={"n_rounds": 5}, compare=()))
     rewrite(test_ids[:-1] + ["intruder"], test)   # a prediction for a video the test store lacks
     with pytest.raises(StoreError, match="intruder"):
-        stack(run_dir, tmp_path / "out", StackOptions(threads=1, n_rounds=5, compare=()))
+        stack(run_dir, tmp_path / "out", StackOptions(threads=1, params={"n_rounds": 5}, compare=()))
 
 
 def test_read_predictions_round_trip(stacked):
@@ -279,7 +279,7 @@ def test_a_stacker_whose_arrays_fail_to_save_leaves_no_stacker_json(tmp_path, mo
 def test_refuses_nested_reweighting_with_two_folds(tmp_path):
     run_dir, _ = write_fake_run(tmp_path, n=60, n_test=12, n_folds=2)
     with pytest.raises(RunDirError, match="has 2 folds.*at least 3"):
-        stack(run_dir, tmp_path / "out", StackOptions(threads=1, n_rounds=5, compare=()))
+        stack(run_dir, tmp_path / "out", StackOptions(threads=1, params={"n_rounds": 5}, compare=()))
 
 
 def test_stacking_imports_nothing_from_the_stages_after_it():
