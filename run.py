@@ -231,7 +231,7 @@ def demo(out_dir, data_dir, category_map, models, splits, tiny, **options):
     on the CPU, package the model, and print the metric table, the per-kind accuracies and where each
     output went."""
     from dataclasses import replace
-    from neural.options import parse_models
+    from neural.models import parse_models
     from demo.run import DemoOptions, run_demo
     if (category_map or splits) and not data_dir:
         raise click.UsageError("--category-map and --split go with --data (the generated data brings its own)")

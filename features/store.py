@@ -5,6 +5,7 @@ creation: every dataset is allocated in full when the store is made (HDF5 early 
 later write only touches raw chunk bytes, never the file's metadata; a row's `done` flag is written
 and flushed only after its data, and `complete` is set only once every row is done.
 """
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -179,8 +180,9 @@ class StoreReader:
             return _read_row_chunks(dataset, rows)
         return _read_runs(dataset, rows)
 
-    @property
+    @functools.cached_property
     def ids(self):
+        """(N,) str video ids, read once per reader."""
         return np.array(self.h5[schema.IDS].asstr()[:], dtype=str)          # (N,) str
 
     @property

@@ -69,10 +69,17 @@ def _check_same_run(run_dir, run, stack_dir, stack_json):
                            "(labelled ids, folds, classes or store differ)")
 
 
+IDENTITY_FIELDS = ("frame_encoder", "text_encoder", "category_map_sha256", "precision", "options")
+
+
 def model_record(reader, stack_json):
     """model.json's content from the labelled store (identity, environment, aggregates, classes) and the
     stack (models, signals)."""
     config = reader.config
+    for field in IDENTITY_FIELDS:
+        if field not in config:
+            raise PackageError(f"{reader.path}: field config.{field} is missing; the store was not made by "
+                               "`python run.py extract` of this version (re-extract it with --overwrite)")
     environment = json.loads(reader.attrs.get("environment", "{}"))
     aggregates = None
     if reader.attrs.get("aggregates_complete", False):

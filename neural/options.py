@@ -73,16 +73,3 @@ class NeuralOptions:
             raise OptionsError(f"hidden ({self.hidden}) must be a multiple of n_heads ({self.n_heads})")
         return self
 
-
-def parse_models(text):
-    """Kept for callers outside neural/: the registry's parse_models (neural/models/__init__.py)."""
-    from neural.models import parse_models as parse          # lazy: the registry imports torch
-    return parse(text)
-
-
-def __getattr__(name):
-    """MODEL_NAMES, kept for callers outside neural/, comes from the registry (neural.models.MODEL_NAMES)."""
-    if name == "MODEL_NAMES":
-        from neural.models import MODEL_NAMES
-        return MODEL_NAMES
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
