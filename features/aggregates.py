@@ -266,6 +266,17 @@ def run_aggregates(cache_dir, splits, options=None, device="cpu", overwrite=Fals
     if not splits:
         raise ValueError("run_aggregates: no splits given")
     paths = [schema.store_path(cache_dir, s) for s in splits]
+    codebook = store_codebook(cache_dir, paths, options, overwrite, codebook_path)
+    aggregator = FrameAggregator(codebook, options.poolings, device)
+    return {split: write_store_aggregates(path, aggregator, codebook, options, overwrite, on_batch)
+            for split, path in zip(splits, paths)}
+
+
+def store_codebook(cache_dir, paths, options, overwrite=False, codebook_path=None):
+    """The codebook for the complete stores at `paths` (in split and row order): CACHE_DIR/codebook.h5
+    loaded, or fitted on their frames when absent; a `codebook_path` is only ever loaded and checked.
+    Shards of a split, in order, sample the same frames as their stitched store (the sample follows the
+    global row order), so the codebook does not depend on how many ranks extracted them."""
     frame_dims = {}
     for path in paths:
         reader = StoreReader(path)                 # refuses a missing or incomplete store
@@ -277,7 +288,4 @@ def run_aggregates(cache_dir, splits, options=None, device="cpu", overwrite=Fals
         raise AggregateError(f"stores have different frame dims: {frame_dims}")
     own = codebook_path is None
     codebook_path = Path(cache_dir) / CODEBOOK_FILE if own else Path(codebook_path)
-    codebook = _codebook_for(paths, options, codebook_path, frame_dims[paths[0]], overwrite, fit_if_absent=own)
-    aggregator = FrameAggregator(codebook, options.poolings, device)
-    return {split: write_store_aggregates(path, aggregator, codebook, options, overwrite, on_batch)
-            for split, path in zip(splits, paths)}
+    return _codebook_for(paths, options, codebook_path, frame_dims[paths[0]], overwrite, fit_if_absent=own)

@@ -26,7 +26,9 @@ from features.device import keep_freed_memory_mapped, resolve_device, resolve_pr
 from features.frames import MediaFault, check_source, detect_source, open_source
 from features.records import write_json
 from features.store import StoreDims, StoreError, StoreReader, StoreWriter, check_config, create_store
+from features.shards import shard_dir
 from features.text_coverage import batch_record, field_token_counts, unk_summary, warn_unreadable
+from features.world import current_world
 
 
 class ExtractError(RuntimeError):
@@ -61,7 +63,9 @@ IDENTITY_OPTIONS = ("frame_encoder", "text_encoder", "frames", "max_tokens", "fr
 
 
 def extract(data_dir, splits, cache_dir, options):
-    """Extract every split into CACHE_DIR/<split>.h5; returns {split: report dict}."""
+    """Extract every split into CACHE_DIR/<split>.h5; returns {split: report dict} (on the main rank;
+    the other ranks of a torchrun get {}). Under torchrun, or when shards of an interrupted torchrun run
+    are there, the splits go through shards (features/sharded_extract.py); else all in this process."""
     from features.encoders import build_frame_encoder, build_text_encoder
     if options.annotations and len(splits) != 1:
         raise ExtractError("--annotations names one file, so give exactly one --split")
@@ -69,15 +73,21 @@ def extract(data_dir, splits, cache_dir, options):
         if getattr(options, name) < least:
             raise ExtractError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(options, name)}")
     kinds = frame_sources(data_dir, splits, options)          # before any encoder is loaded
-    device = resolve_device(options.device)
+    world = current_world(options.device)                         # rank 0 of 1 without torchrun
+    device = world.device(options.device)                         # a rank's own GPU under torchrun
     precision = resolve_precision(options.precision, device)      # part of each store's identity
     if device == "cpu":
         keep_freed_memory_mapped()        # ~3x faster CPU encoders (see its docstring)
+        if world.distributed:
+            torch.set_num_threads(world.cpu_threads())           # the ranks of a node share its cores
     category_map = load_category_map(options.category_map)
     text_encoder = build_text_encoder(options.text_encoder, device, precision)
     if options.max_tokens > text_encoder.max_tokens:
         raise ExtractError(f"--max-tokens {options.max_tokens} is more than {options.text_encoder} "
                            f"accepts ({text_encoder.max_tokens})")
+    if world.distributed or any(shard_dir(cache_dir, split).exists() for split in kinds):
+        from features.sharded_extract import extract_sharded
+        return extract_sharded(world, data_dir, kinds, cache_dir, options, category_map, text_encoder, device)
     frame_encoder = None
     reports = {}
     for split, kind in kinds.items():
@@ -108,7 +118,18 @@ def frame_sources(data_dir, splits, options):
     return kinds
 
 
-def extract_split(data_dir, split, cache_dir, options, kind, category_map, frame_encoder, text_encoder, device):
+@dataclass
+class SplitInput:
+    """What extracting one split needs, read once: its videos, frame source, identity and dims."""
+    split: str
+    videos: list
+    source: object
+    frame_dim: int           # D
+    config: dict             # the store's identity
+    dims: StoreDims
+
+
+def split_input(data_dir, split, options, kind, category_map, frame_encoder, text_encoder):
     ann_path = Path(options.annotations) if options.annotations else annotations_path(data_dir, split)
     videos = read_annotations(ann_path, category_map)[: options.limit]
     source = open_source(kind, data_dir, split, options.frames)
@@ -116,38 +137,58 @@ def extract_split(data_dir, split, cache_dir, options, kind, category_map, frame
         source.dim = source.probe_dim()
     frame_dim = source.dim if kind == "npy" else frame_encoder.dim
     config = _store_config(options, kind, category_map, frame_encoder, text_encoder)
+    dims = StoreDims(options.frames, frame_dim, text_encoder.dim, options.max_tokens)
+    return SplitInput(split, videos, source, frame_dim, config, dims)
+
+
+def extract_split(data_dir, split, cache_dir, options, kind, category_map, frame_encoder, text_encoder, device):
+    job = split_input(data_dir, split, options, kind, category_map, frame_encoder, text_encoder)
     path = schema.store_path(cache_dir, split)
-    _prepare_store(path, split, videos, category_map, config, options,
-                   StoreDims(options.frames, frame_dim, text_encoder.dim, options.max_tokens))
+    _prepare_store(path, split, job.videos, category_map, job.config, options, job.dims)
     faults_path = path.with_name(f"{split}.faults.jsonl")
     tokens_path = path.with_name(f"{split}.tokens.jsonl")
+    fill_store(path, job, 0, len(job.videos), frame_encoder, text_encoder, options, device,
+               faults_path, tokens_path)
+    return split_report(path, split, len(job.videos), faults_path, tokens_path, options)
+
+
+def split_report(path, split, n_videos, faults_path, tokens_path, options):
+    report = _write_report(path, split, n_videos, faults_path, unk_summary(tokens_path))
+    warn_unreadable(split, report["text_unk"], options.text_encoder)
+    return report
+
+
+def fill_store(path, job, start, end, frame_encoder, text_encoder, options, device, faults_path, tokens_path):
+    """Encode rows start..end of the split into the store at `path` (its row 0 is the split's row
+    `start`), skipping batches already done, and mark it complete. Batches begin at multiples of
+    --batch-size from `start`, so with `start` such a multiple they are the one-process run's batches."""
     writer = StoreWriter(path)
     try:
         done = writer.done_rows()
-        batches = [list(range(s, min(s + options.batch_size, len(videos))))
-                   for s in range(0, len(videos), options.batch_size)
+        n = end - start
+        batches = [list(range(s, min(s + options.batch_size, n)))
+                   for s in range(0, n, options.batch_size)
                    if not done[s:s + options.batch_size].all()]
-        items = VideoItems(videos, source, frame_encoder.preprocess if frame_encoder else None,
+        items = VideoItems(job.videos[start:end], job.source, frame_encoder.preprocess if frame_encoder else None,
                            text_encoder.tokenizer, options.max_tokens)
         loader = DataLoader(items, batch_sampler=batches, collate_fn=list, num_workers=options.workers,
                             persistent_workers=False, prefetch_factor=4 if options.workers else None)
-        bar = tqdm(total=len(videos), initial=int(done.sum()), unit="video", desc=f"extract {split}")
+        desc = f"extract {job.split}" + (f" rows {start}-{end}" if (start, end) != (0, len(job.videos)) else "")
+        bar = tqdm(total=n, initial=int(done.sum()), unit="video", desc=desc)
         with _BatchWriter(writer, faults_path, tokens_path, bar) as sink:
             for batch in loader:
                 faults = [dict(id=it["id"], file=f, reason=r) for it in batch for f, r in it["faults"]]
-                arrays = encode_batch(batch, frame_encoder, text_encoder, options, frame_dim, device, faults)
+                arrays = encode_batch(batch, frame_encoder, text_encoder, options, job.frame_dim, device, faults)
                 if faults and options.on_error == "fail":
                     first = faults[0]
                     raise ExtractError(f"{first['file']}: video {first['id']}: {first['reason']} "
                                        "(--on-error fail; use --on-error skip to mask and report it)")
-                sink.put(batch[0]["row"], arrays, faults, batch_record(batch[0]["row"], batch))
+                # token records keyed by the split's row, so shards' records merge without collisions
+                sink.put(batch[0]["row"], arrays, faults, batch_record(start + batch[0]["row"], batch))
         bar.close()
         writer.mark_complete()
     finally:
         writer.close()
-    report = _write_report(path, split, len(videos), faults_path, unk_summary(tokens_path))
-    warn_unreadable(split, report["text_unk"], options.text_encoder)
-    return report
 
 
 def _store_config(options, kind, category_map, frame_encoder, text_encoder):
@@ -171,6 +212,11 @@ def _prepare_store(path, split, videos, category_map, config, options, dims):
         path.unlink()
         path.with_name(f"{split}.faults.jsonl").unlink(missing_ok=True)
         path.with_name(f"{split}.tokens.jsonl").unlink(missing_ok=True)
+    create_or_check_store(path, split, videos, category_map, config, options, dims)
+
+
+def create_or_check_store(path, split, videos, category_map, config, options, dims):
+    """A new empty store for `videos`, or the existing one when it was made for them with this config."""
     if path.exists():
         check_config(path, config)
         _check_same_ids(path, videos)
