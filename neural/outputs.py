@@ -1,6 +1,10 @@
 """RUN_DIR/run.json (read_run, write_run) and RUN_DIR/<model>/predictions.h5: out-of-fold rows
 written fold by fold, other splits at the end.
 
+Only one process writes a predictions.h5. Under torchrun a fold fitted by a rank other than the main
+one leaves its rows in RUN_DIR/<model>/oof_fold<k>.h5 (positions (n,) int64, oof_proba (n, C) float32,
+attr fold; written atomically), which the model's owner merges with write_fold and then deletes.
+
 Crash safety as in the feature store: every dataset is allocated in full when the file is made
 (written to a .tmp and renamed), later writes touch only data, and a fold's `fold_done` flag is
 written and flushed only after its rows. Layout (the "Neural run directory" contract):
@@ -16,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from features.records import options_diff, read_json, write_json
+from features.records import atomic_path, options_diff, read_json, write_json
 from features.store import create_dataset
 from neural.options import NeuralOptions, OptionsError
 
@@ -129,6 +133,35 @@ def write_fold(path, k, positions, proba):
         h5.flush()
         h5["fold_done"][k] = True
         h5.flush()
+
+
+def fold_rows_path(model_dir, k):
+    return Path(model_dir) / f"oof_fold{k}.h5"
+
+
+def write_fold_rows(path, k, positions, proba):
+    """Fold k's out-of-fold rows (positions (n,) sorted into ids, proba (n, C)) in a file of their own."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as h5:
+            h5.create_dataset("positions", data=np.asarray(positions, np.int64))
+            h5.create_dataset("oof_proba", data=np.asarray(proba, np.float32))
+            h5.attrs["fold"] = k
+
+
+def read_fold_rows(path, k, positions, n_classes):
+    """The oof_proba (n, C) of a per-fold rows file, refused (naming the file and the field) unless it
+    holds fold k's rows exactly: `positions` (n,) is what the run's folds.h5 holds out in fold k."""
+    with h5py.File(path, "r") as h5:
+        fold, stored = int(h5.attrs.get("fold", -1)), h5["positions"][:]
+        proba = h5["oof_proba"][:]
+    if fold != k:
+        raise RunError(f"{path}: attribute 'fold' is {fold}, expected {k}; delete the file and rerun")
+    if not np.array_equal(stored, positions):
+        raise RunError(f"{path}: field 'positions' is not fold {k}'s held-out rows in folds.h5 "
+                       f"({len(stored)} rows, {len(positions)} expected); delete the file and rerun")
+    if proba.shape != (len(positions), n_classes):
+        raise RunError(f"{path}: field 'oof_proba' has shape {proba.shape}, expected {(len(positions), n_classes)}")
+    return proba
 
 
 def read_oof(path):

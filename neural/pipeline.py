@@ -3,23 +3,30 @@
 RUN_DIR layout: the "Neural run directory" contract in notes/CONTRACTS.md (run.json, folds.h5,
 <model>/predictions.h5, <model>/fold<k>.{safetensors,json}). Training uses no early stopping on the held-out fold (a
 fixed number of epochs), so out-of-fold predictions are honest estimates.
+
+Under torchrun (features/world.py) the (model, fold) fits are spread over the ranks (neural/distributed.py):
+the main rank writes folds.h5 and run.json and creates each predictions.h5, every rank fits its share and
+saves its fold files, a rank other than the main one leaves its out-of-fold rows in a per-fold file, and
+after a barrier each model's owner rank merges those rows, predicts the other splits and writes the
+metrics. The result equals a one-process run.
 """
 import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
 from features import schema
 from features.class_names import CLASS_NAMES_FILE, load_class_names
 from features.codebook import CODEBOOK_FILE, Codebook
 from features.device import resolve_device
+from features.world import current_world
 from features.records import options_diff
 from features.store import StoreReader
 from neural import outputs
 from neural.checkpoint import fold_paths, fold_saved, load_fold, read_record, save_fold
 from neural.data import StoreBatches
+from neural.distributed import on_main, owner, rank_jobs, set_threads
 from neural.folds import load_folds, make_folds, save_folds
 from neural.metrics import metric_from_proba
 from neural.models import REGISTRY, model_entry, model_inputs
@@ -93,8 +100,11 @@ def write_run_json(run_dir, cache_dir, reader, models, options):
 class ModelRun:
     """One model's folds and outputs inside RUN_DIR/<model>/."""
 
-    def __init__(self, name, run_dir, cache_dir, reader, split_readers, options, fold, rows, labels):
+    def __init__(self, name, run_dir, cache_dir, reader, split_readers, options, fold, rows, labels,
+                 device=None, writes_predictions=True, desc=""):
+        """writes_predictions: fold rows go into predictions.h5 (the main rank), else into a per-fold file."""
         self.name, self.options, self.fold, self.rows = name, options, fold, rows
+        self.writes_predictions, self.desc = writes_predictions, desc
         self.dir = Path(run_dir) / name
         self.reader, self.split_readers = reader, split_readers
         entry = model_entry(name)
@@ -106,7 +116,7 @@ class ModelRun:
         self.class_names = load_class_names(cache_dir, reader.fine_classes) if entry.needs_class_names else None
         self.spec = spec_from_store(name, reader, options, names, self.codebook)
         self.dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, options.max_tokens)
-        self.device = resolve_device()
+        self.device = device or resolve_device()
         self.preds = self.dir / "predictions.h5"
         self.record = dict(options.result_dict(), model=name, spec=self.spec.to_dict())
 
@@ -128,12 +138,29 @@ class ModelRun:
         else:
             seed = self.options.seed * 100 + k
             model, info = fit_fold(self.spec, self.dataset, self.rows[train], self.options, seed,
-                                   self.device, self.codebook, desc=f"{self.name} fold {k}",
+                                   self.device, self.codebook, desc=f"{self.name} fold {k}{self.desc}",
                                    class_names=self.class_names)
             save_fold(self.dir, k, model, self.spec, info, self.options)
         proba = predict_rows([model], self.dataset, self.rows[held], self.options.batch_size,
                              self.device, self.options.num_workers)
-        outputs.write_fold(self.preds, k, held, proba)      # self.rows is sorted, so held order matches
+        if self.writes_predictions:                         # self.rows is sorted, so held order matches
+            outputs.write_fold(self.preds, k, held, proba)
+        else:
+            outputs.write_fold_rows(outputs.fold_rows_path(self.dir, k), k, held, proba)
+
+    def merge_fold_rows(self):
+        """Move the rows other ranks left in per-fold files into predictions.h5 (then delete the files)."""
+        for k in range(self.options.n_folds):
+            path = outputs.fold_rows_path(self.dir, k)
+            if path.exists():
+                held = np.flatnonzero(self.fold == k)
+                outputs.write_fold(self.preds, k, held, outputs.read_fold_rows(path, k, held, self.spec.n_fine))
+                path.unlink()
+
+    def pending_folds(self):
+        """Folds still to fit or to predict: not marked done in predictions.h5, or without a checkpoint."""
+        done, _ = outputs.fold_done(self.preds)
+        return [k for k in range(self.options.n_folds) if not (done[k] and fold_saved(self.dir, k))]
 
     def load(self, k):
         """Fold k's saved model; one made from another spec than this run's is refused."""
@@ -162,33 +189,57 @@ class ModelRun:
         return metrics
 
 
-def train_neural(cache_dir, out_dir, models, options=None, overwrite=False):
-    """Train each model out-of-fold on CACHE_DIR/labeled.h5 and predict the other splits.
-
-    -> {model name: metrics dict (per fold and out-of-fold challenge metric, seconds per epoch)}."""
-    options = (options or NeuralOptions()).check()
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    run_dir = Path(out_dir)
+def prepare_run_dir(run_dir, cache_dir, reader, ids, labels_lab, models, options, overwrite):
+    """What is done once, by the main rank: clear the run directory on --overwrite, draw (or check) the
+    folds, write run.json. -> fold (N_lab,)."""
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    fold = prepare_folds(run_dir, ids, labels_lab, options)
+    write_run_json(run_dir, cache_dir, reader, models, options)
+    return fold
+
+
+def open_predictions(runs, ids, labels_lab, split_ids):
+    """Main rank: create (or check) each predictions.h5, merge rows left by an interrupted run.
+    -> the pending jobs [(model, fold), ...], models in the order given, folds ascending."""
+    jobs = []
+    for run in runs:
+        run.open(ids, labels_lab, split_ids)
+        run.merge_fold_rows()
+        jobs += [(run.name, k) for k in run.pending_folds()]
+    return jobs
+
+
+def train_neural(cache_dir, out_dir, models, options=None, overwrite=False, world=None):
+    """Train each model out-of-fold on CACHE_DIR/labeled.h5 and predict the other splits; under torchrun
+    (`world`, default: features.world.current_world()) the fold fits are spread over the ranks.
+
+    -> {model name: metrics dict (per fold and out-of-fold challenge metric, seconds per epoch)}, on every rank."""
+    options = (options or NeuralOptions()).check()
+    world = world or current_world()
+    set_threads(options.threads, world)
+    run_dir = Path(out_dir)
     reader = StoreReader(schema.store_path(cache_dir, LABELED))
     split_readers = {s: StoreReader(schema.store_path(cache_dir, s)) for s in other_splits(cache_dir, options)}
     for r in split_readers.values():
         check_classes(r, {"fine_classes": reader.fine_classes})
     rows, ids, labels = labelled_rows(reader)
-    fold = prepare_folds(run_dir, ids, labels[rows], options)
-    write_run_json(run_dir, cache_dir, reader, models, options)
+    fold = on_main(world, lambda: prepare_run_dir(run_dir, cache_dir, reader, ids, labels[rows], models,
+                                                  options, overwrite))
+    device, desc = world.device(), f" (rank {world.rank})" if world.distributed else ""
+    runs = [ModelRun(name, run_dir, cache_dir, reader, split_readers, options, fold, rows, labels, device,
+                     writes_predictions=world.is_main, desc=desc) for name in models]
     split_ids = {s: r.ids for s, r in split_readers.items()}
-    results = {}
-    for name in models:
-        run = ModelRun(name, run_dir, cache_dir, reader, split_readers, options, fold, rows, labels)
-        run.open(ids, labels[rows], split_ids)
-        done, complete = outputs.fold_done(run.preds)
-        for k in range(options.n_folds):
-            if not (done[k] and fold_saved(run.dir, k)):
-                run.run_fold(k)
-        results[name] = outputs.read_metrics(run.preds) if complete else \
-            run.finish(labels[rows], reader.fine_to_coarse)
-    return results
+    jobs = on_main(world, lambda: open_predictions(runs, ids, labels[rows], split_ids))
+    by_name = {run.name: run for run in runs}
+    for name, k in rank_jobs(jobs, world):
+        by_name[name].run_fold(k)
+    world.barrier()                     # every fold's files and rows are written
+    for i, run in enumerate(runs):
+        if owner(i, world) == world.rank:
+            run.merge_fold_rows()
+            if not outputs.fold_done(run.preds)[1]:
+                run.finish(labels[rows], reader.fine_to_coarse)
+    world.barrier()                     # every predictions.h5 is complete
+    return {run.name: outputs.read_metrics(run.preds) for run in runs}

@@ -15,8 +15,9 @@ LABEL_KEYS = ("rows", "label_fine", "label_coarse")
 
 
 def autocast(device):
-    """bf16 autocast on GPU (no loss scaling needed); plain float32 on CPU, which keeps runs bit-exact."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    """bf16 autocast on GPU (no loss scaling needed); plain float32 on CPU, which keeps runs bit-exact.
+    `device` is "cpu", "cuda" or, for a torchrun rank, "cuda:<local rank>"."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
 def class_weights(train_labels, n_classes, beta):
