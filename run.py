@@ -118,15 +118,19 @@ class _ModelsOption(click.Option):
 @click.option("--threads", default=_NEURAL.threads, show_default=True, help="Torch CPU threads (0: default).")
 @click.option("--overwrite", is_flag=True, help="Delete the run directory first.")
 def train_neural(cache_dir, out_dir, models, overwrite, **options):
-    """Train fusion models out-of-fold on the cached features; resumable per model and fold."""
+    """Train fusion models out-of-fold on the cached features; resumable per model and fold. Under
+    `torchrun --nproc-per-node N` the fold fits are spread over the N processes (same result)."""
+    from features.world import current_world
     from neural.models import parse_models
     from neural.options import NeuralOptions
     from neural.pipeline import available_models, describe_models, train_neural as run_train
     names = available_models(cache_dir) if models is None else parse_models(models)
-    if models is None:
+    neural_options = NeuralOptions(**options).check()
+    world = current_world()
+    if models is None and world.is_main:
         click.echo(describe_models(names))
-    results = run_train(cache_dir, out_dir, names, NeuralOptions(**options).check(), overwrite)
-    for name, metrics in results.items():
+    results = run_train(cache_dir, out_dir, names, neural_options, overwrite, world)
+    for name, metrics in results.items() if world.is_main else ():
         oof = metrics["oof"]
         click.echo(f"{name}: OOF mean-F1 {oof['mean']:.4f} (l2 micro {oof['l2_micro']:.4f}, "
                    f"macro {oof['l2_macro']:.4f}; l1 micro {oof['l1_micro']:.4f}, macro {oof['l1_macro']:.4f}) "
