@@ -9,6 +9,7 @@ gloo on the CPU. Each rank takes its local GPU (LOCAL_RANK) or, on the CPU, its 
     start, end = world.share(n)        # this rank's contiguous range of n items
     world.barrier()                    # no-op for one process
 """
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -94,4 +95,5 @@ def current_world(device="auto"):
     if world.distributed and not torch.distributed.is_initialized():
         backend = "nccl" if resolve_device(device) == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, timeout=BARRIER_TIMEOUT)
+        atexit.register(torch.distributed.destroy_process_group)     # torch warns at exit otherwise
     return world
