@@ -149,9 +149,11 @@ class ModelRun:
             outputs.write_fold_rows(outputs.fold_rows_path(self.dir, k), k, held, proba)
 
     def merge_fold_rows(self):
-        """Move the rows other ranks left in per-fold files into predictions.h5 (then delete the files)."""
+        """Move the rows other ranks left in per-fold files into predictions.h5 (then delete the files).
+        Called when no rank writes rows files, so a .tmp there is a killed rank's half-written one: deleted."""
         for k in range(self.options.n_folds):
             path = outputs.fold_rows_path(self.dir, k)
+            path.with_name(path.name + ".tmp").unlink(missing_ok=True)
             if path.exists():
                 held = np.flatnonzero(self.fold == k)
                 outputs.write_fold(self.preds, k, held, outputs.read_fold_rows(path, k, held, self.spec.n_fine))

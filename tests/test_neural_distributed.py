@@ -166,7 +166,7 @@ def test_a_rank_killed_mid_run_then_the_command_rerun_ends_equal(cache, one_proc
 def test_rows_a_rank_left_in_a_per_fold_file_are_merged_on_resume_not_refitted(cache, one_process, tmp_path,
                                                                             monkeypatch):
     """A rank wrote fold 1's rows to oof_fold1.h5 and the run stopped before they were merged: the rerun
-    merges them (no fit) and deletes the file."""
+    merges them (no fit) and deletes the file, and a half-written one (.tmp) left by a killed rank."""
     run = tmp_path / "run"
     opts = NeuralOptions(n_folds=3, epochs=2, hidden=16, batch_size=16, threads=1)
     train_neural(cache, run, ["linear"], opts)
@@ -179,10 +179,12 @@ def test_rows_a_rank_left_in_a_per_fold_file_are_merged_on_resume_not_refitted(c
         h5["oof_proba"][held] = np.zeros_like(oof[held])
         h5["fold_done"][1] = False
         h5.attrs["complete"] = False
+    half_written = run / "linear" / "oof_fold2.h5.tmp"               # a rank killed while writing its rows
+    half_written.write_bytes(b"\x89HDF")
     fits = []
     monkeypatch.setattr(pipeline, "fit_fold", lambda *a, **kw: fits.append(a[4]))
     train_neural(cache, run, ["linear"], opts)
-    assert fits == [] and not outputs.fold_rows_path(run / "linear", 1).exists()
+    assert fits == [] and not list((run / "linear").glob("oof_fold*"))
     with h5py.File(preds, "r") as h5:
         np.testing.assert_array_equal(h5["oof_proba"][:], oof)
         np.testing.assert_array_equal(h5["fold_done"][:], done)
