@@ -115,7 +115,8 @@ class _ModelsOption(click.Option):
 @click.option("--rdrop/--no-rdrop", default=_NEURAL.rdrop, show_default=True)
 @click.option("--workers", "num_workers", default=_NEURAL.num_workers, show_default=True,
               help="DataLoader worker processes.")
-@click.option("--threads", default=_NEURAL.threads, show_default=True, help="Torch CPU threads (0: default).")
+@click.option("--threads", default=_NEURAL.threads, show_default=True,
+              help="Torch CPU threads (0: torch's default; under torchrun each rank's share of the cores).")
 @click.option("--overwrite", is_flag=True, help="Delete the run directory first.")
 def train_neural(cache_dir, out_dir, models, overwrite, **options):
     """Train fusion models out-of-fold on the cached features; resumable per model and fold. Under

@@ -13,7 +13,6 @@ Built in a sibling `.tmp` directory and renamed into place, so a crash never lea
 the real name that looks complete.
 """
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from features.store import StoreReader
 from inference.model_dir import (CATEGORY_MAP, CODEBOOK, FORMAT, MODEL_JSON, NEURAL, STACK, VERSION,
                                  file_digest, write_manifest)
 
-FOLD_FILE = re.compile(r"fold(\d+)\.[A-Za-z0-9_.]+")
 STACK_FILES = ("stack.json", "reweight.json", "stacker")
 
 
@@ -147,13 +145,13 @@ def _copy_contents(tmp, run_dir, run, stack_dir, stack_json, cmap, record):
 
 
 def _copy_folds(src, dst, n_folds):
-    """Every RUN_DIR/<model>/fold<k>.* (not .tmp) of folds 0..n_folds-1; a fold without a file is refused."""
-    files = [p for p in sorted(src.glob("fold*")) if p.is_file() and FOLD_FILE.fullmatch(p.name)
-             and not p.name.endswith(".tmp")]
-    have = {int(FOLD_FILE.fullmatch(p.name).group(1)) for p in files}
-    missing = [k for k in range(n_folds) if k not in have]
+    """The checkpoint files (neural.checkpoint.fold_paths) of folds 0..n_folds-1; a missing one is refused.
+    Nothing else of the run directory travels (no predictions, no leftovers of a killed rank)."""
+    from neural.checkpoint import fold_paths
+    files = [path for k in range(n_folds) for path in fold_paths(src, k)]
+    missing = [path for path in files if not path.is_file()]
     if missing:
-        raise PackageError(f"{src}/fold{missing[0]}.*: fold model missing; finish `python run.py train-neural`")
+        raise PackageError(f"{missing[0]}: fold model file missing; finish `python run.py train-neural`")
     dst.mkdir(parents=True)
     for path in files:
         shutil.copyfile(path, dst / path.name)

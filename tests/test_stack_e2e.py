@@ -56,7 +56,7 @@ def pipeline(tmp_path_factory):
     return paths
 
 
-# these two run before `trained` deletes the cache and the run directory (tests run in file order)
+# these three run before `trained` deletes the cache and the run directory (tests run in file order)
 def test_packaging_that_fails_midway_leaves_no_model_directory(pipeline, monkeypatch):
     import inference.package as package
     out = pipeline["root"] / "crashed"
@@ -77,6 +77,19 @@ def test_a_stack_fitted_on_another_run_is_not_packaged(pipeline, tmp_path):
     with pytest.raises(PackageError, match="fitted on another run"):
         package_model(pipeline["run"], stack_dir, tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+def test_a_run_missing_a_fold_file_is_not_packaged_and_only_checkpoints_travel(pipeline, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(pipeline["run"], run_dir)
+    (run_dir / "mlp" / "fold0.pt").write_bytes(b"an old pickle checkpoint, never to be shipped")
+    package_model(run_dir, pipeline["stack"], tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model" / "neural" / "mlp").iterdir()) == \
+        sorted(f"fold{k}.{ext}" for k in range(3) for ext in ("json", "safetensors"))
+    (run_dir / "mlp" / "fold1.json").unlink()
+    with pytest.raises(PackageError, match=r"mlp/fold1\.json: fold model file missing"):
+        package_model(run_dir, pipeline["stack"], tmp_path / "model2")
+    assert not (tmp_path / "model2").exists()
 
 
 @pytest.fixture(scope="module")
