@@ -16,8 +16,9 @@ annotations file and is chunked by video, so a reader touches only the rows it a
     done                 (N,)          bool    row finished (resume marker; written after its data)
     agg/<name>           (N, ...)      float16 engineered aggregates (features/aggregates.py)
 
-File attributes: schema_version, split, complete (True only once every row is done), config (JSON:
-encoder names, weight checksums, options, package versions), fine_classes, coarse_classes
+File attributes: schema_version, split, complete (True only once every row is done), config (JSON, the
+store's identity: encoder names, weight checksums, options, category map sha256, precision),
+environment (JSON, not compared: package versions, device), fine_classes, coarse_classes
 (category ids as strings), fine_to_coarse (int32 array, index of each fine class's coarse class).
 """
 

@@ -10,6 +10,7 @@
     train.py       one fold: multi-task loss, label smoothing, class-balanced weights, EMA, FGM, R-Drop
     outputs.py     RUN_DIR/run.json (read_run, write_run) and <model>/predictions.h5, written crash-safely
     pipeline.py    train_neural(cache_dir, out_dir, models, options): folds, every model, resume
+    distributed.py under torchrun: which (model, fold) fits each rank runs; per-fold rows merged by one rank
     predict.py     predict_store(run_dir, store_path, models=None, reader=None): fold-averaged probabilities
     metrics.py     the challenge metric
 """
