@@ -166,15 +166,22 @@ def _stacker_kinds(ctx, param, value):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Stack directory: submission.csv, metrics.json, per_class_f1.png, the fitted stack.")
 @click.option("--models", default="", help="Comma-separated base models; default: every model of the run.")
-@click.option("--stacker", type=click.Choice(list(_STACKERS.STACKERS)), default="rerank", show_default=True,
-              help=f"The stacker fitted and saved. {_STACKERS.describe_stackers()}.")
+@click.option("--stacker", type=click.Choice([*_STACKERS.STACKERS, "auto"]), default="rerank", show_default=True,
+              help=f"The stacker fitted and saved. {_STACKERS.describe_stackers()}; auto: every one of them "
+                   "scored by its out-of-fold pass, the best by mean-F1 fitted (its score is optimistic by "
+                   "the choice; see --nested-choice).")
 @click.option("--param", "params", multiple=True, metavar="[KIND.]NAME=VALUE", callback=_stacker_params,
               help="Set a stacker parameter (repeatable), for every stacker in use that has it or for KIND "
                    f"only. {_STACKERS.describe_params()}.")
 @click.option("--reweight", type=click.Choice(["auto", "power", "inverse"]), default="auto", show_default=True,
               help="Long-tail reweighting p_c * n_c^-tau (power) or p_c * (a / n_c + 1) (inverse), tuned nested.")
 @click.option("--compare", default="logreg", show_default=True, callback=_stacker_kinds,
-              help=f"Comma-separated extra stackers scored side by side: {', '.join(_STACKERS.STACKERS)}.")
+              help=f"Comma-separated extra stackers scored side by side: {', '.join(_STACKERS.STACKERS)} "
+                   "(--stacker auto scores them all).")
+@click.option("--nested-choice/--no-nested-choice", default=True, show_default=True,
+              help="With --stacker auto: also choose inside each outer fold on the other folds only and "
+                   "report that honest score (every stacker's OOF pass again per outer fold: about folds-1 "
+                   "times the cost of scoring them all once).")
 @click.option("--shift-stats/--no-shift-stats", "use_shift_stats", default=True, show_default=True,
               help="Add the store's agg/shift_stats to the per-video signals.")
 @click.option("--split", default="test", show_default=True,
@@ -193,9 +200,24 @@ def stack(run_dir, out_dir, models, compare, **options):
     for name, m in metrics["table"].items():
         click.echo(f"{name:64s} mean-F1 {m['mean']:.4f} (l2 {m['l2_micro']:.4f}/{m['l2_macro']:.4f}, "
                    f"l1 {m['l1_micro']:.4f}/{m['l1_macro']:.4f})")
+    if "auto" in metrics:
+        click.echo(_auto_line(metrics["auto"]))
     click.echo(f"-> {out_dir}/metrics.json, per_class_f1.png, stacker/, reweight.json"
                + "".join(f", {v['file']}" for v in metrics["predictions"].values()))
     click.echo(f"model directory (all `predict --model` needs): {model_dir}")
+
+
+def _auto_line(auto):
+    """What --stacker auto chose, by how much, and how optimistic that score is."""
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in auto["candidates"].items())
+    line = (f"auto: chose {auto['chosen']} (OOF mean-F1 {auto['chosen_oof_mean']:.4f}), "
+            f"{auto['margin']:+.4f} over {auto['runner_up']} (candidates: {scores}); {auto['optimistic']}")
+    nested = auto["nested"]
+    if nested:
+        picks = ",".join(p["chosen"] for p in nested["per_fold"])
+        return (line + f"; chosen inside each outer fold ({picks}) auto scores {nested['mean']:.4f} "
+                f"({nested['reweighted_mean']:.4f} reweighted), an optimism of {nested['optimism']:+.4f}")
+    return line + "; not measured inside the outer folds (--no-nested-choice)"
 
 
 @cli.command()

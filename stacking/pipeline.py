@@ -5,9 +5,14 @@ the base models' OOF probabilities came from), and the long-tail reweighting of 
 on an inner out-of-fold pass over the other folds only (nested), never on the predictions it is
 scored on. Then the stacker is refit on all labelled videos and the reweighting tuned on the full
 out-of-fold predictions, and both predict the other splits.
+
+`--stacker auto` scores every registered stacker (the plain average among them) by its OOF pass and
+fits the best by mean-F1. That score is optimistic: the choice was made on the predictions it is
+scored on. So (unless nested_choice is off) auto is also chosen inside each outer fold from inner OOF
+passes over the other folds only, as the reweighting is tuned, and that honest score is reported.
 """
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +28,34 @@ from stacking.plots import plot_per_class_f1
 from stacking.reweight import PriorReweighter
 from stacking.rundir import RunDirError, available_splits, load_run, split_predictions
 from stacking.signals import build_input, signal_names_for
-from stacking.stackers import check_overrides, make_stacker, stacker_params
+from stacking.stackers import STACKERS, check_overrides, make_stacker, stacker_params
 from stacking.submission import write_predictions
+
+
+AUTO = "auto"                       # --stacker auto: the best stacker by OOF mean-F1
+OPTIMISM_NOTE = ("the chosen stacker's OOF mean-F1 is optimistic: it was chosen on the same out-of-fold "
+                 "predictions it is scored on")
 
 
 @dataclass
 class StackOptions:
     models: tuple = ()              # base models; empty = every model in run.json
-    stacker: str = "rerank"         # the stacker fitted and saved: a kind of stacking.stackers.STACKERS
+    stacker: str = "rerank"         # the stacker fitted and saved: a kind of stacking.stackers.STACKERS,
+                                    # or "auto": every kind scored by its OOF pass, the best one fitted
     params: dict = field(default_factory=dict)   # stacker parameters {"[kind.]name": value} over the defaults
     reweight: str = "auto"          # "power", "inverse" or "auto" (the better of the two, chosen nested)
     use_shift_stats: bool = True    # add agg/shift_stats to the signals when the store has it
     split: str = "test"             # split written to submission.csv; "" for none
     threads: int = 1                 # LightGBM threads: 2 ran 30-50x slower than 1 on the loaded 2-core machine
     seed: int = 0
-    compare: tuple = ("logreg",)    # extra stackers scored side by side (not saved)
+    compare: tuple = ("logreg",)    # extra stackers scored side by side (not saved; auto scores them all)
+    nested_choice: bool = True      # auto only: also choose inside each outer fold (the honest score of auto)
 
     @property
     def kinds(self):
-        """The stackers used: the saved one, then the compared ones."""
+        """The stackers used: the saved one, then the compared ones (auto: every registered one)."""
+        if self.stacker == AUTO:
+            return list(STACKERS)
         return [self.stacker, *[k for k in self.compare if k != self.stacker]]
 
 
@@ -64,11 +78,15 @@ def cross_val_predict(make, X, y, fold, desc=None):
     return out
 
 
-def nested_reweight(make, X, y, fold, stack_oof, fine_to_coarse, kind):
-    """Reweight each outer fold with a parameter tuned on an inner OOF pass over the other folds."""
+def _check_nested_folds(fold):
     if len(np.unique(fold)) < 3:
         raise RunDirError(f"the run has {len(np.unique(fold))} folds; tuning the reweighting inside the "
                           "stacker's cross-validation needs at least 3 (train-neural --folds 3 or more)")
+
+
+def nested_reweight(make, X, y, fold, stack_oof, fine_to_coarse, kind):
+    """Reweight each outer fold with a parameter tuned on an inner OOF pass over the other folds."""
+    _check_nested_folds(fold)
     out, chosen = np.zeros_like(stack_oof), []
     for k in tqdm(np.unique(fold), desc="nested reweighting", leave=False):
         train, held = fold != k, fold == k
@@ -78,6 +96,40 @@ def nested_reweight(make, X, y, fold, stack_oof, fine_to_coarse, kind):
         out[held] = rw.transform(stack_oof[held])
         chosen.append({"fold": int(k), "kind": rw.kind_, "param": rw.param_, "inner_score": rw.score_})
     return out, chosen
+
+
+def best_of(scores):
+    """(best, runner-up) kinds of {kind: score}; a tie goes to the first in `scores`' order (the registry's)."""
+    ranked = sorted(scores, key=lambda k: -scores[k])           # stable: ties keep the registry order
+    return ranked[0], (ranked[1] if len(ranked) > 1 else None)
+
+
+def nested_choice(makers, X, y, fold, oofs, chosen, fine_to_coarse, kind):
+    """Auto chosen inside each outer fold, and the nested reweighting of the stacker chosen on all folds.
+
+    For outer fold k, every candidate in `makers` gets an inner OOF pass over the other folds; the best
+    by inner mean-F1 is fold k's choice, and its outer OOF rows `oofs[choice][k]` (fitted without fold
+    k) are its predictions, reweighted as tuned on its inner pass. The stacker `chosen` on all folds is
+    reweighted from the same inner passes, as nested_reweight does. Returns (chosen's reweighted OOF,
+    its per-fold reweights, auto's nested OOF, auto's nested reweighted OOF, per-fold choices).
+    """
+    _check_nested_folds(fold)
+    reweighted, rw_folds = np.zeros_like(oofs[chosen]), []
+    auto_oof, auto_rw, picks = np.zeros_like(oofs[chosen]), np.zeros_like(oofs[chosen]), []
+    for k in tqdm(np.unique(fold), desc="nested choice and reweighting", leave=False):
+        train, held = fold != k, fold == k
+        inner = {c: cross_val_predict(make, X.take(train), y[train], fold[train]) for c, make in makers.items()}
+        scores = {c: metric_from_proba(y[train], p, fine_to_coarse)["mean"] for c, p in inner.items()}
+        pick, _ = best_of(scores)
+        counts = np.bincount(y[train], minlength=X.n_classes)
+        rws = {c: PriorReweighter(kind).fit(inner[c], y[train], counts, fine_to_coarse) for c in {chosen, pick}}
+        reweighted[held] = rws[chosen].transform(oofs[chosen][held])
+        rw = rws[chosen]
+        rw_folds.append({"fold": int(k), "kind": rw.kind_, "param": rw.param_, "inner_score": rw.score_})
+        auto_oof[held] = oofs[pick][held]
+        auto_rw[held] = rws[pick].transform(oofs[pick][held])
+        picks.append({"fold": int(k), "chosen": pick, "inner_scores": scores})
+    return reweighted, rw_folds, auto_oof, auto_rw, picks
 
 
 def low_quartile_f1(y, pred_before, pred_after, counts):
@@ -99,27 +151,53 @@ def _timed(timings, name, fn, *args):
 
 
 def evaluate(run, X, options, timings):
-    """The comparison table on the run's folds; returns (table, oof of the main stack, reweighted, extra)."""
+    """The comparison table on the run's folds; returns (table, the stacker kind to fit, its OOF,
+    reweighted, extra). With --stacker auto that kind is the best stacker by OOF mean-F1."""
     y, fold, f2c = run.label, run.fold, run.fine_to_coarse
     table = {f"base:{m}": metric_from_proba(y, run.oof[m], f2c) for m in run.models}
     table["average"] = metric_from_proba(y, X.probas.mean(axis=0), f2c)
-    for kind in options.compare:
-        oof = _timed(timings, f"oof_{kind}", cross_val_predict, stacker_maker(kind, options, f2c), X, y, fold, kind)
-        table[kind] = metric_from_proba(y, oof, f2c)
-    make = stacker_maker(options.stacker, options, f2c)
-    stack_oof = _timed(timings, f"oof_{options.stacker}", cross_val_predict, make, X, y, fold, options.stacker)
-    table[options.stacker] = metric_from_proba(y, stack_oof, f2c)
-    reweighted, chosen = _timed(timings, "nested_reweight", nested_reweight, make, X, y, fold, stack_oof,
-                                f2c, options.reweight)
-    table[f"{options.stacker}+reweight"] = metric_from_proba(y, reweighted, f2c)
+    auto = options.stacker == AUTO
+    scored = options.kinds if auto else [*[k for k in options.compare if k != options.stacker], options.stacker]
+    makers = {kind: stacker_maker(kind, options, f2c) for kind in scored}
+    oofs = {}
+    for kind in scored:
+        oofs[kind] = _timed(timings, f"oof_{kind}", cross_val_predict, makers[kind], X, y, fold, kind)
+        table[kind] = metric_from_proba(y, oofs[kind], f2c)
+    extra = {}
+    if auto:
+        scores = {kind: table[kind]["mean"] for kind in scored}
+        chosen, runner_up = best_of(scores)
+        extra["auto"] = {"candidates": scores, "chosen": chosen, "runner_up": runner_up,
+                         "margin": scores[chosen] - scores[runner_up], "chosen_oof_mean": scores[chosen],
+                         "optimistic": OPTIMISM_NOTE, "nested": None}
+    else:
+        chosen = options.stacker
+    stack_oof = oofs[chosen]
+    if auto and options.nested_choice:
+        reweighted, per_fold, auto_oof, auto_rw, picks = _timed(
+            timings, "nested_choice_and_reweight", nested_choice, makers, X, y, fold, oofs, chosen, f2c,
+            options.reweight)
+        table["auto (chosen inside each outer fold; honest)"] = metric_from_proba(y, auto_oof, f2c)
+        table["auto+reweight (both inside each outer fold; honest)"] = metric_from_proba(y, auto_rw, f2c)
+        nested = table["auto (chosen inside each outer fold; honest)"]["mean"]
+        extra["auto"]["nested"] = {
+            "mean": nested, "reweighted_mean": table["auto+reweight (both inside each outer fold; honest)"]["mean"],
+            "optimism": extra["auto"]["chosen_oof_mean"] - nested, "per_fold": picks}
+    else:
+        reweighted, per_fold = _timed(timings, "nested_reweight", nested_reweight, makers[chosen], X, y, fold,
+                                      stack_oof, f2c, options.reweight)
+        if auto:
+            extra["auto"]["nested_not_measured"] = ("nested_choice is off: auto was not chosen inside the "
+                                                    "outer folds, so no honest score of the choice was measured")
+    table[f"{chosen}+reweight"] = metric_from_proba(y, reweighted, f2c)
     # for contrast only: the same reweighting tuned on the predictions it is scored on (optimistic)
     counts = np.bincount(y, minlength=run.n_classes)
     same = PriorReweighter(options.reweight).fit(stack_oof, y, counts, f2c)
-    table[f"{options.stacker}+reweight (tuned on its own scores; optimistic)"] = \
+    table[f"{chosen}+reweight (tuned on its own scores; optimistic)"] = \
         metric_from_proba(y, same.transform(stack_oof), f2c)
-    extra = {"reweight_per_fold": chosen,
-             "low_quartile": low_quartile_f1(y, stack_oof.argmax(1), reweighted.argmax(1), counts)}
-    return table, stack_oof, reweighted, extra
+    extra.update({"reweight_per_fold": per_fold,
+                  "low_quartile": low_quartile_f1(y, stack_oof.argmax(1), reweighted.argmax(1), counts)})
+    return table, chosen, stack_oof, reweighted, extra
 
 
 def stack(run_dir, out_dir, options=None):
@@ -133,17 +211,18 @@ def stack(run_dir, out_dir, options=None):
         run = _timed(timings, "load_run", load_run, run_dir, options.models)
         splits = _check_split(run, options.split)
         X, names = _timed(timings, "signals", labelled_input, run, options)
-        table, stack_oof, reweighted, extra = evaluate(run, X, options, timings)
-        stacker, reweighter = _timed(timings, "refit", refit, run, X, stack_oof, options)
+        table, chosen, stack_oof, reweighted, extra = evaluate(run, X, options, timings)
+        # auto fits exactly what --stacker <chosen> fits (same parameters, same OOF for the reweighting)
+        stacker, reweighter = _timed(timings, "refit", refit, run, X, stack_oof, replace(options, stacker=chosen))
         save_stack(out_dir, run, stacker, reweighter, names, options)
         written = _timed(timings, "predict_splits", predict_splits, run, splits, stacker, reweighter,
                          names, out_dir, options)
     counts = np.bincount(run.label, minlength=run.n_classes)
     plot_per_class_f1(out_dir / "per_class_f1.png", run.label, stack_oof.argmax(1), reweighted.argmax(1),
-                      counts, options.stacker)
+                      counts, chosen)
     metrics = {"run_dir": str(run.run_dir), "fingerprint": run.fingerprint, "models": run.models,
                "n_videos": len(run.ids), "n_folds": run.n_folds, "n_classes": run.n_classes,
-               "signals": names, "options": _options_json(options), "table": table,
+               "signals": names, "options": _options_json(options), "stacker": chosen, "table": table,
                "reweight_final": {"kind": reweighter.kind_, "param": reweighter.param_},
                **extra, "predictions": written, "times_s": timings, **stacker.report(X, run.label)}
     write_json(out_dir / "metrics.json", metrics)
@@ -188,7 +267,7 @@ def save_stack(out_dir, run, stacker, reweighter, signal_names, options):
                {"run_dir": str(run.run_dir), "fingerprint": run.fingerprint, "models": run.models,
                 "signals": signal_names, "fine_classes": run.fine_classes,
                 "fine_to_coarse": run.fine_to_coarse.tolist(), "store_config": run.store_config,
-                "options": _options_json(options)})
+                "stacker": stacker.kind, "options": _options_json(options)})
 
 
 def predict_splits(run, splits, stacker, reweighter, names, out_dir, options):

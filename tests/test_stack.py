@@ -220,7 +220,9 @@ def test_cli_stack_and_its_one_line_errors(tmp_path, monkeypatch):
 def test_stack_and_compare_choices_come_from_the_registry():
     from run import cli
     options = {p.name: p for p in cli.commands["stack"].params}
-    assert list(options["stacker"].type.choices) == list(STACKERS) == ["rerank", "lgbm", "logreg", "average"]
+    assert list(options["stacker"].type.choices) == [*STACKERS, "auto"]
+    assert list(STACKERS) == ["rerank", "lgbm", "logreg", "average"]
+    assert options["stacker"].default == "rerank"                  # auto is not the default (issue 13)
     for kind in STACKERS:
         assert kind in options["compare"].help and kind in options["stacker"].help
 
