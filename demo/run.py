@@ -23,6 +23,7 @@ from features.aggregates import AggregateOptions
 from features.categories import load_category_map
 from features.extract import ExtractOptions, extract, list_splits
 from features.records import read_json, write_json
+from features.schema import LABELLED_SPLIT
 from demo import DemoError
 from demo.synthetic import generate_demo_dataset
 from inference.package import package_model
@@ -148,7 +149,7 @@ def _generate(data_dir, options):
     if summary_path.exists():
         old = read_json(summary_path, error=DemoError)
         sizes = {s: v["n_videos"] for s, v in old["splits"].items()}
-        if sizes == {"labeled": args["n_labelled"], "unlabeled": args["n_unlabelled"], "test": args["n_test"]} \
+        if sizes == {LABELLED_SPLIT: args["n_labelled"], "unlabeled": args["n_unlabelled"], "test": args["n_test"]} \
                 and all(old["config"][k] == args[k] for k in ("n_frames", "image_size", "tail_ratio", "seed")):
             return old
     return generate_demo_dataset(data_dir, **args)

@@ -48,6 +48,7 @@ from tqdm import tqdm
 from demo import DemoError
 from features.categories import BUILTIN_MAP, load_category_map
 from features.records import write_json
+from features.schema import LABELLED_SPLIT
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)                          # fixed member time: byte-identical zips
 JPEG_QUALITY = 90
@@ -398,7 +399,7 @@ def generate_demo_dataset(out_dir, n_labelled=400, n_unlabelled=100, n_test=100,
     write_category_map(out_dir / "category_map.csv", classes)
     label_rng = np.random.default_rng([seed, 99])
     splits, offset = {}, 0
-    for split, n, labelled in (("labeled", n_labelled, True), ("unlabeled", n_unlabelled, False),
+    for split, n, labelled in ((LABELLED_SPLIT, n_labelled, True), ("unlabeled", n_unlabelled, False),
                                ("test", n_test, False)):
         labels = _split_labels(counts, n, labelled, label_rng)
         splits[split] = _write_demo_split(out_dir, split, labels, classes, offset, n_frames,

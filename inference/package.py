@@ -22,6 +22,7 @@ from features.records import read_json, write_json
 from features.store import StoreReader
 from inference.model_dir import (CATEGORY_MAP, CODEBOOK, FORMAT, MODEL_JSON, NEURAL, STACK, VERSION,
                                  file_digest, write_manifest)
+from neural.outputs import labelled_store_path, read_run
 
 STACK_FILES = ("stack.json", "reweight.json", "stacker")
 
@@ -36,10 +37,10 @@ def package_model(run_dir, stack_dir, out_dir=None, category_map=None):
     when the store does not record where it was and it is not the built-in map."""
     run_dir, stack_dir = Path(run_dir), Path(stack_dir)
     out_dir = Path(out_dir) if out_dir else stack_dir / "model"
-    run = read_json(run_dir / "run.json", PackageError, "not a train-neural run directory")
+    run = read_run(run_dir)
     stack_json = read_json(stack_dir / "stack.json", PackageError, "run `python run.py stack` first")
     _check_same_run(run_dir, run, stack_dir, stack_json)
-    labelled = schema.store_path(run["cache_dir"], run.get("split", schema.LABELLED_SPLIT))
+    labelled = labelled_store_path(run)
     with StoreReader(labelled) as reader:
         record = model_record(reader, stack_json)
     cmap = find_category_map(labelled, record, category_map)
@@ -85,7 +86,7 @@ def model_record(reader, stack_json):
     return {
         "format": FORMAT, "version": VERSION,
         "store_identity": config,
-        "precision": config.get("precision", config.get("options", {}).get("precision")),
+        "precision": config["precision"],
         "device": environment.get("device"),
         "environment": environment,
         "aggregates": aggregates,
@@ -111,9 +112,10 @@ def find_category_map(store_path, record, given=None):
     `category_map_file` or option `category_map`), CACHE/category_map.csv, or the built-in map."""
     want = record["category_map"]["sha256"]
     if given is not None:
-        if file_digest(given)[0] != want:
+        given_sha = file_digest(given)[0]
+        if given_sha != want:
             raise PackageError(f"{given}: not the category map {store_path} was extracted with "
-                               f"(sha256 {file_digest(given)[0][:12]}, the store records {want[:12]})")
+                               f"(sha256 {given_sha[:12]}, the store records {want[:12]})")
         return Path(given)
     recorded = [record["environment"].get("category_map_file"),
                 record["store_identity"].get("options", {}).get("category_map")]

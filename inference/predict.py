@@ -83,8 +83,7 @@ def extract_options(model, kind):
     known = {f.name for f in fields(ExtractOptions)}
     identity = model.model_json["store_identity"]
     recorded = {k: v for k, v in identity.get("options", {}).items() if k in known and k not in NOT_IDENTITY}
-    if "precision" in known and model.model_json.get("precision") is not None:
-        recorded["precision"] = model.model_json["precision"]
+    recorded["precision"] = identity["precision"]
     return ExtractOptions(**recorded, frames_from=kind, category_map=str(model.category_map_path), aggregates=None)
 
 

@@ -3,7 +3,6 @@ fold, training info and options). Nothing here unpickles: a checkpoint cannot ru
 one whose JSON or tensors do not fit its spec is refused naming the file."""
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from features import schema
 from features.records import atomic_path, options_diff, read_json, write_json
 from features.store import create_dataset
 from neural.options import NeuralOptions, OptionsError
@@ -53,6 +54,11 @@ def read_run(run_dir):
     if run["n_folds"] < 2:
         raise RunError(f"{path}: field 'n_folds' is {run['n_folds']}, at least 2 expected")
     return run
+
+
+def labelled_store_path(run):
+    """The labelled store a run (read_run's dict) was trained on: CACHE_DIR/<LABELLED_SPLIT>.h5."""
+    return schema.store_path(run["cache_dir"], schema.LABELLED_SPLIT)
 
 
 def _result_options(path, values):

@@ -36,7 +36,6 @@ from neural.predict import check_classes, predict_split
 from neural.spec import spec_from_store
 from neural.train import fit_fold, predict_rows
 
-LABELED = schema.LABELLED_SPLIT
 
 
 def other_splits(cache_dir, options):
@@ -47,7 +46,7 @@ def other_splits(cache_dir, options):
     for path in sorted(Path(cache_dir).glob("*.h5")):
         with h5py.File(path, "r") as h5:
             is_store = "schema_version" in h5.attrs
-        if is_store and path.stem != LABELED:
+        if is_store and path.stem != schema.LABELLED_SPLIT:
             found.append(path.stem)
     return found
 
@@ -222,7 +221,7 @@ def train_neural(cache_dir, out_dir, models, options=None, overwrite=False, worl
     world = world or current_world()
     set_threads(options.threads, world)
     run_dir = Path(out_dir)
-    reader = StoreReader(schema.store_path(cache_dir, LABELED))
+    reader = StoreReader(schema.store_path(cache_dir, schema.LABELLED_SPLIT))
     split_readers = {s: StoreReader(schema.store_path(cache_dir, s)) for s in other_splits(cache_dir, options)}
     for r in split_readers.values():
         check_classes(r, {"fine_classes": reader.fine_classes})

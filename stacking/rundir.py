@@ -16,7 +16,7 @@ import numpy as np
 from features import schema
 from features.records import options_diff
 from features.store import StoreReader, rows_of
-from neural.outputs import read_run
+from neural.outputs import labelled_store_path, read_run
 
 
 class RunDirError(ValueError):
@@ -156,7 +156,7 @@ def load_run(run_dir, models=None):
 
 def check_store(config, ids, label, fine_classes):
     """The labelled store run.json names must be the one the models were trained on."""
-    path = schema.store_path(config["cache_dir"], config.get("split", schema.LABELLED_SPLIT))
+    path = labelled_store_path(config)
     with StoreReader(path) as reader:
         if reader.fine_classes != fine_classes:
             raise RunDirError(f"{path}: the store's fine_classes differ from run.json's; "
