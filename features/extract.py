@@ -145,8 +145,7 @@ def extract_split(data_dir, split, cache_dir, options, kind, category_map, frame
     job = split_input(data_dir, split, options, kind, category_map, frame_encoder, text_encoder)
     path = schema.store_path(cache_dir, split)
     _prepare_store(path, split, job.videos, category_map, job.config, options, job.dims)
-    faults_path = path.with_name(f"{split}.faults.jsonl")
-    tokens_path = path.with_name(f"{split}.tokens.jsonl")
+    faults_path, tokens_path = side_records(path)
     fill_store(path, job, 0, len(job.videos), frame_encoder, text_encoder, options, device,
                faults_path, tokens_path)
     return split_report(path, split, len(job.videos), faults_path, tokens_path, options)
@@ -206,12 +205,22 @@ def _store_config(options, kind, category_map, frame_encoder, text_encoder):
     }
 
 
+def side_records(store_path):
+    """(faults, token counts): the JSONL records written beside a store, <name>.faults.jsonl and
+    <name>.tokens.jsonl, appended batch by batch so a resumed run reports each row once."""
+    return Path(store_path).with_suffix(".faults.jsonl"), Path(store_path).with_suffix(".tokens.jsonl")
+
+
+def remove_store(store_path):
+    """A store and its side records (for --overwrite)."""
+    for path in (Path(store_path), *side_records(store_path)):
+        path.unlink(missing_ok=True)
+
+
 def _prepare_store(path, split, videos, category_map, config, options, dims):
     """Create the store, or check that an existing one is this run's to resume."""
-    if path.exists() and options.overwrite:
-        path.unlink()
-        path.with_name(f"{split}.faults.jsonl").unlink(missing_ok=True)
-        path.with_name(f"{split}.tokens.jsonl").unlink(missing_ok=True)
+    if options.overwrite:
+        remove_store(path)
     create_or_check_store(path, split, videos, category_map, config, options, dims)
 
 

@@ -23,7 +23,8 @@ from features import schema
 from features.aggregates import FrameAggregator, store_codebook, write_store_aggregates
 from features.class_names import write_class_names
 from features.codebook import CODEBOOK_FILE, Codebook
-from features.extract import (create_or_check_store, extract_split, fill_store, split_input, split_report)
+from features.extract import (create_or_check_store, extract_split, fill_store, remove_store, side_records,
+                              split_input, split_report)
 from features.shards import (check_shards_complete, load_or_make_plan, merge_lines, remove_shards, shard_dir,
                              shard_paths, stitch)
 from features.store import is_complete
@@ -72,8 +73,7 @@ def _prepare_split(cache_dir, split, job, options):
     """Main rank: None when the split's own store is there to finish, else the split's shard plan."""
     path = schema.store_path(cache_dir, split)
     if options.overwrite:
-        for leftover in (path, path.with_name(f"{split}.faults.jsonl"), path.with_name(f"{split}.tokens.jsonl")):
-            leftover.unlink(missing_ok=True)
+        remove_store(path)
         remove_shards(cache_dir, split)
     if path.exists():
         if shard_dir(cache_dir, split).exists() and is_complete(path):
@@ -95,7 +95,7 @@ def _extract_shard(path, job, bounds, category_map, frame_encoder, text_encoder,
     if is_complete(path):
         return
     fill_store(path, job, start, end, frame_encoder, text_encoder, options, device,
-               path.with_suffix(".faults.jsonl"), path.with_suffix(".tokens.jsonl"))
+               *side_records(path))
 
 
 def _aggregate(world, cache_dir, stores, options, device):
@@ -123,10 +123,10 @@ def _aggregate(world, cache_dir, stores, options, device):
 def _stitch_split(cache_dir, split, paths, options):
     """Main rank: the shards' records merged, the shards copied into CACHE/<split>.h5, then deleted."""
     path = schema.store_path(cache_dir, split)
-    faults_path, tokens_path = path.with_name(f"{split}.faults.jsonl"), path.with_name(f"{split}.tokens.jsonl")
+    faults_path, tokens_path = side_records(path)
     check_shards_complete(paths, aggregates=options.aggregates is not None)
-    merge_lines([p.with_suffix(".faults.jsonl") for p in paths], faults_path)
-    merge_lines([p.with_suffix(".tokens.jsonl") for p in paths], tokens_path)
+    merge_lines([side_records(p)[0] for p in paths], faults_path)
+    merge_lines([side_records(p)[1] for p in paths], tokens_path)
     n = stitch(paths, path, aggregates=options.aggregates is not None)     # renamed into place last
     remove_shards(cache_dir, split)
     return split_report(path, split, n, faults_path, tokens_path, options)
