@@ -85,17 +85,11 @@ def _check_nested_folds(fold):
 
 
 def nested_reweight(make, X, y, fold, stack_oof, fine_to_coarse, kind):
-    """Reweight each outer fold with a parameter tuned on an inner OOF pass over the other folds."""
-    _check_nested_folds(fold)
-    out, chosen = np.zeros_like(stack_oof), []
-    for k in tqdm(np.unique(fold), desc="nested reweighting", leave=False):
-        train, held = fold != k, fold == k
-        inner = cross_val_predict(make, X.take(train), y[train], fold[train])
-        counts = np.bincount(y[train], minlength=X.n_classes)
-        rw = PriorReweighter(kind).fit(inner, y[train], counts, fine_to_coarse)
-        out[held] = rw.transform(stack_oof[held])
-        chosen.append({"fold": int(k), "kind": rw.kind_, "param": rw.param_, "inner_score": rw.score_})
-    return out, chosen
+    """Reweight each outer fold with a parameter tuned on an inner OOF pass over the other folds:
+    nested_choice with one candidate. Returns (reweighted OOF (N, C), per-fold reweights)."""
+    reweighted, rw_folds, *_ = nested_choice({"stack": make}, X, y, fold, {"stack": stack_oof}, "stack",
+                                             fine_to_coarse, kind)
+    return reweighted, rw_folds
 
 
 def best_of(scores):
