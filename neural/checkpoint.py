@@ -93,6 +93,7 @@ def load_fold(model_dir, k, device="cpu"):
         model = build_model(spec)
     except ValueError as err:                       # a spec no model can be built from
         raise CheckpointError(f"{fold_paths(model_dir, k)[1]}: {err}") from err
+    model.size_from(tensors)                        # a learned size (knn's bank), else nothing
     check_tensors(tensors_path, model, tensors)
     model.load_state_dict(tensors)
     return model.to(device).eval(), spec, record

@@ -117,8 +117,11 @@ def fit_fold(spec, dataset, train_rows, options, seed, device, codebook=None, de
     before it ran in the same process (what makes resuming exact)."""
     torch.manual_seed(seed)
     model = build_model(spec)
+    start = time.perf_counter()
     model.initialise(FitContext(dataset, train_rows, options.batch_size, codebook, class_names))
     model = model.to(device)
+    if not any(p.requires_grad for p in model.parameters()):     # nothing to train (knn): initialised is final
+        return model.eval(), {"epoch_loss": [], "seconds_per_epoch": [time.perf_counter() - start]}
     labels = dataset.labels[train_rows]
     weights = class_weights(labels, spec.n_fine, options.balance_beta).to(device) \
         if options.class_balanced else None

@@ -24,6 +24,10 @@ class FoldModel(nn.Module):
     def initialise(self, context):
         """Called once before training (FitContext); the default keeps the random initialisation."""
 
+    def size_from(self, tensors):
+        """Before a checkpoint's tensors are checked and loaded: resize the buffers whose size was learned,
+        not given by the spec (knn's bank: the fold's training rows); the default has none."""
+
 
 @dataclass(frozen=True)
 class ModelEntry:
