@@ -25,6 +25,9 @@ class NeuralOptions:
     max_tokens: int = 64              # text tokens kept (T is also trimmed per batch to the longest)
     coarse_weight: float = 0.5        # auxiliary coarse-head loss weight (multi-task)
     vlad_pooling: str = "nextvlad"    # "nextvlad" or "netvlad", initialised from CACHE_DIR/codebook.h5
+    knn_k: int = 10                   # knn: neighbours that vote
+    knn_temperature: float = 0.05     # knn: a neighbour's vote weighs exp(cosine / temperature)
+    knn_dim: int = 128                # knn: PCA width of the bank of training vectors (0: no projection)
     # regularisers, each measured by `bench/bench_neural.py options` (fashion, masked titles): only
     # class-balanced weights helped clearly (+0.008..+0.026 OOF mean-F1, via macro-F1); the others moved
     # it by less than the fold noise (about 0.005) or hurt, so they are off by default
@@ -69,6 +72,9 @@ class NeuralOptions:
             raise OptionsError(f"n_folds must be at least 2, got {self.n_folds}")
         if self.vlad_pooling not in ("nextvlad", "netvlad"):
             raise OptionsError(f"vlad_pooling must be 'nextvlad' or 'netvlad', got {self.vlad_pooling!r}")
+        if self.knn_k < 1 or self.knn_temperature <= 0 or self.knn_dim < 0:
+            raise OptionsError(f"knn_k must be >= 1, knn_temperature > 0 and knn_dim >= 0, got "
+                               f"{self.knn_k}, {self.knn_temperature} and {self.knn_dim}")
         if self.hidden % self.n_heads:
             raise OptionsError(f"hidden ({self.hidden}) must be a multiple of n_heads ({self.n_heads})")
         return self

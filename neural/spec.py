@@ -29,6 +29,9 @@ class ModelSpec:
     vlad_clusters: int = 0             # vlad: K
     vlad_expansion: int = 0            # vlad, nextvlad: lambda
     vlad_groups: int = 0               # vlad, nextvlad: G
+    knn_k: int = 10                    # knn: neighbours that vote
+    knn_temperature: float = 0.05      # knn: a vote weighs exp(cosine / temperature)
+    knn_dim: int = 128                 # knn: PCA width of the bank (0: no projection)
 
     def to_dict(self):
         return asdict(self)
@@ -64,7 +67,8 @@ def spec_from_store(model, reader, options, names, codebook=None):
     spec = ModelSpec(model=model, n_fine=len(reader.fine_classes), n_coarse=len(reader.coarse_classes),
                      hidden=options.hidden, n_layers=options.n_layers, n_heads=options.n_heads,
                      dropout=options.dropout, max_tokens=options.max_tokens, text_dim=int(h5[text].shape[-1]),
-                     vlad_pooling=options.vlad_pooling)
+                     vlad_pooling=options.vlad_pooling, knn_k=options.knn_k,
+                     knn_temperature=options.knn_temperature, knn_dim=options.knn_dim)
     if schema.FRAME_EMB in names:
         spec.n_frames, spec.frame_dim = (int(v) for v in h5[schema.FRAME_EMB].shape[1:])
     spec.aggregates = [n for n in names if n.startswith(schema.AGG_GROUP + "/")]
