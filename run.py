@@ -108,6 +108,11 @@ class _ModelsOption(click.Option):
 @click.option("--max-tokens", default=_NEURAL.max_tokens, show_default=True)
 @click.option("--vlad-pooling", type=click.Choice(["nextvlad", "netvlad"]), default=_NEURAL.vlad_pooling,
               show_default=True)
+@click.option("--knn-k", default=_NEURAL.knn_k, show_default=True, help="knn: neighbours that vote.")
+@click.option("--knn-temperature", default=_NEURAL.knn_temperature, show_default=True,
+              help="knn: a neighbour's vote weighs exp(cosine / temperature).")
+@click.option("--knn-dim", default=_NEURAL.knn_dim, show_default=True,
+              help="knn: PCA width of the bank of training vectors (0: none).")
 @click.option("--label-smoothing", default=_NEURAL.label_smoothing, show_default=True)
 @click.option("--class-balanced/--no-class-balanced", default=_NEURAL.class_balanced, show_default=True)
 @click.option("--ema/--no-ema", default=_NEURAL.ema, show_default=True)
