@@ -118,6 +118,20 @@ class _ModelsOption(click.Option):
 @click.option("--ema/--no-ema", default=_NEURAL.ema, show_default=True)
 @click.option("--fgm/--no-fgm", default=_NEURAL.fgm, show_default=True)
 @click.option("--rdrop/--no-rdrop", default=_NEURAL.rdrop, show_default=True)
+@click.option("--unlabeled", default=_NEURAL.unlabeled, metavar="SPLIT",
+              help="Unlabelled split learnt from (CACHE/SPLIT.h5); default: CACHE/unlabeled.h5 when there is one.")
+@click.option("--teacher", default=_NEURAL.teacher, metavar="RUN_DIR|STACK_DIR",
+              help="Finished train-neural run (or a stack of one, its base models) with the same folds: its fold-k "
+                   "models pseudo-label the unlabelled split for fold k's student; a student run can teach round 2.")
+@click.option("--pseudo-weight", default=_NEURAL.pseudo_weight, show_default=True,
+              help="Weight of the distillation loss on pseudo-labelled rows.")
+@click.option("--pseudo-temperature", default=_NEURAL.pseudo_temperature, show_default=True)
+@click.option("--pseudo-threshold", default=_NEURAL.pseudo_threshold, show_default=True,
+              help="Rows whose teacher max-probability is lower are not used.")
+@click.option("--pseudo-ratio", default=_NEURAL.pseudo_ratio, show_default=True,
+              help="Pseudo-labelled rows per step, as a multiple of --batch-size.")
+@click.option("--pseudo-finetune-epochs", default=_NEURAL.pseudo_finetune_epochs, show_default=True,
+              help="Epochs on labelled rows only after --epochs with pseudo-labels.")
 @click.option("--workers", "num_workers", default=_NEURAL.num_workers, show_default=True,
               help="DataLoader worker processes.")
 @click.option("--threads", default=_NEURAL.threads, show_default=True,
@@ -130,11 +144,16 @@ def train_neural(cache_dir, out_dir, models, overwrite, **options):
     from neural.models import parse_models
     from neural.options import NeuralOptions
     from neural.pipeline import available_models, describe_models, train_neural as run_train
+    from neural.unlabelled import describe_unlabelled
     names = available_models(cache_dir) if models is None else parse_models(models)
     neural_options = NeuralOptions(**options).check()
     world = current_world()
     if models is None and world.is_main:
         click.echo(describe_models(names))
+    unlabelled_line = describe_unlabelled(cache_dir, neural_options.unlabeled,
+                                          [f"pseudo-labels from {options['teacher']}"] if options["teacher"] else [])
+    if unlabelled_line and world.is_main:
+        click.echo(unlabelled_line)
     results = run_train(cache_dir, out_dir, names, neural_options, overwrite, world)
     for name, metrics in results.items() if world.is_main else ():
         oof = metrics["oof"]

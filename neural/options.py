@@ -40,6 +40,14 @@ class NeuralOptions:
     fgm_eps: float = 0.05             # perturbation norm, relative to each input row's norm
     rdrop: bool = False               # two dropout passes + symmetric KL (Liang et al. 2021)
     rdrop_alpha: float = 1.0
+    # pseudo-label distillation from the unlabelled split (neural/pseudo.py); off without a teacher
+    unlabeled: str = ""               # unlabelled split; "" = CACHE_DIR/unlabeled.h5 when the cache has one
+    teacher: str = ""                 # RUN_DIR or STACK_DIR whose fold-k models pseudo-label for fold k; "" = none
+    pseudo_weight: float = 1.0        # weight of the distillation loss beside the labelled loss
+    pseudo_temperature: float = 2.0   # T of KL(teacher_T || student_T), times T^2
+    pseudo_threshold: float = 0.5     # unlabelled rows whose teacher max-probability is lower are not used
+    pseudo_ratio: float = 1.0         # unlabelled rows per step, as a multiple of batch_size
+    pseudo_finetune_epochs: int = 1   # then epochs on labelled rows only (on top of epochs)
     num_workers: int = 0              # DataLoader workers; each opens its own store handle
     threads: int = 0                  # torch CPU threads; 0 leaves torch's default
     splits: tuple = ()                # other splits to predict; () = every other store in CACHE_DIR
@@ -75,6 +83,12 @@ class NeuralOptions:
         if self.knn_k < 1 or self.knn_temperature <= 0 or self.knn_dim < 0:
             raise OptionsError(f"knn_k must be >= 1, knn_temperature > 0 and knn_dim >= 0, got "
                                f"{self.knn_k}, {self.knn_temperature} and {self.knn_dim}")
+        if self.pseudo_weight < 0 or self.pseudo_temperature <= 0 or not 0 <= self.pseudo_threshold < 1 \
+                or self.pseudo_ratio <= 0 or self.pseudo_finetune_epochs < 0:
+            raise OptionsError(f"pseudo_weight must be >= 0, pseudo_temperature > 0, pseudo_threshold in [0, 1), "
+                               f"pseudo_ratio > 0 and pseudo_finetune_epochs >= 0, got {self.pseudo_weight}, "
+                               f"{self.pseudo_temperature}, {self.pseudo_threshold}, {self.pseudo_ratio} and "
+                               f"{self.pseudo_finetune_epochs}")
         if self.hidden % self.n_heads:
             raise OptionsError(f"hidden ({self.hidden}) must be a multiple of n_heads ({self.n_heads})")
         return self

@@ -11,6 +11,7 @@ after a barrier each model's owner rank merges those rows, predicts the other sp
 metrics. The result equals a one-process run.
 """
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -33,6 +34,8 @@ from neural.models import REGISTRY, model_entry, model_inputs
 from neural.options import NeuralOptions
 from neural.outputs import RunError
 from neural.predict import check_classes, predict_split
+from neural.pseudo import PseudoLabels, check_teacher, make_pseudo_labels, pseudo_path, resolve_teacher
+from neural.unlabelled import DEFAULT_SPLIT, open_unlabelled
 from neural.spec import spec_from_store
 from neural.train import fit_fold, predict_rows
 
@@ -86,13 +89,16 @@ def prepare_folds(run_dir, ids, labels, options):
     return fold
 
 
-def write_run_json(run_dir, cache_dir, reader, models, options):
+def write_run_json(run_dir, cache_dir, reader, models, options, pseudo=None):
     """RUN_DIR/run.json for this run; a resumed run must come from the same store (config), classes and
-    options (outputs.write_run refuses otherwise, naming each difference)."""
+    options (outputs.write_run refuses otherwise, naming each difference). pseudo: (Teacher, Unlabelled),
+    recorded as field 'pseudo' (which teacher and which unlabelled store the models learn from)."""
     run = {"cache_dir": str(Path(cache_dir).resolve()), "store_config": reader.config,
            "fine_classes": reader.fine_classes, "coarse_classes": reader.coarse_classes,
            "fine_to_coarse": reader.fine_to_coarse.tolist(), "options": options.to_dict(),
            "seed": options.seed, "n_folds": options.n_folds, "models": list(models)}
+    if pseudo is not None:
+        run["pseudo"] = {"teacher": pseudo[0].record(), "unlabelled": pseudo[1].record()}
     return outputs.write_run(run_dir, run, options.result_dict())
 
 
@@ -100,8 +106,9 @@ class ModelRun:
     """One model's folds and outputs inside RUN_DIR/<model>/."""
 
     def __init__(self, name, run_dir, cache_dir, reader, split_readers, options, fold, rows, labels,
-                 device=None, writes_predictions=True, desc=""):
-        """writes_predictions: fold rows go into predictions.h5 (the main rank), else into a per-fold file."""
+                 device=None, writes_predictions=True, desc="", pseudo=None):
+        """writes_predictions: fold rows go into predictions.h5 (the main rank), else into a per-fold file;
+        pseudo: (Teacher, Unlabelled) when the folds distil the teacher's pseudo-labels (neural/pseudo.py)."""
         self.name, self.options, self.fold, self.rows = name, options, fold, rows
         self.writes_predictions, self.desc = writes_predictions, desc
         self.dir = Path(run_dir) / name
@@ -118,6 +125,12 @@ class ModelRun:
         self.device = device or resolve_device()
         self.preds = self.dir / "predictions.h5"
         self.record = dict(options.result_dict(), model=name, spec=self.spec.to_dict())
+        self.unlabelled_reader = None
+        if pseudo is not None:                      # what this model learns from beside its labels
+            teacher, unlabelled = pseudo
+            self.run_dir, self.unlabelled_reader = Path(run_dir), StoreReader(unlabelled.path)
+            self.unlabelled_names = model_inputs(name, self.unlabelled_reader, self.spec.aggregates)
+            self.record["pseudo"] = {"teacher": teacher.record(), "unlabelled": unlabelled.record()}
 
     def open(self, ids, labels_lab, split_ids):
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -136,9 +149,11 @@ class ModelRun:
             model = self.load(k)
         else:
             seed = self.options.seed * 100 + k
+            pseudo = None if self.unlabelled_reader is None else PseudoLabels(
+                pseudo_path(self.run_dir, k), self.unlabelled_reader, self.unlabelled_names, self.options)
             model, info = fit_fold(self.spec, self.dataset, self.rows[train], self.options, seed,
                                    self.device, self.codebook, desc=f"{self.name} fold {k}{self.desc}",
-                                   class_names=self.class_names)
+                                   class_names=self.class_names, pseudo=pseudo)
             save_fold(self.dir, k, model, self.spec, info, self.options)
         proba = predict_rows([model], self.dataset, self.rows[held], self.options.batch_size,
                              self.device, self.options.num_workers)
@@ -190,14 +205,31 @@ class ModelRun:
         return metrics
 
 
-def prepare_run_dir(run_dir, cache_dir, reader, ids, labels_lab, models, options, overwrite):
+def prepare_teacher(cache_dir, run_dir, reader, ids, labels_lab, options):
+    """(Teacher, Unlabelled) when options.teacher names one, checked before anything is written: its
+    folds must be the ones this run draws (or has drawn), its classes and labelled store this run's, and
+    the cache must hold the unlabelled split. None without a teacher."""
+    if not options.teacher:
+        return None
+    teacher = resolve_teacher(options.teacher)
+    folds_file = Path(run_dir) / "folds.h5"
+    fold = load_folds(folds_file)[1] if folds_file.exists() else make_folds(labels_lab, options.n_folds, options.seed)
+    check_teacher(teacher, run_dir, ids, fold, options, reader)
+    unlabelled = open_unlabelled(cache_dir, options.unlabeled, reader)
+    if unlabelled is None:
+        raise RunError(f"{schema.store_path(cache_dir, DEFAULT_SPLIT)}: --teacher needs an unlabelled split to "
+                       "pseudo-label and the cache has none; extract one or name it with --unlabeled")
+    return teacher, unlabelled
+
+
+def prepare_run_dir(run_dir, cache_dir, reader, ids, labels_lab, models, options, overwrite, pseudo=None):
     """What is done once, by the main rank: clear the run directory on --overwrite, draw (or check) the
     folds, write run.json. -> fold (N_lab,)."""
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     fold = prepare_folds(run_dir, ids, labels_lab, options)
-    write_run_json(run_dir, cache_dir, reader, models, options)
+    write_run_json(run_dir, cache_dir, reader, models, options, pseudo)
     return fold
 
 
@@ -226,13 +258,19 @@ def train_neural(cache_dir, out_dir, models, options=None, overwrite=False, worl
     for r in split_readers.values():
         check_classes(r, {"fine_classes": reader.fine_classes})
     rows, ids, labels = labelled_rows(reader)
+    pseudo = prepare_teacher(cache_dir, run_dir, reader, ids, labels[rows], options)
+    if pseudo is not None:
+        options = replace(options, teacher=str(pseudo[0].path))     # recorded resolved
     fold = on_main(world, lambda: prepare_run_dir(run_dir, cache_dir, reader, ids, labels[rows], models,
-                                                  options, overwrite))
+                                                  options, overwrite, pseudo))
     device, desc = world.device(), f" (rank {world.rank})" if world.distributed else ""
     runs = [ModelRun(name, run_dir, cache_dir, reader, split_readers, options, fold, rows, labels, device,
-                     writes_predictions=world.is_main, desc=desc) for name in models]
+                     writes_predictions=world.is_main, desc=desc, pseudo=pseudo) for name in models]
     split_ids = {s: r.ids for s, r in split_readers.items()}
     jobs = on_main(world, lambda: open_predictions(runs, ids, labels[rows], split_ids))
+    if pseudo is not None:              # every pseudo-label file a pending fit needs, before the fits
+        to_fit = sorted({k for name, k in jobs if not fold_saved(run_dir / name, k)})
+        on_main(world, lambda: make_pseudo_labels(run_dir, *pseudo, to_fit, device))
     by_name = {run.name: run for run in runs}
     for name, k in rank_jobs(jobs, world):
         by_name[name].run_fold(k)

@@ -1,5 +1,6 @@
 """Training of one fold model: one loop, read top to bottom (multi-task loss, EMA, FGM, R-Drop)."""
 import copy
+import itertools
 import math
 import time
 
@@ -69,6 +70,16 @@ def task_loss(model, batch, weights, options):
     return 0.5 * (loss + loss2) + options.rdrop_alpha * kl
 
 
+def distill_loss(model, batch, temperature):
+    """T^2 * KL(teacher_T || student_T) on the fine head, mean over the unlabelled rows: the teacher's
+    probabilities batch["soft_target"] (B, C) re-tempered as softmax(log p / T), the student's as
+    softmax(logits / T) (Hinton et al. 2015; T^2 keeps the gradient scale independent of T)."""
+    fine, _ = model(batch)                                             # (B, C)
+    teacher = torch.softmax(batch["soft_target"].clamp(min=1e-6).log() / temperature, dim=-1)
+    student = F.log_softmax(fine.float() / temperature, dim=-1)
+    return temperature ** 2 * F.kl_div(student, teacher, reduction="batchmean")
+
+
 def fgm_inputs(batch, grads, eps):
     """Inputs moved along their loss gradient by eps times each row's norm (scale-free FGM)."""
     adv = dict(batch)
@@ -90,7 +101,9 @@ def schedule(total_steps, warmup_frac):
     return factor
 
 
-def train_step(model, batch, weights, options, optimizer, device):
+def train_step(model, batch, weights, options, optimizer, device, unlabelled=None):
+    """One optimiser step on a labelled batch, plus pseudo_weight * distill_loss on `unlabelled` (a batch
+    with soft targets) when given."""
     optimizer.zero_grad(set_to_none=True)
     float_inputs = [k for k, v in batch.items() if k not in LABEL_KEYS and v.is_floating_point()]
     if options.fgm:
@@ -98,6 +111,8 @@ def train_step(model, batch, weights, options, optimizer, device):
             batch[name].requires_grad_(True)
     with autocast(device):
         loss = task_loss(model, batch, weights, options)
+        if unlabelled is not None:
+            loss = loss + options.pseudo_weight * distill_loss(model, unlabelled, options.pseudo_temperature)
     loss.backward()
     if options.fgm:
         grads = {n: batch[n].grad for n in float_inputs if batch[n].grad is not None}
@@ -109,9 +124,13 @@ def train_step(model, batch, weights, options, optimizer, device):
     return float(loss.detach())
 
 
-def fit_fold(spec, dataset, train_rows, options, seed, device, codebook=None, desc="fold", class_names=None):
+def fit_fold(spec, dataset, train_rows, options, seed, device, codebook=None, desc="fold", class_names=None,
+             pseudo=None):
     """Train one model (ModelSpec) on `train_rows` (store rows). -> (model to predict with, info dict).
     `codebook` (features.codebook.Codebook) and `class_names` initialise the models that need them.
+    `pseudo` (neural.pseudo.PseudoLabels): each step of the first options.epochs also distils one batch
+    of the teacher's pseudo-labels; then options.pseudo_finetune_epochs on labelled rows only (one LR
+    schedule over all of them). Without it, nothing below draws or computes anything more.
 
     Everything random is drawn from `seed`, so a fold trains identically whether or not the folds
     before it ran in the same process (what makes resuming exact)."""
@@ -126,18 +145,26 @@ def fit_fold(spec, dataset, train_rows, options, seed, device, codebook=None, de
     weights = class_weights(labels, spec.n_fine, options.balance_beta).to(device) \
         if options.class_balanced else None
     n_batches = math.ceil(len(train_rows) / options.batch_size)
+    epochs = options.epochs + (options.pseudo_finetune_epochs if pseudo is not None else 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, schedule(options.epochs * n_batches, options.warmup_frac))
+        optimizer, schedule(epochs * n_batches, options.warmup_frac))
     ema = EMA(model, options.ema_decay) if options.ema else None
     info = {"epoch_loss": [], "seconds_per_epoch": []}
-    bar = tqdm(total=options.epochs * n_batches, desc=desc, leave=False, mininterval=2)
-    for epoch in range(options.epochs):
+    if pseudo is not None:
+        info["pseudo"] = pseudo.info()
+    bar = tqdm(total=epochs * n_batches, desc=desc, leave=False, mininterval=2)
+    for epoch in range(epochs):
         model.train()
         start, losses = time.perf_counter(), []
         batches = shuffled_batches(train_rows, options.batch_size, seed * 1000 + epoch)
-        for batch in loader(dataset, batches, options.num_workers):
-            losses.append(train_step(model, to_device(batch, device), weights, options, optimizer, device))
+        distil = pseudo is not None and len(pseudo) and epoch < options.epochs
+        extra = loader(pseudo.dataset, pseudo.batches(seed, epoch, len(batches)), options.num_workers) \
+            if distil else itertools.repeat(None)
+        for batch, unlabelled in zip(loader(dataset, batches, options.num_workers), extra):
+            unlabelled = None if unlabelled is None else to_device(unlabelled, device)
+            losses.append(train_step(model, to_device(batch, device), weights, options, optimizer, device,
+                                     unlabelled))
             scheduler.step()
             if ema:
                 ema.update(model)
