@@ -32,12 +32,20 @@ class CrossAttention(FoldModel):
         self.fuse = nn.Sequential(nn.LayerNorm(2 * h), nn.Linear(2 * h, h), nn.GELU())
         self.heads = Heads(h, spec.n_fine, spec.n_coarse, p)
 
-    def forward(self, batch):
+    def encode(self, batch):
+        """-> text (B, T, H), text_mask, video (B, F, H), video_mask: the states before pooling."""
         text, text_mask, video, video_mask = self.front(batch)
         for t2v, v2t in zip(self.text_to_video, self.video_to_text):
             text, video = t2v(text, video, video_mask), v2t(video, text, text_mask)
+        return text, text_mask, video, video_mask
+
+    def pool(self, text, text_mask, video, video_mask):
+        """-> (B, H) each side's mean, fused."""
         z = torch.cat([masked_mean(text, text_mask), masked_mean(video, video_mask)], dim=1)  # (B, 2H)
-        return self.heads(self.fuse(z))
+        return self.fuse(z)
+
+    def forward(self, batch):
+        return self.heads(self.pool(*self.encode(batch)))
 
 
 ENTRY = ModelEntry("cross", CrossAttention, TOKENS_AND_FRAMES,

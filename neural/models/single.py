@@ -14,12 +14,21 @@ class SingleStream(FoldModel):
         self.norm = nn.LayerNorm(spec.hidden)
         self.heads = Heads(spec.hidden, spec.n_fine, spec.n_coarse, spec.dropout)
 
-    def forward(self, batch):
+    def encode(self, batch):
+        """-> text (B, T, H), text_mask, video (B, F, H), video_mask: the states before pooling."""
         text, text_mask, video, video_mask = self.front(batch)
         x = torch.cat([text, video], dim=1)                           # (B, T+F, H)
         mask = torch.cat([text_mask, video_mask], dim=1)              # (B, T+F)
         x = self.norm(self.encoder(x, src_key_padding_mask=~mask))
-        return self.heads(masked_mean(x, mask))
+        t = text.shape[1]
+        return x[:, :t], text_mask, x[:, t:], video_mask
+
+    def pool(self, text, text_mask, video, video_mask):
+        """-> (B, H) the mean over every real position, text and video alike."""
+        return masked_mean(torch.cat([text, video], dim=1), torch.cat([text_mask, video_mask], dim=1))
+
+    def forward(self, batch):
+        return self.heads(self.pool(*self.encode(batch)))
 
 
 ENTRY = ModelEntry("single", SingleStream, TOKENS_AND_FRAMES,
