@@ -118,6 +118,12 @@ class _ModelsOption(click.Option):
 @click.option("--ema/--no-ema", default=_NEURAL.ema, show_default=True)
 @click.option("--fgm/--no-fgm", default=_NEURAL.fgm, show_default=True)
 @click.option("--rdrop/--no-rdrop", default=_NEURAL.rdrop, show_default=True)
+@click.option("--pretrain/--no-pretrain", default=_NEURAL.pretrain, show_default=True,
+              help="Self-supervised pretraining of single, dual and cross on every store in the cache (masked "
+                   "frames and token states, video-text matching and alignment; no labels), once per model, "
+                   "before its folds, which all start from it; other models ignore it.")
+@click.option("--pretrain-epochs", default=_NEURAL.pretrain_epochs, show_default=True,
+              help="Pretraining passes over every store in the cache, per pretrainable model.")
 @click.option("--unlabeled", default=_NEURAL.unlabeled, metavar="SPLIT",
               help="Unlabelled split learnt from (CACHE/SPLIT.h5); default: CACHE/unlabeled.h5 when there is one.")
 @click.option("--teacher", default=_NEURAL.teacher, metavar="RUN_DIR|STACK_DIR",

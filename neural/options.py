@@ -40,6 +40,14 @@ class NeuralOptions:
     fgm_eps: float = 0.05             # perturbation norm, relative to each input row's norm
     rdrop: bool = False               # two dropout passes + symmetric KL (Liang et al. 2021)
     rdrop_alpha: float = 1.0
+    # self-supervised pretraining of the token/frame models on every store in the cache (neural/pretrain.py)
+    pretrain: bool = False
+    pretrain_epochs: int = 4          # passes over every store in the cache, once per pretrainable model
+    pretrain_mask_ratio: float = 0.15 # real frames / tokens replaced by a learned mask vector
+    pretrain_mfm: float = 1.0         # weight of masked frame modelling (InfoNCE over the batch's masked frames)
+    pretrain_mtm: float = 1.0         # weight of masked token-state modelling (the same on text_tokens)
+    pretrain_vtm: float = 1.0         # weight of video-text matching (half the pairs get another video's frames)
+    pretrain_vtc: float = 1.0         # weight of video-text contrastive alignment of the pooled states
     # pseudo-label distillation from the unlabelled split (neural/pseudo.py); off without a teacher
     unlabeled: str = ""               # unlabelled split; "" = CACHE_DIR/unlabeled.h5 when the cache has one
     teacher: str = ""                 # RUN_DIR or STACK_DIR whose fold-k models pseudo-label for fold k; "" = none
@@ -83,6 +91,12 @@ class NeuralOptions:
         if self.knn_k < 1 or self.knn_temperature <= 0 or self.knn_dim < 0:
             raise OptionsError(f"knn_k must be >= 1, knn_temperature > 0 and knn_dim >= 0, got "
                                f"{self.knn_k}, {self.knn_temperature} and {self.knn_dim}")
+        if self.pretrain_epochs < 1 or not 0 < self.pretrain_mask_ratio < 1:
+            raise OptionsError(f"pretrain_epochs must be >= 1 and pretrain_mask_ratio in (0, 1), got "
+                               f"{self.pretrain_epochs} and {self.pretrain_mask_ratio}")
+        weights = {n: getattr(self, f"pretrain_{n}") for n in ("mfm", "mtm", "vtm", "vtc")}
+        if min(weights.values()) < 0 or not any(weights.values()):
+            raise OptionsError(f"pretrain objective weights must be >= 0, at least one above 0, got {weights}")
         if self.pseudo_weight < 0 or self.pseudo_temperature <= 0 or not 0 <= self.pseudo_threshold < 1 \
                 or self.pseudo_ratio <= 0 or self.pseudo_finetune_epochs < 0:
             raise OptionsError(f"pseudo_weight must be >= 0, pseudo_temperature > 0, pseudo_threshold in [0, 1), "

@@ -34,6 +34,7 @@ from neural.models import REGISTRY, model_entry, model_inputs
 from neural.options import NeuralOptions
 from neural.outputs import RunError
 from neural.predict import check_classes, predict_split
+from neural.pretrain import load_pretrained, pretrain_models
 from neural.pseudo import PseudoLabels, check_teacher, make_pseudo_labels, pseudo_path, resolve_teacher
 from neural.unlabelled import DEFAULT_SPLIT, open_unlabelled
 from neural.spec import spec_from_store
@@ -41,17 +42,26 @@ from neural.train import fit_fold, predict_rows
 
 
 
+def cache_splits(cache_dir):
+    """Every feature store in CACHE_DIR by split name, sorted (codebook.h5, class_names.h5 are not stores)."""
+    found = []
+    for path in sorted(Path(cache_dir).glob("*.h5")):
+        with h5py.File(path, "r") as h5:
+            if "schema_version" in h5.attrs:
+                found.append(path.stem)
+    return found
+
+
 def other_splits(cache_dir, options):
     """Stores to predict beside the labelled one: those named, or every other store in CACHE_DIR."""
     if options.splits:
         return list(options.splits)
-    found = []
-    for path in sorted(Path(cache_dir).glob("*.h5")):
-        with h5py.File(path, "r") as h5:
-            is_store = "schema_version" in h5.attrs
-        if is_store and path.stem != schema.LABELLED_SPLIT:
-            found.append(path.stem)
-    return found
+    return [s for s in cache_splits(cache_dir) if s != schema.LABELLED_SPLIT]
+
+
+def pretrain_splits(cache_dir):
+    """The stores pretraining reads: every one in CACHE_DIR (labels are never read), the labelled first."""
+    return [schema.LABELLED_SPLIT] + [s for s in cache_splits(cache_dir) if s != schema.LABELLED_SPLIT]
 
 
 def available_models(cache_dir):
@@ -125,12 +135,18 @@ class ModelRun:
         self.device = device or resolve_device()
         self.preds = self.dir / "predictions.h5"
         self.record = dict(options.result_dict(), model=name, spec=self.spec.to_dict())
+        self.pretrained = None                      # neural.pretrain.Pretrained: set by use_pretrained
         self.unlabelled_reader = None
         if pseudo is not None:                      # what this model learns from beside its labels
             teacher, unlabelled = pseudo
             self.run_dir, self.unlabelled_reader = Path(run_dir), StoreReader(unlabelled.path)
             self.unlabelled_names = model_inputs(name, self.unlabelled_reader, self.spec.aggregates)
             self.record["pseudo"] = {"teacher": teacher.record(), "unlabelled": unlabelled.record()}
+
+    def use_pretrained(self, pretrained):
+        """Every fold starts from these self-supervised weights; the stores they saw join the record."""
+        self.pretrained = pretrained
+        self.record["pretrained"] = pretrained.summary()
 
     def open(self, ids, labels_lab, split_ids):
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +169,7 @@ class ModelRun:
                 pseudo_path(self.run_dir, k), self.unlabelled_reader, self.unlabelled_names, self.options)
             model, info = fit_fold(self.spec, self.dataset, self.rows[train], self.options, seed,
                                    self.device, self.codebook, desc=f"{self.name} fold {k}{self.desc}",
-                                   class_names=self.class_names, pseudo=pseudo)
+                                   class_names=self.class_names, pseudo=pseudo, pretrained=self.pretrained)
             save_fold(self.dir, k, model, self.spec, info, self.options)
         proba = predict_rows([model], self.dataset, self.rows[held], self.options.batch_size,
                              self.device, self.options.num_workers)
@@ -266,6 +282,15 @@ def train_neural(cache_dir, out_dir, models, options=None, overwrite=False, worl
     device, desc = world.device(), f" (rank {world.rank})" if world.distributed else ""
     runs = [ModelRun(name, run_dir, cache_dir, reader, split_readers, options, fold, rows, labels, device,
                      writes_predictions=world.is_main, desc=desc, pseudo=pseudo) for name in models]
+    if options.pretrain:                # once per pretrainable model, on the main rank, before any fold
+        opened = {schema.LABELLED_SPLIT: reader, **split_readers}
+        stores = {s: opened[s] if s in opened else StoreReader(schema.store_path(cache_dir, s))
+                  for s in pretrain_splits(cache_dir)}
+        pretrained = on_main(world, lambda: pretrain_models(run_dir, {r.name: r.spec for r in runs}, stores,
+                                                            options, device))
+        for run in runs:
+            if run.name in pretrained:
+                run.use_pretrained(load_pretrained(run_dir, run.spec, options))
     split_ids = {s: r.ids for s, r in split_readers.items()}
     jobs = on_main(world, lambda: open_predictions(runs, ids, labels[rows], split_ids))
     if pseudo is not None:              # every pseudo-label file a pending fit needs, before the fits

@@ -125,9 +125,10 @@ def train_step(model, batch, weights, options, optimizer, device, unlabelled=Non
 
 
 def fit_fold(spec, dataset, train_rows, options, seed, device, codebook=None, desc="fold", class_names=None,
-             pseudo=None):
+             pretrained=None, pseudo=None):
     """Train one model (ModelSpec) on `train_rows` (store rows). -> (model to predict with, info dict).
-    `codebook` (features.codebook.Codebook) and `class_names` initialise the models that need them.
+    `codebook` (features.codebook.Codebook) and `class_names` initialise the models that need them;
+    `pretrained` (neural.pretrain.Pretrained) then replaces every weight but the heads.
     `pseudo` (neural.pseudo.PseudoLabels): each step of the first options.epochs also distils one batch
     of the teacher's pseudo-labels; then options.pseudo_finetune_epochs on labelled rows only (one LR
     schedule over all of them). Without it, nothing below draws or computes anything more.
@@ -137,7 +138,9 @@ def fit_fold(spec, dataset, train_rows, options, seed, device, codebook=None, de
     torch.manual_seed(seed)
     model = build_model(spec)
     start = time.perf_counter()
-    model.initialise(FitContext(dataset, train_rows, options.batch_size, codebook, class_names))
+    model.initialise(FitContext(dataset, train_rows, options.batch_size, codebook, class_names, pretrained))
+    if pretrained is not None:                  # every fold starts from the self-supervised weights
+        pretrained.load_into(model)
     model = model.to(device)
     if not any(p.requires_grad for p in model.parameters()):     # nothing to train (knn): initialised is final
         return model.eval(), {"epoch_loss": [], "seconds_per_epoch": [time.perf_counter() - start]}

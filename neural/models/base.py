@@ -15,6 +15,7 @@ class FitContext:
     batch_size: int
     codebook: Any = None               # features.codebook.Codebook, when the entry needs_codebook
     class_names: Any = None            # features.class_names.ClassNames, when the entry needs_class_names
+    pretrained: Any = None             # neural.pretrain.Pretrained (loaded after initialise), or None
 
 
 class FoldModel(nn.Module):
