@@ -23,6 +23,7 @@ extra unlabelled batch (pseudo_ratio * batch_size rows) through the student.
 """
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,39 +195,45 @@ def pseudo_argmax(run_dir, n_folds):
 
 
 class SoftTargets(Dataset):
-    """dataset[rows] -> a StoreBatches batch of unlabelled rows (repeats allowed) plus "soft_target" (B, C),
-    the teacher's probabilities of those rows."""
+    """dataset[rows] -> a StoreBatches batch of unlabelled rows (repeats allowed) plus "soft_target" (B, C)
+    float32, those rows' teacher probabilities read from the pseudo-label file (each process opens its own
+    handle, so nothing large is held in memory or pickled to DataLoader workers)."""
 
-    def __init__(self, batches, rows, targets):
-        self.batches, self.rows, self.targets = batches, rows, targets    # rows (M,) sorted, targets (M, C)
+    def __init__(self, batches, path):
+        self.batches, self.path = batches, Path(path)
+        self._h5, self._pid = None, None
+
+    def __getstate__(self):
+        return dict(self.__dict__, _h5=None, _pid=None)
 
     def __len__(self):
         return len(self.batches)
 
     def __getitem__(self, rows):
         unique, inverse = np.unique(np.asarray(rows), return_inverse=True)    # StoreBatches wants no repeats
-        out = {name: value[torch.from_numpy(inverse)] for name, value in self.batches[unique].items()}
-        positions = np.searchsorted(self.rows, out["rows"].numpy())
-        out["soft_target"] = torch.from_numpy(self.targets[positions].astype(np.float32))
+        inverse = torch.from_numpy(inverse.reshape(-1))
+        out = {name: value[inverse] for name, value in self.batches[unique].items()}
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5, self._pid = h5py.File(self.path, "r"), os.getpid()
+        out["soft_target"] = torch.from_numpy(self._h5["proba"][unique].astype(np.float32))[inverse]
         return out
 
 
 class PseudoLabels:
     """Fold k's pseudo-labels for one student model: the unlabelled rows whose teacher max-probability is at
-    least options.pseudo_threshold, their teacher probabilities, and class-balanced batches of them."""
+    least options.pseudo_threshold, their teacher classes (argmax), and class-balanced batches of them with
+    their soft targets (`dataset`)."""
 
     def __init__(self, path, reader, names, options):
-        rows, targets = [], []
+        rows, classes = [], []
         for start, proba in read_blocks(path):
             keep = np.flatnonzero(proba.max(1) >= options.pseudo_threshold)
             rows.append(start + keep)
-            targets.append(proba[keep].astype(np.float16))
+            classes.append(proba[keep].argmax(1))
         self.path, self.options = Path(path), options
-        self.rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)           # (M,) sorted
-        self.targets = np.concatenate(targets) if targets else np.zeros((0, 0), np.float16)   # (M, C)
-        self.classes = self.targets.argmax(1) if len(self.rows) else np.zeros(0, np.int64)   # (M,)
-        self.dataset = SoftTargets(StoreBatches(reader, names, max_tokens=options.max_tokens),
-                                   self.rows, self.targets)
+        self.rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)            # (M,) sorted
+        self.classes = np.concatenate(classes) if classes else np.zeros(0, np.int64)   # (M,)
+        self.dataset = SoftTargets(StoreBatches(reader, names, max_tokens=options.max_tokens), path)
 
     def __len__(self):
         return len(self.rows)

@@ -177,3 +177,31 @@ def test_the_command_line_takes_a_stack_dir_as_teacher_and_says_which_unlabelled
     missing = CliRunner().invoke(cli, ["train-neural", "--cache", str(cache), "--out", str(tmp_path / "x"),
                                        "--models", "linear", "--unlabeled", "nowhere"])
     assert missing.exit_code != 0 and "nowhere.h5: no store for the unlabelled split" in missing.output
+
+
+def test_pseudo_batches_are_confident_class_balanced_seeded_and_carry_their_rows_targets(tmp_path):
+    write_fake_store(tmp_path / "unlabeled.h5", n=40, split="unlabeled", labelled=False)
+    proba = np.full((40, 6), 0.02, np.float32)
+    proba[:30, 0] = proba[30:38, 1] = 0.9                  # a head class, a tail class (teacher argmax)
+    proba[38:, 2] = 0.3                                    # not confident enough: never drawn
+    path = tmp_path / "fold0.h5"
+    with h5py.File(path, "w") as h5:
+        h5["proba"] = proba.astype(np.float16)
+    from features.store import StoreReader
+    from neural.models import model_inputs
+    reader = StoreReader(tmp_path / "unlabeled.h5")
+    labels = pseudo.PseudoLabels(path, reader, model_inputs("linear", reader),
+                                 NeuralOptions(batch_size=10, pseudo_threshold=0.5, pseudo_ratio=2.0))
+    assert len(labels) == 38
+    batches = labels.batches(seed=3, epoch=0, n_steps=30)
+    assert len(batches) == 30 and all(len(b) == 20 for b in batches)
+    drawn = np.concatenate(batches)
+    assert drawn.max() < 38
+    assert 0.4 < (drawn >= 30).mean() < 0.6                 # the 8 tail rows drawn as often as the 30 head rows
+    assert all(np.array_equal(a, b) for a, b in zip(batches, labels.batches(seed=3, epoch=0, n_steps=30)))
+    assert not np.array_equal(drawn, np.concatenate(labels.batches(seed=3, epoch=1, n_steps=30)))
+    batch = labels.dataset[batches[0]]
+    np.testing.assert_array_equal(batch["rows"].numpy(), batches[0])         # repeats kept, in draw order
+    np.testing.assert_array_equal(batch["soft_target"].numpy(), proba[batches[0]].astype(np.float16))
+    np.testing.assert_array_equal(batch["text_pooled"].numpy(),
+                                  reader.read("text_pooled", batches[0]).astype(np.float32))
