@@ -150,14 +150,18 @@ def train_neural(cache_dir, out_dir, models, overwrite, **options):
     from neural.models import parse_models
     from neural.options import NeuralOptions
     from neural.pipeline import available_models, describe_models, train_neural as run_train
-    from neural.unlabelled import describe_unlabelled
+    from neural.pretrain import pretrainable
+    from neural.unlabelled import describe_unlabelled, unlabelled_path
     names = available_models(cache_dir) if models is None else parse_models(models)
     neural_options = NeuralOptions(**options).check()
     world = current_world()
     if models is None and world.is_main:
         click.echo(describe_models(names))
-    unlabelled_line = describe_unlabelled(cache_dir, neural_options.unlabeled,
-                                          [f"pseudo-labels from {options['teacher']}"] if options["teacher"] else [])
+    uses = [f"pseudo-labels from {options['teacher']}"] if options["teacher"] else []
+    pretrained = [n for n in names if neural_options.pretrain and pretrainable(n)]
+    if pretrained and unlabelled_path(cache_dir, neural_options.unlabeled):   # it reads every store in the cache
+        uses.append(f"self-supervised pretraining of {', '.join(pretrained)}")
+    unlabelled_line = describe_unlabelled(cache_dir, neural_options.unlabeled, uses)
     if unlabelled_line and world.is_main:
         click.echo(unlabelled_line)
     results = run_train(cache_dir, out_dir, names, neural_options, overwrite, world)

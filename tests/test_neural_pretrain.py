@@ -230,3 +230,5 @@ def test_cli_pretrain_flags_reach_the_run(cache, tmp_path):
     assert run["options"]["pretrain"] is True and run["options"]["pretrain_epochs"] == 1
     assert (tmp_path / "run" / "pretrain" / "cross.safetensors").exists()
     assert "cross: OOF mean-F1" in result.output
+    assert "unlabelled split: unlabeled (unlabeled.h5, found in the cache), used for self-supervised " \
+           "pretraining of cross" in result.output, result.output
