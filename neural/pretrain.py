@@ -49,6 +49,7 @@ from neural.outputs import RUN_FILE, RunError, read_run
 from neural.train import autocast, schedule
 
 FORMAT = "shortvideo-pretrain"
+PRETRAIN_DIR = "pretrain"              # inside RUN_DIR
 HEAD_PREFIX = "heads."                 # the classification heads: not pretrained, not saved
 OBJECTIVES = {"mfm": ("frames",), "mtm": ("text",), "vtm": ("text", "frames"), "vtc": ("text", "frames")}
 TEMPERATURE = 0.07
@@ -67,7 +68,7 @@ def pretrainable(name):
 
 def pretrain_paths(run_dir, model):
     """-> (tensors, record, resume state) paths of one model's pretraining."""
-    d = Path(run_dir) / "pretrain"
+    d = Path(run_dir) / PRETRAIN_DIR
     return d / f"{model}.safetensors", d / f"{model}.json", d / f"{model}.resume.safetensors"
 
 
@@ -94,9 +95,14 @@ class Pretrained:
 
     def summary(self):
         """What a run records about it (run.json, predictions.h5): the file, the stores and their rows."""
-        r = self.record
-        return {"file": f"pretrain/{self.path.name}", "epochs": r["epochs"], "objectives": r["objectives"],
-                "skipped": r["skipped"], "stores": {split: s["rows"] for split, s in r["stores"].items()}}
+        return summarise(self.record)
+
+
+def summarise(record):
+    """The summary of a pretraining record (<model>.json) that run.json and predictions.h5 keep."""
+    return {"file": f"{PRETRAIN_DIR}/{record['model']}.safetensors", "epochs": record["epochs"],
+            "objectives": record["objectives"], "skipped": record["skipped"],
+            "stores": {split: s["rows"] for split, s in record["stores"].items()}}
 
 
 class PretrainHeads(nn.Module):
@@ -391,8 +397,9 @@ def pretrain_models(run_dir, specs, readers, options, device="cpu", say=print):
         say(f"pretrain: {', '.join(ignored)} not pretrainable (only {', '.join(n for n in MODEL_NAMES if pretrainable(n))}): "
             "--pretrain ignored for them")
     summaries = {n: pretrain(run_dir, specs[n], readers, options, device, say).summary() for n in names}
-    if summaries:
+    done = sorted((Path(run_dir) / PRETRAIN_DIR).glob("*.json"))          # this call's and earlier calls'
+    if done:
         run = read_run(run_dir)
-        run["pretrained"] = dict(run.get("pretrained", {}), **summaries)
+        run["pretrained"] = {p.stem: summarise(read_json(p, PretrainError)) for p in done}
         write_json(Path(run_dir) / RUN_FILE, run, indent=1, sort_keys=True)
     return summaries

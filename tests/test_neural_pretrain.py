@@ -215,6 +215,8 @@ def test_a_pretrained_run_records_its_stores_and_its_folds_predict_without_the_p
     assert recorded["pretrained"]["stores"] == run["pretrained"]["single"]["stores"]
     with h5py.File(tmp_path / "run" / "linear" / "predictions.h5", "r") as h5:
         assert "pretrained" not in json.loads(h5.attrs["options"])
+    train_neural(cache, tmp_path / "run", ["linear"], options)     # a rerun naming other models keeps the record
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["pretrained"] == run["pretrained"]
     shutil.rmtree(tmp_path / "run" / "pretrain")
     proba = predict_store(tmp_path / "run", cache / "test.h5", models=["single"])["single"]
     np.testing.assert_allclose(proba, test_proba, atol=1e-6)
