@@ -36,7 +36,7 @@ from neural.outputs import RunError
 from neural.predict import check_classes, predict_split
 from neural.pretrain import load_pretrained, pretrain_models
 from neural.pseudo import PseudoLabels, check_teacher, make_pseudo_labels, pseudo_path, resolve_teacher
-from neural.unlabelled import DEFAULT_SPLIT, open_unlabelled
+from neural.unlabelled import DEFAULT_SPLIT, open_unlabelled, unlabelled_path
 from neural.spec import spec_from_store
 from neural.train import fit_fold, predict_rows
 
@@ -221,15 +221,19 @@ class ModelRun:
         return metrics
 
 
-def prepare_teacher(cache_dir, run_dir, reader, ids, labels_lab, options):
+def prepare_teacher(cache_dir, run_dir, reader, ids, labels_lab, options, overwrite=False):
     """(Teacher, Unlabelled) when options.teacher names one, checked before anything is written: its
     folds must be the ones this run draws (or has drawn), its classes and labelled store this run's, and
-    the cache must hold the unlabelled split. None without a teacher."""
+    the cache must hold the unlabelled split. None without a teacher (a split named by --unlabeled must
+    exist all the same)."""
+    if options.unlabeled:
+        unlabelled_path(cache_dir, options.unlabeled)
     if not options.teacher:
         return None
     teacher = resolve_teacher(options.teacher)
     folds_file = Path(run_dir) / "folds.h5"
-    fold = load_folds(folds_file)[1] if folds_file.exists() else make_folds(labels_lab, options.n_folds, options.seed)
+    fold = load_folds(folds_file)[1] if folds_file.exists() and not overwrite else \
+        make_folds(labels_lab, options.n_folds, options.seed)
     check_teacher(teacher, run_dir, ids, fold, options, reader)
     unlabelled = open_unlabelled(cache_dir, options.unlabeled, reader)
     if unlabelled is None:
@@ -274,7 +278,7 @@ def train_neural(cache_dir, out_dir, models, options=None, overwrite=False, worl
     for r in split_readers.values():
         check_classes(r, {"fine_classes": reader.fine_classes})
     rows, ids, labels = labelled_rows(reader)
-    pseudo = prepare_teacher(cache_dir, run_dir, reader, ids, labels[rows], options)
+    pseudo = prepare_teacher(cache_dir, run_dir, reader, ids, labels[rows], options, overwrite)
     if pseudo is not None:
         options = replace(options, teacher=str(pseudo[0].path))     # recorded resolved
     fold = on_main(world, lambda: prepare_run_dir(run_dir, cache_dir, reader, ids, labels[rows], models,

@@ -134,6 +134,8 @@ def test_a_teacher_with_other_folds_or_another_store_is_refused_naming_why(plant
     with pytest.raises(RunError, match=r"nowhere.h5: no store for the unlabelled split 'nowhere'"):
         _student(cache, teacher, tmp_path / "e", unlabeled="nowhere")
     assert not (tmp_path / "e").exists()                # refused before anything was written
+    with pytest.raises(RunError, match=r"nowhere.h5: no store"):                 # even without a teacher
+        train_neural(cache, tmp_path / "e", ["linear"], NeuralOptions(**dict(MEMORISE, unlabeled="nowhere")))
     _student(cache, teacher, tmp_path / "f")
     with pytest.raises(RunError, match="teacher"):      # a resumed run may not change its teacher
         _student(cache, tmp_path / "seed1", tmp_path / "f")
