@@ -4,10 +4,10 @@ Each model is one module of this package defining ENTRY (neural/models/base.py);
 _MODULES, whose order is the default training order. Shared layers are in blocks.py.
 """
 from neural.data import AGG_COMMAND, agg_names
-from neural.models import cross, dual, knn, linear, mlp, names, single, vlad
+from neural.models import cross, dual, frames, knn, linear, mlp, names, single, vlad
 from neural.models.base import FitContext, FoldModel, ModelEntry   # noqa: F401  (the contract, re-exported)
 
-_MODULES = (single, dual, cross, vlad, mlp, linear, names, knn)
+_MODULES = (single, dual, cross, vlad, mlp, linear, frames, names, knn)
 REGISTRY = {m.ENTRY.name: m.ENTRY for m in _MODULES}
 MODEL_NAMES = tuple(REGISTRY)
 
