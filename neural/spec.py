@@ -29,8 +29,8 @@ class ModelSpec:
     vlad_clusters: int = 0             # vlad: K
     vlad_expansion: int = 0            # vlad, nextvlad: lambda
     vlad_groups: int = 0               # vlad, nextvlad: G
-    knn_k: int = 10                    # knn: neighbours that vote
-    knn_temperature: float = 0.05      # knn: a vote weighs exp(cosine / temperature)
+    knn_k: int = 20                    # knn: neighbours that vote
+    knn_temperature: float = 0.1       # knn: a vote weighs exp(cosine / temperature)
     knn_dim: int = 128                 # knn: PCA width of the bank (0: no projection)
 
     def to_dict(self):
