@@ -8,6 +8,14 @@ often each model is right (out-of-fold on the labelled split, and on the test sp
 score of the submission. Each stage is resumable, so a rerun into the same OUT_DIR reuses the work
 done (the generated data is regenerated only when its summary.json is missing or describes other
 sizes). `--tiny` (DemoOptions.tiny) is the smallest demo that still checks every claim, for the tests.
+
+Learning from the unlabelled split (DemoOptions.unlabelled, on by default when the data has one): the
+models are trained twice. First on the labelled split alone (run_labelled/, stacked into
+stack_labelled/); then again (run/, stack/) with that first run as the teacher whose fold-k models
+pseudo-label the unlabelled split for fold k's students, and with the token/frame models pretrained
+without labels on every split (neural/pseudo.py, neural/pretrain.py). A table shows each model, the
+average and the stack with and without the unlabelled data, out-of-fold and on the test split. The
+submission and the packaged model are the second run's.
 """
 import csv
 import json
@@ -35,13 +43,14 @@ from stacking.rundir import load_run, split_predictions
 from stacking.submission import read_predictions
 
 TEST_SPLIT = "test"
+UNLABELLED_SPLIT = "unlabeled"
 
 
 @dataclass
 class DemoOptions:
     # the generated dataset (ignored with --data)
     n_labelled: int = 400
-    n_unlabelled: int = 50
+    n_unlabelled: int = 1200          # three times the labelled split: what the students learn from
     n_test: int = 150
     n_frames: int = 8
     image_size: int = 64
@@ -61,6 +70,7 @@ class DemoOptions:
     hidden: int = 64
     batch_size: int = 32
     threads: int = 1                  # torch and LightGBM; 2 threads crawl when other processes share the cores
+    unlabelled: bool = True           # a second run learning from the unlabelled split (teacher + pretraining)
     # how the stages run; none of these changes a result
     splits: tuple = ()                # splits of --data to extract; () = every annotations/*.json
     compare: tuple = ("logreg",)
@@ -71,7 +81,7 @@ class DemoOptions:
         """`demo --tiny`: every stage on the fewest videos and frames that keep each claim checkable, in well
         under a minute on one thread: 4 labelled videos a class (the fewest 3 folds allow), 2 frames each
         through the encoder, small models. Its scores are noisy: it shows the wiring, not the models."""
-        return cls(n_labelled=84, n_unlabelled=2, n_test=14, n_frames=4, image_size=32, tail_ratio=1.0,
+        return cls(n_labelled=84, n_unlabelled=42, n_test=14, n_frames=4, image_size=32, tail_ratio=1.0,
                    frames=2, max_tokens=16, pca_dim=8, n_clusters=4, n_gmm=2, workers=0, n_folds=3, epochs=4,
                    hidden=16, extra={"lr": 3e-3})
 
@@ -111,9 +121,18 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
     models = tuple(options.models) or available_models(cache_dir)
     if not options.models:
         echo(describe_models(models))
-    stage("train-neural", train_neural, cache_dir, run_dir, models, neural_options(options))
     stack_options = StackOptions(split=TEST_SPLIT if TEST_SPLIT in splits else "", threads=options.threads,
                                  seed=options.seed, compare=tuple(options.compare))
+    learns_unlabelled = options.unlabelled and UNLABELLED_SPLIT in splits
+    if learns_unlabelled:
+        teacher, teacher_stack = out_dir / "run_labelled", out_dir / "stack_labelled"
+        echo(f"first without the {UNLABELLED_SPLIT} split ({teacher}), then learning from it ({run_dir})")
+        stage("train-neural (labelled only)", train_neural, cache_dir, teacher, models, neural_options(options))
+        teacher_metrics = stage("stack (labelled only)", stack, teacher, teacher_stack, stack_options)
+        student = neural_options(options, teacher=str(teacher), unlabeled=UNLABELLED_SPLIT, pretrain=True)
+        stage("train-neural", train_neural, cache_dir, run_dir, models, student)     # with the unlabelled split
+    else:
+        stage("train-neural", train_neural, cache_dir, run_dir, models, neural_options(options))
     metrics = stage("stack", stack, run_dir, stack_dir, stack_options)
     model_dir = stage("package", package_model, run_dir, stack_dir)
     times["total"], cpu["total"] = round(time.perf_counter() - started, 1), round(sum(cpu.values()), 1)
@@ -123,6 +142,14 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
                "outputs": outputs(cache_dir, run_dir, stack_dir, model_dir, metrics), "table": metrics["table"]}
     echo("")
     echo(format_table(metrics["table"]))
+    if learns_unlabelled:
+        summary["unlabelled"] = unlabelled_gain(teacher_metrics["table"], metrics["table"])
+        if generated and stack_options.split:
+            summary["unlabelled"]["test"] = {
+                "without": split_scores(data_dir, teacher, teacher_stack, category_map),
+                "with": split_scores(data_dir, run_dir, stack_dir, category_map)}
+        echo("")
+        echo(format_gain(summary["unlabelled"]))
     if generated:
         summary["kinds"] = kind_scores(data_dir, run_dir, stack_dir)
         summary["test"] = score_submission(data_dir, stack_dir / "submission.csv", category_map)
@@ -163,10 +190,49 @@ def extract_options(options, category_map):
                           workers=options.workers, device="cpu", aggregates=agg)
 
 
-def neural_options(options):
+def neural_options(options, **unlabelled):
+    """The run's NeuralOptions; `unlabelled`: teacher, unlabeled and pretrain for the second run."""
     return NeuralOptions(n_folds=options.n_folds, seed=options.seed, epochs=options.epochs, hidden=options.hidden,
                          batch_size=options.batch_size, max_tokens=options.max_tokens, threads=options.threads,
-                         **options.extra)
+                         **{**options.extra, **unlabelled})
+
+
+# ---------------------------------------------------------------- with and without the unlabelled split
+
+def unlabelled_gain(without, with_):
+    """{"oof": {row: [mean-F1 without, with]}} for every row of the two stacks' tables (base models, average,
+    stackers), out-of-fold on the labelled split."""
+    return {"oof": {name: [without[name]["mean"], with_[name]["mean"]] for name in with_ if name in without}}
+
+
+def split_scores(data_dir, run_dir, stack_dir, category_map):
+    """{row: mean-F1 on the test split}: each base model, their average, and the submission."""
+    cmap = load_category_map(category_map)
+    run = load_run(run_dir)
+    ids, probas = split_predictions(run, TEST_SPLIT)
+    answers = read_answers(Path(data_dir) / "answers" / f"{TEST_SPLIT}.csv")
+    index = {c: i for i, c in enumerate(run.fine_classes)}
+    true = [index[answers[v]] for v in ids]
+    rows = {f"base:{m}": p.argmax(1) for m, p in probas.items()}
+    rows["average"] = np.mean(list(probas.values()), 0).argmax(1)
+    out = {name: float(challenge_metric(true, list(pred), cmap.fine_to_coarse)["mean"]) for name, pred in rows.items()}
+    out["submission"] = score_submission(data_dir, Path(stack_dir) / "submission.csv", category_map)["mean"]
+    return out
+
+
+def format_gain(gain):
+    """Each row's mean-F1 without and with the unlabelled split, out-of-fold and (generated data) on the test split."""
+    test = gain.get("test", {})
+    names = list(gain["oof"]) + [n for n in test.get("with", {}) if n not in gain["oof"]]
+    lines = ["mean-F1 without / with the unlabelled split (teacher = the labelled-only run; single, dual, "
+             "cross also pretrained)",
+             f"{'':56s} {'out-of-fold':>21s} {'test split':>21s}"]
+    for name in names:
+        oof = gain["oof"].get(name)
+        left = f"{oof[0]:10.4f} {oof[1]:10.4f}" if oof else f"{'':21s}"
+        right = f"{test['without'][name]:10.4f} {test['with'][name]:10.4f}" if name in test.get("with", {}) else ""
+        lines.append(f"{name:56s} {left:>21s} {right:>21s}")
+    return "\n".join(lines)
 
 
 def outputs(cache_dir, run_dir, stack_dir, model_dir, metrics):
@@ -226,10 +292,13 @@ def format_kinds(scores):
     lines = ["accuracy by kind of class (videos of that kind's classes, right fine class among all)",
              f"{'model':22s}{'|':>2s} out-of-fold (labelled){'':{max(0, 11 * len(kinds) - 22)}s} | test split",
              f"{'':22s} |{head} |{head}"]
+    def cells(accuracy):            # a kind with no video in that split (a tiny test split) shows "-"
+        return "".join(f"{accuracy[k]:11.3f}" if k in accuracy else f"{'-':>11s}" for k in kinds)
+
     for model in scores["test"]:
         oof = scores["oof"].get(model)
-        left = "".join(f"{oof[k]:11.3f}" for k in kinds) if oof else f"{'(not saved)':>{11 * len(kinds)}s}"
-        right = "".join(f"{scores['test'][model][k]:11.3f}" for k in kinds)
+        left = cells(oof) if oof else f"{'(not saved)':>{11 * len(kinds)}s}"
+        right = cells(scores["test"][model])
         lines.append(f"{model:22s} |{left} |{right}")
     chance = "".join(f"{scores['chance_within_kind'][k]:11.3f}" for k in kinds)
     lines.append(f"{'(kind known, guessed)':22s} |{chance} |{chance}")

@@ -3,6 +3,7 @@
 `python run.py demo` is in bench/README.md)."""
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,11 +80,32 @@ def test_demo_packages_the_model_directory_and_prints_where_it_is(tiny_demo):
     assert {"model.json", "stack/stack.json", "stack/reweight.json"} <= set(manifest["files"])
 
 
+def test_the_second_run_learns_from_the_unlabelled_split_and_the_table_shows_both(tiny_demo):
+    out, summary, output = tiny_demo
+    teacher = json.loads((out / "run_labelled" / "run.json").read_text())
+    student = json.loads((out / "run" / "run.json").read_text())
+    assert teacher["options"]["teacher"] == "" and not teacher["options"]["pretrain"]
+    assert Path(student["options"]["teacher"]) == out / "run_labelled" and student["options"]["pretrain"]
+    assert student["pseudo"]["unlabelled"]["split"] == "unlabeled"
+    assert {"single", "dual", "cross"} <= set(student["pretrained"])
+    assert all(p["stores"]["unlabeled"] == DemoOptions.tiny().n_unlabelled for p in student["pretrained"].values())
+    gain = summary["unlabelled"]
+    models = json.loads((out / "stack" / "metrics.json").read_text())["table"]
+    assert {f"base:{m}" for m in student["models"]} | {"average"} <= set(gain["oof"]) <= set(models)
+    for name, (without, with_) in gain["oof"].items():      # each row scored from its own run
+        assert 0 <= without <= 1 and 0 <= with_ <= 1
+        assert with_ == models[name]["mean"]
+    assert set(gain["test"]["with"]) == set(gain["test"]["without"]) >= {"average", "submission"}
+    assert gain["test"]["with"]["submission"] == summary["test"]["mean"]
+    assert "without / with the unlabelled split" in output
+
+
 def test_rerun_resumes_without_retraining(tiny_demo):
     out, summary, _ = tiny_demo
     again = run_demo(out, options=DemoOptions(**summary["options"]), echo=lambda _: None)
     assert again["table"] == summary["table"]
-    assert again["cpu_s"]["train-neural"] < max(2.0, summary["cpu_s"]["train-neural"] / 3)
+    for stage in ("train-neural (labelled only)", "train-neural"):       # the teacher run, then the student run
+        assert again["cpu_s"][stage] < max(2.0, summary["cpu_s"][stage] / 3)
 
 
 def test_score_submission_refuses_a_submission_missing_videos(tiny_demo, tmp_path):
