@@ -24,10 +24,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 import h5py
-import numpy as np
+import torch
 
 from features import schema
 from features.store import StoreReader
@@ -187,7 +185,8 @@ def main():
     h.add_argument("--batch-size", type=int, default=64)
     h.add_argument("--threads", type=int, default=1)
     for p in (c, h):
-        p.add_argument("--variant", action="append", default=[], help="knn options, e.g. knn_k=20,knn_temperature=0.1 (repeatable)")
+        p.add_argument("--variant", action="append", default=[],
+                       help="knn options, e.g. knn_k=20,knn_temperature=0.1 (repeatable)")
         p.add_argument("--no-grid", dest="grid", action="store_false", help="only the defaults and each --variant")
     args = parser.parse_args()
     if args.command == "search":

@@ -13,7 +13,6 @@ The search is blocked: queries against `block_rows` bank rows at a time with a r
 is bounded by the block size, not by the bank.
 """
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from features import schema
