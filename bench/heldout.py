@@ -1,0 +1,354 @@
+"""Held-out protocol (issue 13): run the real commands on the labelled part of a protocol cache, score
+everything on its hidden test split beside its out-of-fold (CV) figure, with bootstrap bands.
+
+    python bench/protocols.py fashion --protocol heldout --titles masked --out /work/cache/heldout_masked
+    python bench/heldout.py --cache /work/cache/heldout_masked --work /work/cache/ho/masked
+
+Steps (each skipped when its output is already there, so a rerun only scores):
+1. `python run.py train-neural --cache CACHE --out WORK/run --threads 1` (default models; resumable).
+2. `python run.py stack --model WORK/run --out WORK/stack_<name> --threads 1 ...` once per stack
+   variant: the default command (the submission: rerank + nested reweighting), one per other stacker
+   (`--stacker logreg|lgbm|average`) and `--stacker auto`; `--variant NAME=ARGS` adds candidates
+   (e.g. `--variant five='--models single,dual,cross,vlad,mlp'`).
+3. A logistic regression on the same embeddings ([mean frame, pooled title], standardised, C chosen
+   on the run's own folds from --lr-c), refit on all labelled items.
+4. Score on the test split (labels from CACHE_data/answers/test.csv): every base model (the run's
+   fold-averaged test probabilities), their average, each stacker before and after its reweighting,
+   the LR. Metric: neural.metrics.challenge_metric (mean of l2/l1 micro/macro F1). 90% bootstrap bands
+   over the test items (1,000 seeded resamples) for each score and, paired (the same resample), for
+   each difference against the LR and against the submission.
+Prints a markdown table and writes WORK/heldout.json.
+"""
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.bench_neural import mean_frame_and_title  # noqa: E402
+from bench.protocols import data_dir_of, read_answers  # noqa: E402
+from features import schema  # noqa: E402
+from features.records import read_json, write_json  # noqa: E402
+from features.store import StoreReader, rows_of  # noqa: E402
+from neural.metrics import METRIC_KEYS, challenge_metric, metric_from_proba  # noqa: E402
+from stacking.reweight import PriorReweighter  # noqa: E402
+from stacking.rundir import load_run, split_predictions  # noqa: E402
+from stacking.signals import build_input  # noqa: E402
+from stacking.stackers import load_stacker  # noqa: E402
+from stacking.submission import read_predictions  # noqa: E402
+
+TEST = "test"
+SUBMISSION = "submission"          # the stack variant made by the default `stack` command
+DEFAULT_VARIANTS = {SUBMISSION: "", "logreg": "--stacker logreg", "average": "--stacker average",
+                    "auto": "--stacker auto", "lgbm": "--stacker lgbm"}      # run in this order: cheap first
+
+
+def load():
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])
+
+
+CODE = REPO                        # the copy of the repository whose run.py runs the commands (--code)
+
+
+def run_cli(args, log):
+    """One `python run.py ...` command, its seconds and the load before and after, appended to log."""
+    cmd = [sys.executable, str(CODE / "run.py"), *args]
+    entry = {"command": "python run.py " + shlex.join(args), "code": str(CODE), "load_before": load(),
+             "started": time.strftime("%H:%M:%S", time.gmtime())}
+    print("+", entry["command"], flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    entry.update(seconds=round(time.perf_counter() - start, 1), load_after=load())
+    log.append(entry)
+
+
+# ------------------------------------------------------------------ the real commands
+
+
+def train(cache, run_dir, train_args, log, groups=()):
+    """train-neural is resumable per model and fold: a finished run returns at once.
+
+    groups: model lists trained by concurrent processes into the same run (the first draws folds.h5,
+    the others start once it and run.json exist); then one plain call with the default models, which
+    finds them done and leaves run.json listing every model."""
+    base = ["train-neural", "--cache", str(cache), "--out", str(run_dir), "--threads", "1", *shlex.split(train_args)]
+    if groups:
+        procs = []
+        for i, models in enumerate(groups):
+            if i:
+                while not ((Path(run_dir) / "folds.h5").exists() and (Path(run_dir) / "run.json").exists()):
+                    time.sleep(5)
+                time.sleep(10)
+            procs.append(threading.Thread(target=run_cli, args=(base + ["--models", models], log)))
+            procs[-1].start()
+        for proc in procs:
+            proc.join()
+    run_cli(base, log)
+
+
+def stack_variant(run_dir, stack_dir, args, log):
+    if (Path(stack_dir) / "metrics.json").exists() and (Path(stack_dir) / "model" / "manifest.json").exists():
+        return
+    extra = shlex.split(args)
+    if "--compare" not in extra:
+        extra += ["--compare", ""]          # each stacker gets its own run; nothing to score beside it
+    run_cli(["stack", "--model", str(run_dir), "--out", str(stack_dir), "--threads", "1", *extra], log)
+
+
+# ------------------------------------------------------------------ predictions on the test split
+
+
+def stack_test_proba(stack_dir, cache, ids, probas):
+    """(before, after reweighting) (N, C) of the fitted stack on the test split's rows `ids`."""
+    meta = read_json(Path(stack_dir) / "stack.json")
+    with StoreReader(schema.store_path(cache, TEST)) as reader:
+        X = build_input(meta["models"], {m: probas[m] for m in meta["models"]}, reader,
+                        rows_of(reader.ids, ids, reader.path), meta["signals"])
+    before = load_stacker(Path(stack_dir) / "stacker").predict_proba(X)
+    return before, PriorReweighter.load(Path(stack_dir) / "reweight.json").transform(before)
+
+
+def submitted(stack_dir, ids, fine_classes):
+    """(N,) fine class index of each id in STACK/submission.csv."""
+    index = {c: i for i, c in enumerate(fine_classes)}
+    pred = read_predictions(Path(stack_dir) / "submission.csv")
+    return np.array([index[pred[v]] for v in ids])
+
+
+def stack_cv(metrics):
+    """(CV before reweighting, CV after) of a stack's metrics.json table, the honest figures for auto."""
+    table, kind = metrics["table"], metrics["stacker"]
+    if metrics["options"]["stacker"] == "auto" and "auto (chosen inside each outer fold; honest)" in table:
+        return (table["auto (chosen inside each outer fold; honest)"],
+                table["auto+reweight (both inside each outer fold; honest)"])
+    return table[kind], table[f"{kind}+reweight"]
+
+
+def logistic_baseline(run, cache, test_ids, grid, work, scale="standard"):
+    """OOF proba (N_lab, C) on the run's folds at the C of `grid` with the best OOF mean-F1, the test
+    proba (N_test, C) of the refit on all labelled items, the C and every C's OOF mean-F1.
+    scale: 'standard' (each feature to unit variance: ../shared/BENCHMARKS.md's probe) or 'raw' (the
+    features as stored). Cached in WORK/lr_<scale>.npz."""
+    cache_file = Path(work) / f"lr_{scale}.npz"
+    if cache_file.exists():
+        saved = np.load(cache_file)
+        if list(saved["grid"]) == list(grid):
+            return saved["oof"], saved["test"], float(saved["C"]), json.loads(str(saved["scores"]))
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+    with StoreReader(run.store_path) as reader:
+        x = mean_frame_and_title(reader, rows_of(reader.ids, run.ids, reader.path))
+    with StoreReader(schema.store_path(cache, TEST)) as reader:
+        x_test = mean_frame_and_title(reader, rows_of(reader.ids, test_ids, reader.path))
+    y, n_classes = run.label, run.n_classes
+
+    def fit_proba(train, x_out, C):
+        steps = [StandardScaler()] if scale == "standard" else []
+        lr = make_pipeline(*steps, LogisticRegression(C=C, max_iter=500)).fit(x[train], y[train])
+        out = np.zeros((len(x_out), n_classes), np.float32)
+        out[:, lr[-1].classes_] = lr.predict_proba(x_out)
+        return out
+
+    oofs, scores = {}, {}
+    with threadpool_limits(1):
+        for C in grid:
+            oofs[C] = np.zeros((len(y), n_classes), np.float32)
+            for k in range(run.n_folds):
+                oofs[C][run.fold == k] = fit_proba(run.fold != k, x[run.fold == k], C)
+            scores[str(C)] = metric_from_proba(y, oofs[C], run.fine_to_coarse)["mean"]
+            print(f"LR ({scale}) C={C}: OOF mean-F1 {scores[str(C)]:.4f}", flush=True)
+        best = max(grid, key=lambda C: scores[str(C)])
+        test = fit_proba(np.ones(len(y), bool), x_test, best)
+    np.savez(cache_file, oof=oofs[best], test=test, C=best, grid=np.asarray(grid), scores=json.dumps(scores))
+    return oofs[best], test, best, scores
+
+
+# ------------------------------------------------------------------ bootstrap
+
+
+class Bootstrap:
+    """The challenge metric of many predictions on the same resamples of the test items.
+
+    weights (B, N): how often resample b draws item i; F1 from weighted confusion counts equals sklearn's
+    f1_score on the resampled rows (macro over the labels present in that resample's truth or prediction).
+    """
+
+    def __init__(self, true, fine_to_coarse, n_resamples=1000, seed=0):
+        rng = np.random.default_rng(seed)
+        n = len(true)
+        draws = rng.integers(0, n, size=(n_resamples, n))
+        self.weights = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)   # (B, N)
+        self.true, self.f2c = np.asarray(true), np.asarray(fine_to_coarse)
+
+    def _f1s(self, true, pred, n_labels):
+        eye = np.eye(n_labels)
+        hit = eye[true] * (true == pred)[:, None]                               # (N, K)
+        tp, n_true, n_pred = self.weights @ hit, self.weights @ eye[true], self.weights @ eye[pred]  # (B, K)
+        present = (n_true + n_pred) > 0
+        f1 = np.where(present, 2 * tp / np.maximum(n_true + n_pred, 1), 0.0)
+        return tp.sum(1) / self.weights.sum(1), f1.sum(1) / present.sum(1)   # micro = accuracy (one label each)
+
+    def means(self, pred):
+        """(B,) mean-F1 of the fine predictions `pred` (N,) on each resample."""
+        pred = np.asarray(pred)
+        l2 = self._f1s(self.true, pred, len(self.f2c))
+        l1 = self._f1s(self.f2c[self.true], self.f2c[pred], int(self.f2c.max()) + 1)
+        return (l2[0] + l2[1] + l1[0] + l1[1]) / 4
+
+
+def band(samples, level=0.90):
+    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+# ------------------------------------------------------------------ the table
+
+
+def collect(run, cache, work, variants, true, lr, test_ids, probas):
+    """[(name, CV metric dict or None, test pred (N,), note)] in table order."""
+    rows = []
+    for m in run.models:
+        rows.append((f"base:{m}", metric_from_proba(run.label, run.oof[m], run.fine_to_coarse),
+                     probas[m].argmax(1), ""))
+    rows.append(("average of the base models", metric_from_proba(run.label, np.mean(list(run.oof.values()), 0),
+                                                                 run.fine_to_coarse),
+                 np.mean([probas[m] for m in run.models], 0).argmax(1), ""))
+    for name in variants:
+        stack_dir = Path(work) / f"stack_{name}"
+        metrics = read_json(stack_dir / "metrics.json")
+        before, after = stack_test_proba(stack_dir, cache, test_ids, probas)
+        sub = submitted(stack_dir, test_ids, run.fine_classes)
+        if (sub != after.argmax(1)).any():
+            raise RuntimeError(f"{stack_dir}: submission.csv differs from the saved stack's predictions "
+                               f"on {(sub != after.argmax(1)).sum()} items")
+        cv_before, cv_after = stack_cv(metrics)
+        label = f"stack {name}" if name != SUBMISSION else "stack: default command (the submission)"
+        kind = metrics["stacker"]
+        note = f"{kind}" + (f", chosen by OOF from {metrics['auto']['candidates']}" if "auto" in metrics else "")
+        note += f"; models {','.join(metrics['models'])}" if metrics["models"] != run.models else ""
+        rows.append((f"{label}: {kind} before reweighting", cv_before, before.argmax(1), note))
+        rows.append((f"{label}: {kind} + reweighting", cv_after, sub, f"reweight {metrics['reweight_final']}"))
+    for scale, (lr_oof, lr_test, C, _) in lr.items():
+        rows.append((f"{LR_NAME} ({scale}), C={C:g}", metric_from_proba(run.label, lr_oof, run.fine_to_coarse),
+                     lr_test.argmax(1), "C chosen on the same folds (CV slightly optimistic)"))
+    return rows
+
+
+LR_NAME = "logistic regression [mean frame, title]"
+
+
+def score(rows, true, f2c, n_resamples, seed):
+    boot = Bootstrap(true, f2c, n_resamples, seed)
+    samples = {name: boot.means(pred) for name, _, pred, _ in rows}
+    # the reference LR: the stronger on the test items (conservative: the margin to beat is the larger)
+    lr_rows = [(n, p) for n, _, p, _ in rows if n.startswith(LR_NAME)]
+    lr_name, lr_pred = max(lr_rows, key=lambda r: challenge_metric(true, r[1], f2c)["mean"])
+    sub_name = next((n for n, *_ in rows if "(the submission)" in n and "+ reweighting" in n), None)
+    out = []
+    for name, cv, pred, note in rows:
+        test = challenge_metric(true, pred, f2c)
+        entry = {"name": name, "cv": cv, "test": test, "test_band": band(samples[name]), "note": note,
+                 "reference_lr": lr_name, "diff_vs_lr": test["mean"] - challenge_metric(true, lr_pred, f2c)["mean"],
+                 "diff_vs_lr_band": band(samples[name] - samples[lr_name])}
+        if sub_name:
+            sub_pred = next(p for n, _, p, _ in rows if n == sub_name)
+            entry["diff_vs_submission"] = test["mean"] - challenge_metric(true, sub_pred, f2c)["mean"]
+            entry["diff_vs_submission_band"] = band(samples[name] - samples[sub_name])
+        out.append(entry)
+    return out
+
+
+def markdown(entries):
+    lines = ["| method | CV mean-F1 | held-out mean-F1 | 90% band | l2 micro | l2 macro | l1 micro | l1 macro "
+             "| vs LR | 90% band | vs submission | 90% band |", "|" + "---|" * 12]
+    for e in entries:
+        cv = f"{e['cv']['mean']:.4f}" if e["cv"] else ""
+        t = e["test"]
+        sub = (f"{e['diff_vs_submission']:+.4f} | {e['diff_vs_submission_band'][0]:+.3f}..{e['diff_vs_submission_band'][1]:+.3f}"
+               if "diff_vs_submission" in e else " | ")
+        lines.append(f"| {e['name']} | {cv} | {t['mean']:.4f} | {e['test_band'][0]:.3f}..{e['test_band'][1]:.3f} | "
+                     + " | ".join(f"{t[k]:.4f}" for k in METRIC_KEYS[1:])
+                     + f" | {e['diff_vs_lr']:+.4f} | {e['diff_vs_lr_band'][0]:+.3f}..{e['diff_vs_lr_band'][1]:+.3f} | {sub} |")
+    return "\n".join(lines)
+
+
+def parse_variants(pairs, only):
+    variants = dict(DEFAULT_VARIANTS)
+    if only is not None:
+        keep = [v for v in only.split(",") if v]
+        variants = {k: v for k, v in variants.items() if k in keep}
+    for pair in pairs:
+        name, _, args = pair.partition("=")
+        variants[name] = args
+    return variants
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", required=True, help="protocol cache (labeled.h5 and test.h5)")
+    parser.add_argument("--data", help="its data directory (answers/test.csv); default CACHE_data")
+    parser.add_argument("--work", required=True, help="run, stacks and heldout.json go here")
+    parser.add_argument("--run", help="an existing run directory instead of WORK/run (not trained here)")
+    parser.add_argument("--train-args", default="", help="extra train-neural options, e.g. '--epochs 4'")
+    parser.add_argument("--train-groups", default="",
+                        help="'a,b|c,d': train these model groups as concurrent processes (1 thread each)")
+    parser.add_argument("--stacks", default=None,
+                        help=f"comma-separated default stack variants to run (default all: {','.join(DEFAULT_VARIANTS)})")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                        help="extra stack variant: NAME and the stack options, e.g. five='--models a,b'")
+    parser.add_argument("--lr-c", default="0.01,0.05,0.2", help="the LR's C grid")
+    parser.add_argument("--lr", default="standard,raw",
+                        help="LR probes: standard (features standardised, BENCHMARKS.md's) and/or raw")
+    parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-run", action="store_true", help="only score what is there")
+    parser.add_argument("--code", help="run the commands with this copy of the repository (e.g. a `git archive` "
+                                       "of a commit, so others' edits in progress cannot change a long run)")
+    args = parser.parse_args(argv)
+    global CODE
+    CODE = Path(args.code) if args.code else REPO
+    cache, work = Path(args.cache), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(args.run) if args.run else work / "run"
+    variants = parse_variants(args.variant, args.stacks)
+    log_path = work / "commands.json"
+    log = read_json(log_path) if log_path.exists() else []
+    started, load_start = time.time(), load()
+    if not args.no_run:
+        if not args.run:
+            train(cache, run_dir, args.train_args, log, [g for g in args.train_groups.split("|") if g])
+            write_json(log_path, log)
+        for name, stack_args in variants.items():
+            stack_variant(run_dir, work / f"stack_{name}", stack_args, log)
+            write_json(log_path, log)
+    run = load_run(run_dir)
+    test_ids, probas = split_predictions(run, TEST)
+    answers = read_answers(Path(args.data or data_dir_of(cache)) / "answers" / f"{TEST}.csv")
+    index = {c: i for i, c in enumerate(run.fine_classes)}
+    true = np.array([index[answers[v]] for v in test_ids])
+    grid = [float(c) for c in args.lr_c.split(",")]
+    lr = {scale: logistic_baseline(run, cache, test_ids, grid, work, scale) for scale in args.lr.split(",")}
+    entries = score(collect(run, cache, work, variants, true, lr, test_ids, probas), true,
+                    run.fine_to_coarse, args.resamples, args.seed)
+    table = markdown(entries)
+    print(table)
+    write_json(work / "heldout.json", {
+        "cache": str(cache), "run": str(run_dir), "n_labelled": len(run.ids), "n_test": len(test_ids),
+        "n_classes": run.n_classes, "models": run.models, "code": str(CODE), "variants": variants, "lr_c_scores": {k: v[3] for k, v in lr.items()},
+        "resamples": args.resamples, "seed": args.seed, "band": 0.90, "entries": entries, "commands": log,
+        "load": {"start": load_start, "end": load()}, "scoring_started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started))})
+    (work / "heldout.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
