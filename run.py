@@ -99,6 +99,12 @@ class _ModelsOption(click.Option):
               help="Other split to predict (repeatable); default: every other store in the cache.")
 @click.option("--folds", "n_folds", default=_NEURAL.n_folds, show_default=True)
 @click.option("--seed", default=_NEURAL.seed, show_default=True)
+@click.option("--groups", default=_NEURAL.groups, metavar="FILE", type=click.Path(dir_okay=False),
+              help="CSV id,group (header allowed; every labelled id needs a group): folds never split a group "
+                   "(StratifiedGroupKFold), so out-of-fold scores and the stack measure unseen groups (several "
+                   "clips per uploader or actor). Stratified as far as whole groups allow: a class with fewer "
+                   "groups than folds is missing from some folds' training data, and those fold models never "
+                   "predict it. Recorded (path, sha256) in run.json and folds.h5; a resume must give the same file.")
 @click.option("--epochs", default=_NEURAL.epochs, show_default=True)
 @click.option("--batch-size", default=_NEURAL.batch_size, show_default=True)
 @click.option("--lr", default=_NEURAL.lr, show_default=True)

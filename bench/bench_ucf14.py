@@ -6,6 +6,12 @@ against logistic regressions on the mean frame, with paired 90% bootstrap bands.
     python run.py stack --model RUN --out STACK --threads 1
     python bench/bench_ucf14.py --cache /work/cache/heldout_ucf14 --run RUN --stack submission=STACK
 
+Grouped folds (train-neural --groups): the groups file of the labelled split, ~5 runs of consecutive ids
+per class cut where the actor changes (bench.protocols.run_boundary, as the held-out runs were cut):
+
+    python bench/bench_ucf14.py groups --cache /work/cache/heldout_ucf14 --out GROUPS.csv
+    python run.py train-neural --cache /work/cache/heldout_ucf14 --groups GROUPS.csv --out RUN --threads 1
+
 Baselines, fitted on the whole labelled split (no C chosen on the test): LR(mean frame) at C=0.01 on the
 raw features and standardised feature by feature. The second is the usual recipe and collapses on
 unseen actors here (the 512 PCA'd dims have a long low-variance tail; scaled to unit variance it is
@@ -22,7 +28,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.protocols import data_dir_of, read_answers  # noqa: E402
+from bench.protocols import by_class, data_dir_of, read_answers, run_boundary  # noqa: E402
 from features import schema  # noqa: E402
 from features.store import StoreReader, rows_of  # noqa: E402
 from neural.metrics import challenge_metric  # noqa: E402
@@ -58,6 +64,37 @@ def lr_baselines(cache, test_ids, C=0.01):
     return out
 
 
+def actor_groups(ids, labels, mean_frame, n_runs=5, window=4):
+    """(N,) str group of each labelled video: per class, its ids sorted by number cut into n_runs runs of
+    consecutive ids, each cut moved to the nearby boundary where neighbouring clips are least alike (an
+    actor change). Not product code: it knows ucf14's id order (class, actor group, clip)."""
+    groups = np.empty(len(ids), dtype=object)
+    for c, rows in by_class(labels).items():
+        rows = rows[np.argsort([int("".join(ch for ch in ids[r] if ch.isdigit())) for r in rows])]
+        emb = mean_frame[rows] / np.linalg.norm(mean_frame[rows], axis=1, keepdims=True)
+        sim = (emb[1:] * emb[:-1]).sum(axis=1)                           # (n_c - 1,)
+        n = len(rows)
+        cuts = sorted({0, n} | {run_boundary(sim, round(n * j / n_runs), window) for j in range(1, n_runs)})
+        for j, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            groups[rows[a:b]] = f"{c}_{j}"
+    return groups
+
+
+def write_groups(argv):
+    parser = argparse.ArgumentParser(description="groups file (id,group) of the labelled split")
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--runs", type=int, default=5, help="runs of consecutive ids per class")
+    args = parser.parse_args(argv)
+    x, y, ids = mean_frames(args.cache, "labeled")
+    keep = y >= 0
+    groups = actor_groups(ids[keep], y[keep], x[keep], args.runs)
+    with open(args.out, "w") as fh:
+        fh.write("id,group\n" + "".join(f"{v},{g}\n" for v, g in zip(ids[keep], groups)))
+    sizes = np.unique(groups, return_counts=True)[1]
+    print(f"{args.out}: {keep.sum()} ids in {len(sizes)} groups (sizes {sizes.min()}..{sizes.max()})")
+
+
 class Bootstrap:
     """Challenge metric of several predictions on the same seeded resamples of the test videos."""
 
@@ -75,6 +112,9 @@ def band(samples, level=0.90):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["groups"]:
+        return write_groups(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", required=True)
     parser.add_argument("--run", required=True, help="train-neural RUN_DIR on the cache")

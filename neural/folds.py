@@ -7,13 +7,25 @@ each such item lands in a different fold. Consequence, by design: a class with m
 is held out in m folds only, and a class with a single item is absent from the training data of the
 only fold model that predicts it, so its out-of-fold prediction cannot be that class. No class is
 dropped: every labelled item is in exactly one fold.
+
+With groups (`train-neural --groups FILE`, a CSV `id,group`: several clips of one uploader or actor,
+near-duplicate re-uploads) the folds are sklearn's StratifiedGroupKFold(shuffle=True, random_state=seed):
+no group is split across folds, so out-of-fold scores (and the stacker fitted on them) measure unseen
+groups. Stratification is as close as whole groups allow; a class whose groups are fewer than n_folds is
+absent from the training data of the folds that hold all of it out, and is then never predicted there.
 """
+import csv
+import hashlib
 import os
 from pathlib import Path
 
 import h5py
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+
+class GroupsError(ValueError):
+    """A --groups file that cannot be used (a labelled id without a group)."""
 
 
 def make_folds(labels, n_folds, seed):
@@ -36,7 +48,44 @@ def make_folds(labels, n_folds, seed):
     return fold
 
 
-def save_folds(path, ids, fold, n_folds, seed):
+def make_group_folds(labels, groups, n_folds, seed):
+    """labels (N,) int, groups (N,) str -> fold (N,) int8 in [0, n_folds); no group in two folds."""
+    n_groups = len(np.unique(groups))
+    if n_groups < n_folds:
+        raise GroupsError(f"{n_groups} groups cannot fill {n_folds} folds; use --folds {n_groups} or fewer")
+    fold = np.full(len(labels), -1, np.int8)
+    sgkf = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
+    for k, (_, held) in enumerate(sgkf.split(np.zeros(len(labels)), np.asarray(labels), np.asarray(groups))):
+        fold[held] = k
+    return fold
+
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_groups(path, ids):
+    """(groups (N,) str aligned with ids, sha256 of the file) from a CSV `id,group` (a header line allowed).
+    Every id must have a group; ids of the file not in `ids` are ignored but counted in the error."""
+    path = Path(path)
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if rows and rows[0][:2] == ["id", "group"]:
+        rows = rows[1:]
+    bad = next((i for i, r in enumerate(rows) if len(r) < 2), None)
+    if bad is not None:
+        raise GroupsError(f"{path}: line {bad + 1}: expected 'id,group', got {rows[bad]!r}")
+    group_of = {r[0].strip(): r[1].strip() for r in rows}
+    missing = [v for v in ids if str(v) not in group_of]
+    if missing:
+        unknown = len(set(group_of) - {str(v) for v in ids})
+        raise GroupsError(f"{path}: {len(missing)} of {len(ids)} labelled ids have no group, the first "
+                          f"{str(missing[0])!r}" + (f" ({unknown} other ids in the file, ignored)" if unknown else ""))
+    return np.array([group_of[str(v)] for v in ids], dtype=object), file_sha256(path)
+
+
+def save_folds(path, ids, fold, n_folds, seed, groups_sha256=""):
+    """groups_sha256: the --groups file the folds were drawn with ("" = not grouped)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as h5:
@@ -44,7 +93,16 @@ def save_folds(path, ids, fold, n_folds, seed):
         h5.create_dataset("fold", data=np.asarray(fold, np.int8))
         h5.attrs["n_folds"] = n_folds
         h5.attrs["seed"] = seed
+        if groups_sha256:
+            h5.attrs["grouped"] = True
+            h5.attrs["groups_sha256"] = groups_sha256
     os.replace(tmp, path)
+
+
+def folds_groups_sha256(path):
+    """The sha256 of the groups file folds.h5 was drawn with, "" when its folds are not grouped."""
+    with h5py.File(path, "r") as h5:
+        return str(h5.attrs.get("groups_sha256", ""))
 
 
 def load_folds(path):

@@ -56,6 +56,7 @@ class NeuralOptions:
     pseudo_threshold: float = 0.5     # unlabelled rows whose teacher max-probability is lower are not used
     pseudo_ratio: float = 1.0         # unlabelled rows per step, as a multiple of batch_size
     pseudo_finetune_epochs: int = 1   # then epochs on labelled rows only (on top of epochs)
+    groups: str = ""                  # CSV id,group: folds never split a group (neural/folds.py); "" = none
     num_workers: int = 0              # DataLoader workers; each opens its own store handle
     threads: int = 0                  # torch CPU threads; 0 leaves torch's default
     splits: tuple = ()                # other splits to predict; () = every other store in CACHE_DIR

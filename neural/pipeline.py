@@ -28,7 +28,8 @@ from neural import outputs
 from neural.checkpoint import fold_paths, fold_saved, load_fold, read_record, save_fold
 from neural.data import StoreBatches
 from neural.distributed import on_main, owner, rank_jobs, set_threads
-from neural.folds import load_folds, make_folds, save_folds
+from neural.folds import (GroupsError, file_sha256, folds_groups_sha256, load_folds, make_folds,
+                          make_group_folds, read_groups, save_folds)
 from neural.metrics import metric_from_proba
 from neural.models import REGISTRY, model_entry, model_inputs
 from neural.options import NeuralOptions
@@ -85,17 +86,37 @@ def labelled_rows(reader):
     return rows, reader.ids[rows], label
 
 
+def draw_folds(ids, labels, options):
+    """-> (fold (N,), sha256 of the groups file or ""): grouped folds with options.groups, else stratified."""
+    if not options.groups:
+        return make_folds(labels, options.n_folds, options.seed), ""
+    try:
+        groups, sha256 = read_groups(options.groups, ids)
+        return make_group_folds(labels, groups, options.n_folds, options.seed), sha256
+    except GroupsError as err:
+        raise RunError(str(err)) from err
+
+
+def describe_groups(sha256):
+    return f"groups file sha256 {sha256[:12]}" if sha256 else "no groups"
+
+
 def prepare_folds(run_dir, ids, labels, options):
-    """Draw the folds once; on a rerun, reuse them after checking they belong to this data."""
+    """Draw the folds once; on a rerun, reuse them after checking they belong to this data (and groups)."""
     path = Path(run_dir) / "folds.h5"
     if path.exists():
         stored_ids, fold, n_folds, seed = load_folds(path)
         if n_folds != options.n_folds or seed != options.seed or not np.array_equal(stored_ids, ids):
             raise RunError(f"{path}: folds were drawn for other ids, n_folds or seed "
                            f"({n_folds} folds, seed {seed}); use another --out or --overwrite")
+        stored, wanted = folds_groups_sha256(path), file_sha256(options.groups) if options.groups else ""
+        if stored != wanted:
+            raise RunError(f"{path}: folds were drawn with {describe_groups(stored)}, this run has "
+                           f"{describe_groups(wanted)} (--groups {options.groups or 'not given'}); "
+                           "use another --out or --overwrite")
         return fold
-    fold = make_folds(labels, options.n_folds, options.seed)
-    save_folds(path, ids, fold, options.n_folds, options.seed)
+    fold, sha256 = draw_folds(ids, labels, options)
+    save_folds(path, ids, fold, options.n_folds, options.seed, sha256)
     return fold
 
 
@@ -109,6 +130,8 @@ def write_run_json(run_dir, cache_dir, reader, models, options, pseudo=None):
            "seed": options.seed, "n_folds": options.n_folds, "models": list(models)}
     if pseudo is not None:
         run["pseudo"] = {"teacher": pseudo[0].record(), "unlabelled": pseudo[1].record()}
+    if options.groups:
+        run["groups"] = {"path": options.groups, "sha256": file_sha256(options.groups)}
     return outputs.write_run(run_dir, run, options.result_dict())
 
 
@@ -233,7 +256,7 @@ def prepare_teacher(cache_dir, run_dir, reader, ids, labels_lab, options, overwr
     teacher = resolve_teacher(options.teacher)
     folds_file = Path(run_dir) / "folds.h5"
     fold = load_folds(folds_file)[1] if folds_file.exists() and not overwrite else \
-        make_folds(labels_lab, options.n_folds, options.seed)
+        draw_folds(ids, labels_lab, options)[0]
     check_teacher(teacher, run_dir, ids, fold, options, reader)
     unlabelled = open_unlabelled(cache_dir, options.unlabeled, reader)
     if unlabelled is None:
@@ -278,6 +301,8 @@ def train_neural(cache_dir, out_dir, models, options=None, overwrite=False, worl
     for r in split_readers.values():
         check_classes(r, {"fine_classes": reader.fine_classes})
     rows, ids, labels = labelled_rows(reader)
+    if options.groups:                  # recorded resolved, like the teacher
+        options = replace(options, groups=str(Path(options.groups).resolve()))
     pseudo = prepare_teacher(cache_dir, run_dir, reader, ids, labels[rows], options, overwrite)
     if pseudo is not None:
         options = replace(options, teacher=str(pseudo[0].path))     # recorded resolved
