@@ -140,8 +140,9 @@ def logistic_baseline(run, cache, test_ids, grid, work, scale="standard"):
     cache_file = Path(work) / f"lr_{scale}.npz"
     if cache_file.exists():
         saved = np.load(cache_file)
-        if list(saved["grid"]) == list(grid):
-            return saved["oof"], saved["test"], float(saved["C"]), json.loads(str(saved["scores"]))
+        if "ids" in saved.files and list(saved["grid"]) == list(grid) and list(saved["ids"]) == list(run.ids):
+            test_rows = rows_of(saved["test_ids"], test_ids, cache_file)
+            return saved["oof"], saved["test"][test_rows], float(saved["C"]), json.loads(str(saved["scores"]))
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -169,8 +170,24 @@ def logistic_baseline(run, cache, test_ids, grid, work, scale="standard"):
             print(f"LR ({scale}) C={C}: OOF mean-F1 {scores[str(C)]:.4f}", flush=True)
         best = max(grid, key=lambda C: scores[str(C)])
         test = fit_proba(np.ones(len(y), bool), x_test, best)
-    np.savez(cache_file, oof=oofs[best], test=test, C=best, grid=np.asarray(grid), scores=json.dumps(scores))
+    np.savez(cache_file, oof=oofs[best], test=test, C=best, grid=np.asarray(grid), scores=json.dumps(scores),
+             ids=np.asarray(run.ids, str), test_ids=np.asarray(test_ids, str))
     return oofs[best], test, best, scores
+
+
+def labelled_from_folds(run_dir):
+    """What logistic_baseline needs of a run, from folds.h5 and the labelled store alone: the LR can be
+    fitted while the base models still train."""
+    from types import SimpleNamespace
+    from neural.folds import load_folds
+    from neural.outputs import labelled_store_path, read_run
+    ids, fold, n_folds, _ = load_folds(Path(run_dir) / "folds.h5")
+    path = labelled_store_path(read_run(run_dir))
+    with StoreReader(path) as reader:
+        label = reader.read(schema.LABEL_FINE, slice(None)).astype(np.int64)[rows_of(reader.ids, ids, path)]
+        f2c, n_classes = np.asarray(reader.fine_to_coarse), len(reader.fine_classes)
+    return SimpleNamespace(store_path=path, ids=ids, label=label, fold=fold.astype(np.int64), n_folds=n_folds,
+                           n_classes=n_classes, fine_to_coarse=f2c)
 
 
 # ------------------------------------------------------------------ bootstrap
@@ -312,8 +329,13 @@ def main(argv=None):
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-run", action="store_true", help="only score what is there")
+    parser.add_argument("--score-models", default="",
+                        help="score only these base models (e.g. the finished ones of a run still training, "
+                             "with --no-run --stacks '')")
     parser.add_argument("--code", help="run the commands with this copy of the repository (e.g. a `git archive` "
                                        "of a commit, so others' edits in progress cannot change a long run)")
+    parser.add_argument("--lr-only", action="store_true",
+                        help="fit the LR probes from WORK/run/folds.h5 now (while the base models train), then stop")
     args = parser.parse_args(argv)
     global CODE
     CODE = Path(args.code) if args.code else REPO
@@ -324,6 +346,13 @@ def main(argv=None):
     log_path = work / "commands.json"
     log = read_json(log_path) if log_path.exists() else []
     started, load_start = time.time(), load()
+    grid = [float(c) for c in args.lr_c.split(",")]
+    if args.lr_only:
+        with StoreReader(schema.store_path(cache, TEST)) as reader:
+            test_ids = reader.ids
+        for scale in args.lr.split(","):
+            logistic_baseline(labelled_from_folds(run_dir), cache, test_ids, grid, work, scale)
+        return
     if not args.no_run:
         if not args.run:
             train(cache, run_dir, args.train_args, log, [g for g in args.train_groups.split("|") if g])
@@ -331,12 +360,11 @@ def main(argv=None):
         for name, stack_args in variants.items():
             stack_variant(run_dir, work / f"stack_{name}", stack_args, log)
             write_json(log_path, log)
-    run = load_run(run_dir)
+    run = load_run(run_dir, [m for m in args.score_models.split(",") if m] or None)
     test_ids, probas = split_predictions(run, TEST)
     answers = read_answers(Path(args.data or data_dir_of(cache)) / "answers" / f"{TEST}.csv")
     index = {c: i for i, c in enumerate(run.fine_classes)}
     true = np.array([index[answers[v]] for v in test_ids])
-    grid = [float(c) for c in args.lr_c.split(",")]
     lr = {scale: logistic_baseline(run, cache, test_ids, grid, work, scale) for scale in args.lr.split(",")}
     entries = score(collect(run, cache, work, variants, true, lr, test_ids, probas), true,
                     run.fine_to_coarse, args.resamples, args.seed)
