@@ -269,14 +269,15 @@ def score(rows, true, f2c, n_resamples, seed):
     samples = {name: boot.means(pred) for name, _, pred, _ in rows}
     # the reference LR: the stronger on the test items (conservative: the margin to beat is the larger)
     lr_rows = [(n, p) for n, _, p, _ in rows if n.startswith(LR_NAME)]
-    lr_name, lr_pred = max(lr_rows, key=lambda r: challenge_metric(true, r[1], f2c)["mean"])
+    lr_name, lr_pred = max(lr_rows, key=lambda r: challenge_metric(true, r[1], f2c)["mean"]) if lr_rows else (None, None)
     sub_name = next((n for n, *_ in rows if "(the submission)" in n and "+ reweighting" in n), None)
     out = []
     for name, cv, pred, note in rows:
         test = challenge_metric(true, pred, f2c)
-        entry = {"name": name, "cv": cv, "test": test, "test_band": band(samples[name]), "note": note,
-                 "reference_lr": lr_name, "diff_vs_lr": test["mean"] - challenge_metric(true, lr_pred, f2c)["mean"],
-                 "diff_vs_lr_band": band(samples[name] - samples[lr_name])}
+        entry = {"name": name, "cv": cv, "test": test, "test_band": band(samples[name]), "note": note}
+        if lr_name:
+            entry.update(reference_lr=lr_name, diff_vs_lr=test["mean"] - challenge_metric(true, lr_pred, f2c)["mean"],
+                         diff_vs_lr_band=band(samples[name] - samples[lr_name]))
         if sub_name:
             sub_pred = next(p for n, _, p, _ in rows if n == sub_name)
             entry["diff_vs_submission"] = test["mean"] - challenge_metric(true, sub_pred, f2c)["mean"]
@@ -291,11 +292,13 @@ def markdown(entries):
     for e in entries:
         cv = f"{e['cv']['mean']:.4f}" if e["cv"] else ""
         t = e["test"]
+        lr = (f"{e['diff_vs_lr']:+.4f} | {e['diff_vs_lr_band'][0]:+.3f}..{e['diff_vs_lr_band'][1]:+.3f}"
+              if "diff_vs_lr" in e else " | ")
         sub = (f"{e['diff_vs_submission']:+.4f} | {e['diff_vs_submission_band'][0]:+.3f}..{e['diff_vs_submission_band'][1]:+.3f}"
                if "diff_vs_submission" in e else " | ")
         lines.append(f"| {e['name']} | {cv} | {t['mean']:.4f} | {e['test_band'][0]:.3f}..{e['test_band'][1]:.3f} | "
                      + " | ".join(f"{t[k]:.4f}" for k in METRIC_KEYS[1:])
-                     + f" | {e['diff_vs_lr']:+.4f} | {e['diff_vs_lr_band'][0]:+.3f}..{e['diff_vs_lr_band'][1]:+.3f} | {sub} |")
+                     + f" | {lr} | {sub} |")
     return "\n".join(lines)
 
 
@@ -365,7 +368,7 @@ def main(argv=None):
     answers = read_answers(Path(args.data or data_dir_of(cache)) / "answers" / f"{TEST}.csv")
     index = {c: i for i, c in enumerate(run.fine_classes)}
     true = np.array([index[answers[v]] for v in test_ids])
-    lr = {scale: logistic_baseline(run, cache, test_ids, grid, work, scale) for scale in args.lr.split(",")}
+    lr = {scale: logistic_baseline(run, cache, test_ids, grid, work, scale) for scale in args.lr.split(",") if scale}
     entries = score(collect(run, cache, work, variants, true, lr, test_ids, probas), true,
                     run.fine_to_coarse, args.resamples, args.seed)
     table = markdown(entries)
