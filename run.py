@@ -293,6 +293,11 @@ def predict(data_dir, split, model_dir, out_file, cache_dir):
 @click.option("--folds", "n_folds", type=int, help="Folds [default: 5; --tiny: 3].")
 @click.option("--models", default="", help="Comma-separated base models; default: every model the cache allows.")
 @click.option("--threads", default=1, show_default=True, help="Torch and LightGBM CPU threads.")
+@click.option("--unlabelled/--no-unlabelled", default=None,
+              help="Train a second time learning from the unlabelled split (pseudo-labels from the first run) "
+                   "[default: on].")
+@click.option("--pretrain/--no-pretrain", default=None,
+              help="That second run also pretrains single, dual, cross without labels [default: off; --tiny: on].")
 def demo(out_dir, data_dir, category_map, models, splits, tiny, **options):
     """Generate a small dataset with known signals (or use --data), run extract, train-neural and stack
     on the CPU, package the model, and print the metric table, the per-kind accuracies and where each
