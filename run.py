@@ -42,6 +42,9 @@ def cli():
 @click.option("--frame-batch", default=0, show_default=True,
               help="Most images per frame-encoder forward (0: 32 on CPU, 256 on GPU); bounds memory.")
 @click.option("--workers", default=2, show_default=True, help="Processes decoding frames and tokenising.")
+@click.option("--threads", default=0, show_default=True,
+              help="Torch CPU threads of the encoders (0: torch's default; under torchrun each rank's share). "
+                   "1 is several times faster when other jobs share the cores.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Encoders' precision, part of each store's identity: auto = fp32 on the CPU, bf16 on a GPU "

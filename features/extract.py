@@ -48,6 +48,8 @@ class ExtractOptions:
     batch_size: int = 32                        # videos per batch, the unit of resume
     frame_batch: int = 0                        # most images per encoder forward; 0: 32 on CPU, 256 on GPU
     workers: int = 2                            # DataLoader processes decoding and tokenising
+    threads: int = 0                            # torch CPU threads of the encoders; 0: torch's default (under
+                                                # torchrun: each rank's share of the cores)
     device: str = "auto"                        # auto | cpu | cuda
     precision: str = "auto"                     # auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16/fp16 on CUDA)
     on_error: str = "skip"                      # skip (mask, count, report) | fail
@@ -69,7 +71,7 @@ def extract(data_dir, splits, cache_dir, options):
     from features.encoders import build_frame_encoder, build_text_encoder
     if options.annotations and len(splits) != 1:
         raise ExtractError("--annotations names one file, so give exactly one --split")
-    for name, least in (("frames", 1), ("batch_size", 1), ("frame_batch", 0)):
+    for name, least in (("frames", 1), ("batch_size", 1), ("frame_batch", 0), ("threads", 0)):
         if getattr(options, name) < least:
             raise ExtractError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(options, name)}")
     kinds = frame_sources(data_dir, splits, options)          # before any encoder is loaded
@@ -78,7 +80,9 @@ def extract(data_dir, splits, cache_dir, options):
     precision = resolve_precision(options.precision, device)      # part of each store's identity
     if device == "cpu":
         keep_freed_memory_mapped()        # ~3x faster CPU encoders (see its docstring)
-        if world.distributed:
+        if options.threads:
+            torch.set_num_threads(options.threads)               # e.g. 1 when other jobs share the cores
+        elif world.distributed:
             torch.set_num_threads(world.cpu_threads())           # the ranks of a node share its cores
     category_map = load_category_map(options.category_map)
     text_encoder = build_text_encoder(options.text_encoder, device, precision)

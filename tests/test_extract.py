@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from features import schema
 from features.aggregates import AggregateOptions
-from features.extract import ExtractOptions, extract
+from features.encoders import FrameEncoder
+from features.extract import ExtractError, ExtractOptions, extract
 from features.store import StoreReader
 from run import cli
 from tests.media import jpeg_bytes, write_annotations, write_feature_zip, write_jpeg_zip, write_mp4
@@ -320,6 +321,28 @@ def test_limit_keeps_the_first_videos_and_is_part_of_the_config(tmp_path):
     assert list(store.ids) == ["f000", "f001", "f002"] and store.config["options"]["limit"] == 3
     with pytest.raises(Exception, match="options.limit: 3 -> None"):
         extract(tmp_path, ["test"], tmp_path / "c", options())
+
+
+def test_threads_set_the_encoders_cpu_threads_without_changing_the_store(tmp_path, monkeypatch):
+    import torch
+    root = make_dataset(tmp_path / "data", n=4, faults=False)
+    before = torch.get_num_threads()
+    seen = []
+    real_encode = FrameEncoder.encode
+    monkeypatch.setattr(FrameEncoder, "encode", lambda self, images: seen.append(torch.get_num_threads())
+                        or real_encode(self, images))
+    try:
+        extract(root, ["labeled"], tmp_path / "one", options(threads=1))
+        assert seen and set(seen) == {1}
+    finally:
+        torch.set_num_threads(before)
+    extract(root, ["labeled"], tmp_path / "default", options())
+    one, default = StoreReader(tmp_path / "one" / "labeled.h5"), StoreReader(tmp_path / "default" / "labeled.h5")
+    assert one.config == default.config                           # a runtime option, not the store's identity
+    np.testing.assert_allclose(one.read("frame_emb", slice(None)).astype(np.float32),
+                               default.read("frame_emb", slice(None)).astype(np.float32), atol=1e-2)
+    with pytest.raises(ExtractError, match="--threads must be at least 0, got -1"):
+        extract(root, ["labeled"], tmp_path / "bad", options(threads=-1))
 
 
 def test_frames_are_encoded_in_bounded_chunks_with_the_same_result(extracted, tmp_path, monkeypatch):
