@@ -63,6 +63,16 @@ def config_json(config):
     return json.dumps(config, sort_keys=True)
 
 
+NOT_FEATURES = ("frames_from", "limit")     # extract options saying where frames came from and how many videos
+
+
+def feature_identity(config):
+    """A store's config less the options that do not change its features (NOT_FEATURES): two stores whose
+    feature identities are equal hold comparable embeddings (same encoders, weights, options, precision, map)."""
+    options = {k: v for k, v in config.get("options", {}).items() if k not in NOT_FEATURES}
+    return {**config, "options": options}
+
+
 def create_store(path, split, ids, label_fine, label_coarse, dims, config, category_map, environment=None):
     """Make a new, empty store at `path` (written to `path.tmp` first, then renamed into place)."""
     path = Path(path)

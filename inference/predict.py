@@ -17,12 +17,9 @@ import numpy as np
 from features import schema
 from features.frames import detect_source
 from features.records import options_diff
-from features.store import StoreReader
+from features.store import NOT_FEATURES, StoreReader, feature_identity
 from inference.model_dir import open_model_dir
 from inference.package import store_dims
-
-NOT_IDENTITY = ("frames_from", "limit")     # where frames came from and how many videos: not the features
-
 
 class PredictError(ValueError):
     pass
@@ -82,20 +79,15 @@ def extract_options(model, kind):
     from features.extract import ExtractOptions
     known = {f.name for f in fields(ExtractOptions)}
     identity = model.model_json["store_identity"]
-    recorded = {k: v for k, v in identity.get("options", {}).items() if k in known and k not in NOT_IDENTITY}
+    recorded = {k: v for k, v in identity.get("options", {}).items() if k in known and k not in NOT_FEATURES}
     recorded["precision"] = identity["precision"]
     return ExtractOptions(**recorded, frames_from=kind, category_map=str(model.category_map_path), aggregates=None)
-
-
-def _identity(config):
-    options = {k: v for k, v in config.get("options", {}).items() if k not in NOT_IDENTITY}
-    return {**config, "options": options}
 
 
 def check_identity(reader, model_json):
     """The new store must hold the features the fold models were trained on: same encoders (and their
     weights' sha256), options, precision, category map, and array widths."""
-    diff = options_diff(_identity(model_json["store_identity"]), _identity(reader.config))
+    diff = options_diff(feature_identity(model_json["store_identity"]), feature_identity(reader.config))
     if diff:
         raise PredictError(f"{reader.path}: made with other encoders, weights, precision or options than the "
                            f"model was trained on ({diff}); use a fresh --cache")

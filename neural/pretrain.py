@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from features import schema
 from features.records import atomic_path, options_diff, read_json, write_json
+from features.store import feature_identity
 from neural.checkpoint import read_tensors
 from neural.data import StoreBatches, loader, shuffled_batches, to_device
 from neural.models import MODEL_NAMES, build_model, model_entry, model_inputs
@@ -54,7 +55,6 @@ HEAD_PREFIX = "heads."                 # the classification heads: not pretraine
 OBJECTIVES = {"mfm": ("frames",), "mtm": ("text",), "vtm": ("text", "frames"), "vtc": ("text", "frames")}
 TEMPERATURE = 0.07
 PROBE_ROWS = 2048                      # rows per store read to learn whether it has text tokens / frames
-NOT_IDENTITY = ("frames_from", "limit")     # store config options that say where data came from, not what
 
 
 class PretrainError(RunError):
@@ -206,10 +206,10 @@ def check_stores(spec, readers):
     """Every store must have the labelled store's identity (its config, where the data came from left
     out) and fit the model's inputs (frame and text widths, at most its frames)."""
     first = next(iter(readers.values()))
-    base = _identity(first.config)
+    base = feature_identity(first.config)
     for r in readers.values():
         model_inputs(spec.model, r)
-        diff = options_diff(base, _identity(r.config))
+        diff = options_diff(base, feature_identity(r.config))
         if diff:
             raise PretrainError(f"{r.path}: field 'config' differs from {first.path.name}'s ({diff}); pretraining "
                                 "never mixes stores of other encoders or options")
@@ -219,11 +219,6 @@ def check_stores(spec, readers):
             raise PretrainError(f"{r.path}: fields '{schema.FRAME_EMB}' / '{schema.TEXT_TOKENS}' have "
                                 f"{n_frames} frames of {frame_dim} and tokens of {text_dim}; the model takes at "
                                 f"most {spec.n_frames} frames of {spec.frame_dim} and tokens of {spec.text_dim}")
-
-
-def _identity(config):
-    options = {k: v for k, v in config.get("options", {}).items() if k not in NOT_IDENTITY}
-    return {**config, "options": options}
 
 
 def modalities(readers):

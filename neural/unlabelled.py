@@ -11,11 +11,10 @@ from pathlib import Path
 
 from features import schema
 from features.records import options_diff
-from features.store import StoreReader
+from features.store import StoreReader, feature_identity
 from neural.outputs import RunError
 
 DEFAULT_SPLIT = "unlabeled"                 # the challenge's (and the demo's) unlabelled split
-NOT_IDENTITY = ("frames_from", "limit")     # extract options that are not the features (config["options"])
 
 
 @dataclass
@@ -36,12 +35,6 @@ def store_digest(reader):
     h = hashlib.sha256(json.dumps(reader.config, sort_keys=True).encode())
     h.update("\n".join(reader.ids).encode())
     return h.hexdigest()
-
-
-def _identity(config):
-    """The store config less where frames came from and how many videos (as inference.predict compares)."""
-    options = {k: v for k, v in config.get("options", {}).items() if k not in NOT_IDENTITY}
-    return {**config, "options": options}
 
 
 def unlabelled_path(cache_dir, name):
@@ -71,7 +64,7 @@ def open_unlabelled(cache_dir, name, labelled_reader):
             raise RunError(f"{path}: its fine classes differ from those of {labelled_reader.path} "
                            f"({len(reader.fine_classes)} vs {len(labelled_reader.fine_classes)}); "
                            "extract it with the same category map")
-        diff = options_diff(_identity(labelled_reader.config), _identity(reader.config))
+        diff = options_diff(feature_identity(labelled_reader.config), feature_identity(reader.config))
         if diff:
             raise RunError(f"{path}: made with other encoders or options than {labelled_reader.path} "
                            f"({diff}); extract it with the same options")
