@@ -103,7 +103,7 @@ def check_teacher(teacher, run_dir, ids, fold, options, reader):
     if diffs:
         raise RunError(f"{path}: the teacher's folds are not this run's ({'; '.join(diffs)}); the student of "
                        "fold k may only learn from the teacher's fold-k models, so train the teacher on the same "
-                       "labelled store with the same --folds and --seed")
+                       "labelled store with the same --folds, --seed and --groups")
     if teacher.run["fine_classes"] != reader.fine_classes:
         raise RunError(f"{teacher.run_dir / RUN_FILE}: field 'fine_classes' differs from {reader.path}'s "
                        f"({len(teacher.run['fine_classes'])} vs {len(reader.fine_classes)} classes)")
