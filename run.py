@@ -291,7 +291,7 @@ def predict(data_dir, split, model_dir, out_file, cache_dir):
               help="Split of --data to run (repeatable); default: every DATA/annotations/*.json.")
 @click.option("--tiny", is_flag=True,
               help="The fewest videos and frames that still run every stage (84 labelled, 2 frames each, 3 folds): "
-                   "well under a minute, noisy scores; for checking that it all fits together.")
+                   "about a minute and a half of CPU (both runs, pretraining on), noisy scores; for checking that it all fits together.")
 @click.option("--epochs", type=int, help="Epochs of each model [default: 6; --tiny: 4].")
 @click.option("--folds", "n_folds", type=int, help="Folds [default: 5; --tiny: 3].")
 @click.option("--models", default="", help="Comma-separated base models; default: every model the cache allows.")

@@ -1,5 +1,5 @@
 """The demo through the real CLI: `run.py demo --tiny` generates data, then extract -> train-neural -> stack
--> package, on the CPU, on one thread, in the default test run (~40 s of CPU; the full-size
+-> package, on the CPU, on one thread, in the default test run (~1.5 min of CPU: two trainings; the full-size
 `python run.py demo` is in bench/README.md)."""
 import csv
 import json
