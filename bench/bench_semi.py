@@ -1,0 +1,125 @@
+"""The semi-supervised protocol of issue 10: runs with and without the unlabelled split, scored on its
+hidden answers beside their out-of-fold figures, with paired bootstrap bands against the first run.
+
+    python bench/protocols.py fashion --protocol semi --titles masked --out /work/cache/semi_masked
+    python run.py train-neural --cache /work/cache/semi_masked --out S/base --threads 1
+    python run.py stack --model S/base --out S/base_stack --split unlabeled --threads 1
+    python run.py train-neural --cache /work/cache/semi_masked --out S/pseudo --teacher S/base --threads 1
+    python run.py stack --model S/pseudo --out S/pseudo_stack --split unlabeled --threads 1
+    python bench/bench_semi.py --cache /work/cache/semi_masked --run base=S/base --run pseudo=S/pseudo
+
+A run NAME=DIR is stacked in DIR_stack (when there) for its submission row. The first run is the
+reference: each row of another run gets its paired difference to the same row of the first (the same
+resamples of the unlabelled items). For a run with a teacher, its fold-k pseudo-labels are scored too
+(accuracy, and the share and accuracy of those above the run's confidence threshold).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.heldout import Bootstrap, band  # noqa: E402
+from bench.protocols import data_dir_of, read_answers  # noqa: E402
+from features.records import read_json, write_json  # noqa: E402
+from neural.metrics import challenge_metric, metric_from_proba  # noqa: E402
+from neural.outputs import read_run  # noqa: E402
+from stacking.rundir import load_run, split_predictions  # noqa: E402
+from stacking.submission import read_predictions  # noqa: E402
+
+SPLIT = "unlabeled"
+
+
+def rows_of_run(run_dir, true_of):
+    """{row name: (OOF mean-F1 or None, predictions on the unlabelled split (N,))}: base models, average, stack."""
+    run = load_run(run_dir)
+    ids, probas = split_predictions(run, SPLIT)
+    true = true_of(ids, run.fine_classes)
+    rows = {f"base:{m}": (metric_from_proba(run.label, run.oof[m], run.fine_to_coarse)["mean"], probas[m].argmax(1))
+            for m in run.models}
+    rows["average"] = (metric_from_proba(run.label, np.mean(list(run.oof.values()), 0), run.fine_to_coarse)["mean"],
+                       np.mean([probas[m] for m in run.models], 0).argmax(1))
+    stack_dir = Path(f"{run_dir}_stack")
+    if (stack_dir / "submission.csv").exists():
+        submitted = read_predictions(stack_dir / "submission.csv")
+        index = {c: i for i, c in enumerate(run.fine_classes)}
+        metrics = read_json(stack_dir / "metrics.json")
+        cv = metrics["table"].get(f"{metrics['stacker']}+reweight", {}).get("mean")
+        rows["stack (submission)"] = (cv, np.array([index[submitted[v]] for v in ids]))
+    return ids, true, run, rows
+
+
+def pseudo_accuracy(run_dir, true_of, fine_classes):
+    """Per fold: accuracy of the teacher's pseudo-labels, and share / accuracy above the run's threshold."""
+    from neural.pseudo import pseudo_argmax
+    options = read_run(run_dir)["options"]
+    if not options.get("teacher"):
+        return None
+    ids, folds = pseudo_argmax(run_dir, read_run(run_dir)["n_folds"])
+    true = true_of(ids, fine_classes)
+    out = {}
+    for k, (pred, conf) in folds.items():
+        kept = conf >= options["pseudo_threshold"]
+        out[k] = {"accuracy": float(np.mean(pred == true)), "kept": float(kept.mean()),
+                  "kept_accuracy": float(np.mean(pred[kept] == true[kept])) if kept.any() else None}
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", required=True, help="semi protocol cache (labeled.h5, unlabeled.h5)")
+    parser.add_argument("--run", action="append", required=True, metavar="NAME=RUN_DIR",
+                        help="a run (the first is the reference); its stack is RUN_DIR_stack when there")
+    parser.add_argument("--out", help="JSON of the table (default: next to the first run)")
+    parser.add_argument("--resamples", type=int, default=1000)
+    args = parser.parse_args(argv)
+    answers = read_answers(data_dir_of(Path(args.cache)) / "answers" / f"{SPLIT}.csv")
+
+    def true_of(ids, fine_classes):
+        index = {c: i for i, c in enumerate(fine_classes)}
+        return np.array([index[answers[v]] for v in ids])
+
+    runs = [pair.partition("=")[::2] for pair in args.run]
+    scored, boot, ref_ids = {}, None, None
+    for name, run_dir in runs:
+        ids, true, run, rows = rows_of_run(run_dir, true_of)
+        if boot is None:
+            boot, ref_ids = Bootstrap(true, run.fine_to_coarse, args.resamples, seed=0), ids
+        elif not np.array_equal(ids, ref_ids):
+            raise SystemExit(f"{run_dir}: its unlabelled ids differ from the first run's")
+        scored[name] = {row: (cv, pred, boot.means(pred)) for row, (cv, pred) in rows.items()}
+        scored[name]["_pseudo"] = pseudo_accuracy(run_dir, true_of, run.fine_classes)
+    ref_name = runs[0][0]
+    table, lines = {}, [f"| row | run | OOF mean-F1 (20%) | mean-F1 on the 80% | 90% band | vs {ref_name} | 90% band |",
+                        "|---|---|---|---|---|---|---|"]
+    for name, _ in runs:
+        for row, (cv, pred, samples) in ((r, v) for r, v in scored[name].items() if r != "_pseudo"):
+            score = float(challenge_metric(boot.true, pred, boot.f2c)["mean"])
+            entry = {"oof": cv, "score": score, "band": band(samples)}
+            diff = ""
+            if name != ref_name and row in scored[ref_name]:
+                ref = scored[ref_name][row]
+                d = samples - ref[2]
+                entry["diff"] = score - float(challenge_metric(boot.true, ref[1], boot.f2c)["mean"])
+                entry["diff_band"] = band(d)
+                diff = f"{entry['diff']:+.4f} | {entry['diff_band'][0]:+.3f}..{entry['diff_band'][1]:+.3f}"
+            table.setdefault(row, {})[name] = entry
+            cv_text = f"{cv:.4f}" if cv is not None else ""
+            lines.append(f"| {row} | {name} | {cv_text} | {score:.4f} | {entry['band'][0]:.3f}..{entry['band'][1]:.3f} | "
+                         + (diff or " | ") + " |")
+    print("\n".join(lines))
+    for name, _ in runs:
+        if scored[name]["_pseudo"]:
+            for k, p in scored[name]["_pseudo"].items():
+                print(f"{name} fold {k} pseudo-labels: {p['accuracy']:.3f} right; {p['kept']:.3f} of rows above the "
+                      f"threshold, {p['kept_accuracy']:.3f} of them right")
+    out = Path(args.out) if args.out else Path(runs[0][1]).parent / "semi.json"
+    write_json(out, {"cache": args.cache, "runs": dict(runs), "table": table,
+                     "pseudo": {n: scored[n]["_pseudo"] for n, _ in runs}, "resamples": args.resamples})
+    (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
