@@ -24,6 +24,21 @@ def masked_mean(x, mask):
     return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
 
 
+def joint_states(encoder, norm, text, text_mask, video, video_mask):
+    """One transformer over text and video positions together: -> text (B, T, H), text_mask, video (B, F, H),
+    video_mask, the states split back by modality (single's body, dual's fusion)."""
+    x = torch.cat([text, video], dim=1)                                # (B, T+F, H)
+    mask = torch.cat([text_mask, video_mask], dim=1)                   # (B, T+F)
+    x = norm(encoder(x, src_key_padding_mask=~mask))
+    t = text.shape[1]
+    return x[:, :t], text_mask, x[:, t:], video_mask
+
+
+def pool_all(text, text_mask, video, video_mask):
+    """-> (B, H) the mean over every real position, text and video alike."""
+    return masked_mean(torch.cat([text, video], dim=1), torch.cat([text_mask, video_mask], dim=1))
+
+
 def pooled_text(batch):
     """text_pooled (B, 3, Dt) with absent fields zeroed, flattened with its mask -> (B, 3*Dt + 3)."""
     mask = batch[schema.TEXT_FIELD_MASK]                                # (B, 3)

@@ -1,9 +1,8 @@
 """dual: a text transformer and a video transformer, concatenated into a fusion transformer; mean pooled."""
-import torch
 import torch.nn as nn
 
 from neural.models.base import FoldModel, ModelEntry
-from neural.models.blocks import TOKENS_AND_FRAMES, Heads, TokensAndFrames, encoder, masked_mean
+from neural.models.blocks import TOKENS_AND_FRAMES, Heads, TokensAndFrames, encoder, joint_states, pool_all
 
 
 class DualStream(FoldModel):
@@ -20,15 +19,9 @@ class DualStream(FoldModel):
         text, text_mask, video, video_mask = self.front(batch)
         text = self.text_encoder(text, src_key_padding_mask=~text_mask)        # (B, T, H)
         video = self.video_encoder(video, src_key_padding_mask=~video_mask)    # (B, F, H)
-        x = torch.cat([text, video], dim=1)                                    # (B, T+F, H)
-        mask = torch.cat([text_mask, video_mask], dim=1)
-        x = self.norm(self.fusion(x, src_key_padding_mask=~mask))
-        t = text.shape[1]
-        return x[:, :t], text_mask, x[:, t:], video_mask
+        return joint_states(self.fusion, self.norm, text, text_mask, video, video_mask)
 
-    def pool(self, text, text_mask, video, video_mask):
-        """-> (B, H) the mean over every real position, text and video alike."""
-        return masked_mean(torch.cat([text, video], dim=1), torch.cat([text_mask, video_mask], dim=1))
+    pool = staticmethod(pool_all)      # (B, H) the mean over every real position, text and video alike
 
     def forward(self, batch):
         return self.heads(self.pool(*self.encode(batch)))

@@ -1,9 +1,8 @@
 """single: text tokens and frames, tagged by modality, in one transformer; mean over real positions."""
-import torch
 import torch.nn as nn
 
 from neural.models.base import FoldModel, ModelEntry
-from neural.models.blocks import TOKENS_AND_FRAMES, Heads, TokensAndFrames, encoder, masked_mean
+from neural.models.blocks import TOKENS_AND_FRAMES, Heads, TokensAndFrames, encoder, joint_states, pool_all
 
 
 class SingleStream(FoldModel):
@@ -16,16 +15,9 @@ class SingleStream(FoldModel):
 
     def encode(self, batch):
         """-> text (B, T, H), text_mask, video (B, F, H), video_mask: the states before pooling."""
-        text, text_mask, video, video_mask = self.front(batch)
-        x = torch.cat([text, video], dim=1)                           # (B, T+F, H)
-        mask = torch.cat([text_mask, video_mask], dim=1)              # (B, T+F)
-        x = self.norm(self.encoder(x, src_key_padding_mask=~mask))
-        t = text.shape[1]
-        return x[:, :t], text_mask, x[:, t:], video_mask
+        return joint_states(self.encoder, self.norm, *self.front(batch))
 
-    def pool(self, text, text_mask, video, video_mask):
-        """-> (B, H) the mean over every real position, text and video alike."""
-        return masked_mean(torch.cat([text, video], dim=1), torch.cat([text_mask, video_mask], dim=1))
+    pool = staticmethod(pool_all)      # (B, H) the mean over every real position, text and video alike
 
     def forward(self, batch):
         return self.heads(self.pool(*self.encode(batch)))
