@@ -71,16 +71,22 @@ def read_tensors(path):
                               "unpickled, retrain this fold") from err
 
 
-def check_tensors(path, model, tensors):
-    """The tensors must be exactly the model's state: no name missing or extra, every shape equal."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+def tensor_mismatch(expected, tensors, source="the spec makes"):
+    """What keeps `tensors` from being exactly `expected` ({name: tensor}): names missing or extra, shapes
+    that differ (each kind named up to three times); [] when they fit."""
+    expected = {name: tuple(t.shape) for name, t in expected.items()}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     wrong = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
-    if missing or extra or wrong:
-        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
-                ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + \
-                [f"{n} is {found[n]}, the spec makes {expected[n]}" for n in wrong[:3]]
+    return ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
+           ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + \
+           [f"{n} is {found[n]}, {source} {expected[n]}" for n in wrong[:3]]
+
+
+def check_tensors(path, model, tensors):
+    """The tensors must be exactly the model's state: no name missing or extra, every shape equal."""
+    parts = tensor_mismatch(model.state_dict(), tensors)
+    if parts:
         raise CheckpointError(f"{path}: tensors do not fit the model spec in its .json ({'; '.join(parts)})")
 
 

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from features import schema
 from features.records import atomic_path, options_diff, read_json, write_json
 from features.store import feature_identity
-from neural.checkpoint import read_tensors
+from neural.checkpoint import read_tensors, tensor_mismatch
 from neural.data import StoreBatches, loader, shuffled_batches, to_device
 from neural.models import MODEL_NAMES, build_model, model_entry, model_inputs
 from neural.models.blocks import masked_mean
@@ -81,14 +81,9 @@ class Pretrained:
 
     def load_into(self, model):
         """Replace every weight but the heads; the tensors must be exactly the model's non-head state."""
-        expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if not n.startswith(HEAD_PREFIX)}
-        found = {n: tuple(t.shape) for n, t in self.tensors.items()}
-        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        wrong = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
-        if missing or extra or wrong:
-            parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
-                    ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + \
-                    [f"{n} is {found[n]}, the model has {expected[n]}" for n in wrong[:3]]
+        body = {n: t for n, t in model.state_dict().items() if not n.startswith(HEAD_PREFIX)}
+        parts = tensor_mismatch(body, self.tensors, source="the model has")
+        if parts:
             raise PretrainError(f"{self.path}: pretrained tensors do not fit the fold model ({'; '.join(parts)})")
         model.load_state_dict(self.tensors, strict=False)
         return model
