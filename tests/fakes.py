@@ -55,3 +55,15 @@ def write_fake_store(path, n=60, n_classes=6, n_frames=8, frame_dim=16, text_dim
         save_class_names(class_names_path, cmap, [f"class {c}" for c in cmap.fine_ids], text_centres,
                          [f"group {c}" for c in cmap.coarse_ids], coarse, {"fake": True})
     return label
+
+
+def killed_on_call(real, n):
+    """`real` wrapped to raise KeyboardInterrupt (a kill) on its n-th call, for resume tests."""
+    calls = []
+
+    def wrapper(*args, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kw)
+    return wrapper

@@ -17,7 +17,7 @@ from neural.pipeline import available_models, train_neural
 from neural.predict import predict_store
 from neural.spec import spec_from_store
 from neural.train import fit_fold, predict_rows
-from tests.fakes import write_fake_store
+from tests.fakes import killed_on_call, write_fake_store
 
 torch.set_num_threads(1)
 
@@ -102,15 +102,8 @@ def test_resume_after_a_killed_fold_gives_the_same_oof(cache, tmp_path, monkeypa
     train_neural(cache, tmp_path / "straight", ["single"], opts)
     straight, _ = outputs.read_oof(tmp_path / "straight" / "single" / "predictions.h5")
 
-    calls, real_fit = [], pipeline.fit_fold
-
-    def killed_in_fold_2(*args, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-        return real_fit(*args, **kw)
-
-    monkeypatch.setattr(pipeline, "fit_fold", killed_in_fold_2)
+    real_fit = pipeline.fit_fold
+    monkeypatch.setattr(pipeline, "fit_fold", killed_on_call(real_fit, 3))          # killed in fold 2
     with pytest.raises(KeyboardInterrupt):
         train_neural(cache, tmp_path / "resumed", ["single"], opts)
     done, complete = outputs.fold_done(tmp_path / "resumed" / "single" / "predictions.h5")

@@ -18,7 +18,7 @@ from neural.pipeline import train_neural
 from neural.predict import predict_store
 from neural.spec import spec_from_store
 from neural.train import fit_fold
-from tests.fakes import write_fake_store
+from tests.fakes import killed_on_call, write_fake_store
 
 torch.set_num_threads(1)
 
@@ -159,15 +159,8 @@ def test_a_killed_knn_run_resumes_to_the_same_oof(tmp_path, monkeypatch):
     write_fake_store(cache / "labeled.h5", n=60)
     opts = NeuralOptions(**TINY)
     train_neural(cache, tmp_path / "straight", ["knn"], opts)
-    real_fit, calls = pipeline.fit_fold, []
-
-    def killed_in_fold_1(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return real_fit(*args, **kw)
-
-    monkeypatch.setattr(pipeline, "fit_fold", killed_in_fold_1)
+    real_fit = pipeline.fit_fold
+    monkeypatch.setattr(pipeline, "fit_fold", killed_on_call(real_fit, 2))          # killed in fold 1
     with pytest.raises(KeyboardInterrupt):
         train_neural(cache, tmp_path / "resumed", ["knn"], opts)
     monkeypatch.setattr(pipeline, "fit_fold", real_fit)

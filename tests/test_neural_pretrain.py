@@ -23,7 +23,7 @@ from neural.predict import predict_store
 from neural.pretrain import PretrainError, pretrain, pretrain_paths
 from neural.spec import spec_from_store
 from neural.train import fit_fold
-from tests.fakes import fake_category_map, write_fake_store
+from tests.fakes import fake_category_map, killed_on_call, write_fake_store
 
 torch.set_num_threads(1)
 
@@ -140,15 +140,8 @@ def test_a_killed_pretraining_resumes_from_its_last_epoch_to_the_same_weights(ca
     spec = spec_of("single", readers, options)
     straight = pretrain(tmp_path / "straight", spec, readers, options)
 
-    calls, real_epoch = [], pretrain_module.run_epoch
-
-    def killed_in_epoch_2(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return real_epoch(*args, **kw)
-
-    monkeypatch.setattr(pretrain_module, "run_epoch", killed_in_epoch_2)
+    real_epoch = pretrain_module.run_epoch
+    monkeypatch.setattr(pretrain_module, "run_epoch", killed_on_call(real_epoch, 2))  # killed in epoch 2
     with pytest.raises(KeyboardInterrupt):
         pretrain(tmp_path / "resumed", spec, readers, options)
     tensors_path, record_path, resume_path = pretrain_paths(tmp_path / "resumed", "single")

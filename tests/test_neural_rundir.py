@@ -9,7 +9,7 @@ from neural import outputs, pipeline
 from neural.options import NeuralOptions
 from neural.outputs import RunError, read_run
 from neural.pipeline import train_neural
-from tests.fakes import write_fake_store
+from tests.fakes import killed_on_call, write_fake_store
 
 torch.set_num_threads(1)
 TINY = dict(n_folds=3, epochs=1, hidden=16, batch_size=16, n_heads=2)
@@ -37,15 +37,8 @@ def test_resuming_on_a_store_extracted_again_since_the_run_began_is_refused(tmp_
     cache = tmp_path / "cache"
     cache.mkdir()
     write_fake_store(cache / "labeled.h5", n=30)
-    real_fit, calls = pipeline.fit_fold, []
-
-    def killed_in_fold_1(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return real_fit(*args, **kw)
-
-    monkeypatch.setattr(pipeline, "fit_fold", killed_in_fold_1)
+    real_fit = pipeline.fit_fold
+    monkeypatch.setattr(pipeline, "fit_fold", killed_on_call(real_fit, 2))          # killed in fold 1
     with pytest.raises(KeyboardInterrupt):
         train_neural(cache, tmp_path / "run", ["linear"], NeuralOptions(**TINY))
     before = (tmp_path / "run" / "run.json").read_text()
