@@ -21,10 +21,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.heldout import Bootstrap, band  # noqa: E402
 from bench.protocols import data_dir_of, read_answers  # noqa: E402
 from features.records import read_json, write_json  # noqa: E402
-from neural.metrics import challenge_metric, metric_from_proba  # noqa: E402
+from neural.metrics import PairedBootstrap, band, challenge_metric, metric_from_proba  # noqa: E402
 from neural.outputs import read_run  # noqa: E402
 from stacking.rundir import load_run, split_predictions  # noqa: E402
 from stacking.submission import read_predictions  # noqa: E402
@@ -86,7 +85,7 @@ def main(argv=None):
     for name, run_dir in runs:
         ids, true, run, rows = rows_of_run(run_dir, true_of)
         if boot is None:
-            boot, ref_ids = Bootstrap(true, run.fine_to_coarse, args.resamples, seed=0), ids
+            boot, ref_ids = PairedBootstrap(true, run.fine_to_coarse, args.resamples, seed=0), ids
         elif not np.array_equal(ids, ref_ids):
             raise SystemExit(f"{run_dir}: its unlabelled ids differ from the first run's")
         scored[name] = {row: (cv, pred, boot.means(pred)) for row, (cv, pred) in rows.items()}

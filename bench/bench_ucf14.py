@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from bench.protocols import by_class, data_dir_of, read_answers, run_boundary  # noqa: E402
 from features import schema  # noqa: E402
 from features.store import StoreReader, rows_of  # noqa: E402
-from neural.metrics import challenge_metric  # noqa: E402
+from neural.metrics import PairedBootstrap, band, challenge_metric  # noqa: E402
 from stacking.rundir import load_run, split_predictions  # noqa: E402
 from stacking.submission import read_predictions  # noqa: E402
 
@@ -95,22 +95,6 @@ def write_groups(argv):
     print(f"{args.out}: {keep.sum()} ids in {len(sizes)} groups (sizes {sizes.min()}..{sizes.max()})")
 
 
-class Bootstrap:
-    """Challenge metric of several predictions on the same seeded resamples of the test videos."""
-
-    def __init__(self, true, fine_to_coarse, n_resamples=1000, seed=0):
-        rng = np.random.default_rng(seed)
-        self.draws = rng.integers(0, len(true), size=(n_resamples, len(true)))   # (B, N)
-        self.true, self.f2c = np.asarray(true), np.asarray(fine_to_coarse)
-
-    def means(self, pred):
-        return np.array([challenge_metric(self.true[d], pred[d], self.f2c)["mean"] for d in self.draws])
-
-
-def band(samples, level=0.90):
-    return [float(v) for v in np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])]
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["groups"]:
@@ -138,7 +122,7 @@ def main(argv=None):
     preds.update(lr_baselines(args.cache, test_ids))
     bar = next(n for n in preds if n.startswith("LR(mean frame), raw"))
 
-    boot = Bootstrap(true, run.fine_to_coarse, args.resamples)
+    boot = PairedBootstrap(true, run.fine_to_coarse, args.resamples)
     samples = {name: boot.means(pred) for name, pred in preds.items()}
     entries = []
     print(f"{len(true)} test videos; differences against {bar}, paired 90% bootstrap bands "

@@ -37,7 +37,7 @@ from bench.protocols import data_dir_of, read_answers  # noqa: E402
 from features import schema  # noqa: E402
 from features.records import read_json, write_json  # noqa: E402
 from features.store import StoreReader, rows_of  # noqa: E402
-from neural.metrics import METRIC_KEYS, challenge_metric, metric_from_proba  # noqa: E402
+from neural.metrics import METRIC_KEYS, PairedBootstrap, band, challenge_metric, metric_from_proba  # noqa: E402
 from stacking.reweight import PriorReweighter  # noqa: E402
 from stacking.rundir import load_run, split_predictions  # noqa: E402
 from stacking.signals import build_input  # noqa: E402
@@ -190,44 +190,6 @@ def labelled_from_folds(run_dir):
                            n_classes=n_classes, fine_to_coarse=f2c)
 
 
-# ------------------------------------------------------------------ bootstrap
-
-
-class Bootstrap:
-    """The challenge metric of many predictions on the same resamples of the test items.
-
-    weights (B, N): how often resample b draws item i; F1 from weighted confusion counts equals sklearn's
-    f1_score on the resampled rows (macro over the labels present in that resample's truth or prediction).
-    """
-
-    def __init__(self, true, fine_to_coarse, n_resamples=1000, seed=0):
-        rng = np.random.default_rng(seed)
-        n = len(true)
-        draws = rng.integers(0, n, size=(n_resamples, n))
-        self.weights = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)   # (B, N)
-        self.true, self.f2c = np.asarray(true), np.asarray(fine_to_coarse)
-
-    def _f1s(self, true, pred, n_labels):
-        eye = np.eye(n_labels)
-        hit = eye[true] * (true == pred)[:, None]                               # (N, K)
-        tp, n_true, n_pred = self.weights @ hit, self.weights @ eye[true], self.weights @ eye[pred]  # (B, K)
-        present = (n_true + n_pred) > 0
-        f1 = np.where(present, 2 * tp / np.maximum(n_true + n_pred, 1), 0.0)
-        return tp.sum(1) / self.weights.sum(1), f1.sum(1) / present.sum(1)   # micro = accuracy (one label each)
-
-    def means(self, pred):
-        """(B,) mean-F1 of the fine predictions `pred` (N,) on each resample."""
-        pred = np.asarray(pred)
-        l2 = self._f1s(self.true, pred, len(self.f2c))
-        l1 = self._f1s(self.f2c[self.true], self.f2c[pred], int(self.f2c.max()) + 1)
-        return (l2[0] + l2[1] + l1[0] + l1[1]) / 4
-
-
-def band(samples, level=0.90):
-    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
-    return [float(lo), float(hi)]
-
-
 # ------------------------------------------------------------------ the table
 
 
@@ -265,7 +227,7 @@ LR_NAME = "logistic regression [mean frame, title]"
 
 
 def score(rows, true, f2c, n_resamples, seed):
-    boot = Bootstrap(true, f2c, n_resamples, seed)
+    boot = PairedBootstrap(true, f2c, n_resamples, seed)
     samples = {name: boot.means(pred) for name, _, pred, _ in rows}
     # the reference LR: the stronger on the test items (conservative: the margin to beat is the larger)
     lr_rows = [(n, p) for n, _, p, _ in rows if n.startswith(LR_NAME)]

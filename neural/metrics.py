@@ -27,3 +27,54 @@ def challenge_metric(fine_true, fine_pred, fine_to_coarse):
 def metric_from_proba(fine_true, proba, fine_to_coarse):
     """Same, predicting the arg-max fine class of proba (N, C)."""
     return challenge_metric(fine_true, np.asarray(proba).argmax(axis=1), fine_to_coarse)
+
+
+class PairedBootstrap:
+    """The challenge metric of several predictions of the same items on the same seeded resamples.
+
+    Resample b draws N items with replacement (the same draws for every prediction, so differences are
+    paired); its mean-F1 equals challenge_metric on the drawn rows (macro over the labels present in that
+    resample's truth or prediction). Resamples are drawn in chunks of `chunk` and counted with bincount,
+    so memory is O(chunk x N) whatever the number of resamples.
+    """
+
+    def __init__(self, true, fine_to_coarse, n_resamples=1000, seed=0, chunk=50):
+        self.true, self.f2c = np.asarray(true), np.asarray(fine_to_coarse)
+        self.n_resamples, self.seed, self.chunk = n_resamples, seed, chunk
+
+    def draws(self):
+        """Yields (b, N) index arrays; the same sequence on every call."""
+        rng, left, n = np.random.default_rng(self.seed), self.n_resamples, len(self.true)
+        while left > 0:
+            b = min(left, self.chunk)
+            yield rng.integers(0, n, size=(b, n))
+            left -= b
+
+    def means(self, pred):
+        """(B,) mean-F1 of the fine predictions `pred` (N,) on each resample."""
+        pred = np.asarray(pred)
+        if pred.shape != self.true.shape:
+            raise ValueError(f"predictions of shape {pred.shape} for {self.true.shape} true labels")
+        n_fine, n_coarse = len(self.f2c), int(self.f2c.max()) + 1
+        out = []
+        for rows in self.draws():
+            for d in rows:
+                t, p = self.true[d], pred[d]
+                out.append((sum(_micro_macro(t, p, n_fine)) +
+                            sum(_micro_macro(self.f2c[t], self.f2c[p], n_coarse))) / 4)
+        return np.array(out)
+
+
+def _micro_macro(true, pred, n_labels):
+    """(micro-F1, macro-F1) of one-label predictions from per-class counts; macro over present labels."""
+    hit = true == pred
+    tp = np.bincount(true[hit], minlength=n_labels)
+    support = np.bincount(true, minlength=n_labels) + np.bincount(pred, minlength=n_labels)   # n_true + n_pred
+    present = support > 0
+    return hit.mean(), float((2 * tp[present] / support[present]).mean())
+
+
+def band(samples, level=0.90):
+    """[low, high]: the central `level` interval of bootstrap samples."""
+    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
