@@ -210,9 +210,10 @@ def _stacker_kinds(ctx, param, value):
               help="Stack directory: submission.csv, metrics.json, per_class_f1.png, the fitted stack.")
 @click.option("--models", default="", help="Comma-separated base models; default: every model of the run.")
 @click.option("--stacker", type=click.Choice([*_STACKERS.STACKERS, "auto"]), default="rerank", show_default=True,
-              help=f"The stacker fitted and saved. {_STACKERS.describe_stackers()}; auto: every one of them "
-                   "scored by its out-of-fold pass, the best by mean-F1 fitted (its score is optimistic by "
-                   "the choice; see --nested-choice).")
+              help=f"The stacker fitted and saved. {_STACKERS.describe_stackers()}; auto: rerank, the "
+                   "average and the --compare stackers scored by their out-of-fold passes; rerank is kept "
+                   "unless another beats it with the 90% paired bootstrap band of its gain above zero, then "
+                   "the best of those is fitted (its score is optimistic by the choice; see --nested-choice).")
 @click.option("--param", "params", multiple=True, metavar="[KIND.]NAME=VALUE", callback=_stacker_params,
               help="Set a stacker parameter (repeatable), for every stacker in use that has it or for KIND "
                    f"only. {_STACKERS.describe_params()}.")
@@ -220,7 +221,7 @@ def _stacker_kinds(ctx, param, value):
               help="Long-tail reweighting p_c * n_c^-tau (power) or p_c * (a / n_c + 1) (inverse), tuned nested.")
 @click.option("--compare", default="logreg", show_default=True, callback=_stacker_kinds,
               help=f"Comma-separated extra stackers scored side by side: {', '.join(_STACKERS.STACKERS)} "
-                   "(--stacker auto scores them all).")
+                   "(with --stacker auto: its candidates besides rerank and the average).")
 @click.option("--nested-choice/--no-nested-choice", default=True, show_default=True,
               help="With --stacker auto: also choose inside each outer fold on the other folds only and "
                    "report that honest score (every stacker's OOF pass again per outer fold: about folds-1 "
@@ -253,8 +254,9 @@ def stack(run_dir, out_dir, models, compare, **options):
 def _auto_line(auto):
     """What --stacker auto chose, by how much, and how optimistic that score is."""
     scores = ", ".join(f"{k} {v:.4f}" for k, v in auto["candidates"].items())
-    line = (f"auto: chose {auto['chosen']} (OOF mean-F1 {auto['chosen_oof_mean']:.4f}), "
-            f"{auto['margin']:+.4f} over {auto['runner_up']} (candidates: {scores}); {auto['optimistic']}")
+    gains = ", ".join(f"{k} {g['gain']:+.4f} [{g['band'][0]:+.4f}, {g['band'][1]:+.4f}]" for k, g in auto["gains"].items())
+    line = (f"auto: chose {auto['chosen']} (OOF mean-F1 {auto['chosen_oof_mean']:.4f}; candidates: {scores}; "
+            f"gain over {auto['incumbent']} with its 90% band: {gains}; rule: {auto['rule']}); {auto['optimistic']}")
     nested = auto["nested"]
     if nested:
         picks = ",".join(p["chosen"] for p in nested["per_fold"])

@@ -1,9 +1,11 @@
-"""`stack --stacker auto`: every registered stacker scored by its own OOF pass, the best fitted and saved.
+"""`stack --stacker auto`: rerank, the average and the --compare stackers scored by their own OOF passes;
+rerank kept unless another beats it with the paired bootstrap band of its gain above zero.
 
-On the small fake runs of tests/test_stack_fakes.py: the choice is the best recorded OOF score, every
-candidate's score is recorded (and recomputable), the margin over the runner-up is right, the honest
-score of choosing inside each outer fold is reported beside the optimistic one, and the saved stack
-predicts exactly like one fitted with `--stacker <chosen>`, through inference's own loading too.
+On the small fake runs of tests/test_stack_fakes.py: the choice follows that rule on the recorded
+scores and bands, every candidate's score and gain is recomputable, the honest score of choosing inside
+each outer fold is reported beside the optimistic one, and the saved stack predicts exactly like one
+fitted with `--stacker <chosen>`, through inference's own loading too. On planted OOF predictions: a
+candidate ahead by a few videos (noise) does not displace rerank, one ahead by many does.
 """
 import json
 from dataclasses import fields
@@ -14,9 +16,9 @@ import numpy as np
 import pytest
 
 from features.store import StoreReader, rows_of
-from neural.metrics import metric_from_proba
+from neural.metrics import PairedBootstrap, band, metric_from_proba
 from stacking import pipeline
-from stacking.pipeline import StackOptions, best_of, stack
+from stacking.pipeline import AUTO_RESAMPLES, INCUMBENT, StackOptions, auto_choice, stack
 from stacking.rundir import RunDirError, load_run, split_predictions
 from stacking.signals import build_input, signal_names_for
 from stacking.stackers import STACKERS
@@ -34,28 +36,39 @@ def auto(tmp_path_factory):
     return run_dir, root, metrics
 
 
-def test_auto_records_every_candidate_and_fits_the_best(auto):
+def rule(scores, gains):
+    """The choice AUTO_RULE makes from recorded scores and gains."""
+    beating = [k for k, g in gains.items() if g["band"][0] > 0]
+    return max(beating, key=scores.get) if beating else INCUMBENT
+
+
+def test_auto_records_every_candidate_and_fits_by_the_rule(auto):
     run_dir, root, metrics = auto
     choice = metrics["auto"]
-    scores = choice["candidates"]
-    assert list(scores) == list(STACKERS)                          # the plain average among them
-    # each score is that stacker's own OOF pass on the run's folds, recomputed here
+    scores, gains = choice["candidates"], choice["gains"]
+    assert list(scores) == [INCUMBENT, "average", "logreg"]       # rerank, the average, --compare's default
+    assert choice["incumbent"] == INCUMBENT and list(gains) == ["average", "logreg"]
+    # each score is that stacker's own OOF pass on the run's folds, recomputed here, and each gain's band
+    # the paired bootstrap of the labelled videos against rerank's predictions
     run = load_run(run_dir)
     with StoreReader(run.store_path) as reader:
         names = signal_names_for(reader, len(run.models), run.n_classes, True)
         X = build_input(run.models, run.oof, reader, rows_of(reader.ids, run.ids, reader.path), names)
     options = StackOptions(threads=1, params=PARAMS)
-    for kind, score in scores.items():
-        oof = pipeline.cross_val_predict(pipeline.stacker_maker(kind, options, run.fine_to_coarse), X, run.label, run.fold)
-        assert score == pytest.approx(metric_from_proba(run.label, oof, run.fine_to_coarse)["mean"])
-        assert metrics["table"][kind]["mean"] == score
-    ranked = sorted(scores.values(), reverse=True)
-    assert scores[choice["chosen"]] == ranked[0] == choice["chosen_oof_mean"]
-    assert scores[choice["runner_up"]] == ranked[1] and choice["runner_up"] != choice["chosen"]
-    assert choice["margin"] == pytest.approx(ranked[0] - ranked[1]) and choice["margin"] > 0
-    # on this run the stackers that learn whom to trust per class beat the average by far
-    assert choice["chosen"] != "average" and scores["average"] < ranked[0] - 0.1
-    assert metrics["stacker"] == choice["chosen"]
+    oofs = {kind: pipeline.cross_val_predict(pipeline.stacker_maker(kind, options, run.fine_to_coarse), X,
+                                             run.label, run.fold) for kind in scores}
+    boot = PairedBootstrap(run.label, run.fine_to_coarse, AUTO_RESAMPLES, seed=0)
+    for kind, oof in oofs.items():
+        assert scores[kind] == pytest.approx(metric_from_proba(run.label, oof, run.fine_to_coarse)["mean"])
+        assert metrics["table"][kind]["mean"] == scores[kind]
+        if kind != INCUMBENT:
+            assert gains[kind]["gain"] == pytest.approx(scores[kind] - scores[INCUMBENT])
+            samples = boot.means(oof.argmax(1)) - boot.means(oofs[INCUMBENT].argmax(1))
+            assert gains[kind]["band"] == pytest.approx(band(samples))
+    # on this run the stackers that learn whom to trust per class beat the average beyond any noise
+    assert gains["average"]["band"][1] < 0 and scores["average"] < scores[INCUMBENT] - 0.05
+    assert choice["chosen"] == rule(scores, gains) == metrics["stacker"] != "average"
+    assert choice["chosen_oof_mean"] == scores[choice["chosen"]]
     assert json.loads((root / "auto" / "stack.json").read_text())["stacker"] == choice["chosen"]
     assert json.loads((root / "auto" / "stacker" / "stacker.json").read_text())["kind"] == choice["chosen"]
     assert f"{choice['chosen']}+reweight" in metrics["table"]
@@ -69,8 +82,8 @@ def test_auto_reports_the_honest_nested_choice_beside_the_optimistic_score(auto)
     nested = choice["nested"]
     assert [p["fold"] for p in nested["per_fold"]] == list(range(load_run(run_dir).n_folds))
     for fold in nested["per_fold"]:                 # each outer fold's choice: the best on its inner pass
-        assert list(fold["inner_scores"]) == list(STACKERS)
-        assert fold["chosen"] == best_of(fold["inner_scores"])[0]
+        assert list(fold["inner_scores"]) == [INCUMBENT, "average", "logreg"]
+        assert fold["chosen"] == rule(fold["inner_scores"], fold["inner_gains"])
     assert nested["mean"] == metrics["table"][NESTED]["mean"]
     assert nested["reweighted_mean"] == metrics["table"]["auto+reweight (both inside each outer fold; honest)"]["mean"]
     assert nested["optimism"] == pytest.approx(choice["chosen_oof_mean"] - nested["mean"])
@@ -120,13 +133,46 @@ def test_one_perfect_model_and_one_confidently_wrong_one_make_the_average_lose(t
     metrics = stack(run_dir, tmp_path / "out", StackOptions(stacker="auto", threads=1, params={"n_rounds": 20}))
     scores = metrics["auto"]["candidates"]
     assert scores["average"] < 0.5 and metrics["table"]["base:a"]["mean"] == 1.0
-    assert metrics["auto"]["chosen"] == best_of(scores)[0] != "average"
+    assert metrics["auto"]["chosen"] == rule(scores, metrics["auto"]["gains"]) != "average"
     assert scores[metrics["auto"]["chosen"]] > 0.9, scores
 
 
-def test_best_of_breaks_ties_by_registry_order():
-    assert best_of({"rerank": 0.9, "lgbm": 0.95, "logreg": 0.95, "average": 0.1}) == ("lgbm", "logreg")
-    assert best_of({"rerank": 1.0, "lgbm": 1.0, "logreg": 1.0, "average": 1.0}) == ("rerank", "lgbm")
+def planted(n=2000, n_classes=20, seed=0):
+    """Labels y (N,), the fine-to-coarse map and OOF probabilities making exactly `wrong` mistakes."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, n)
+
+    def oof(wrong_rows):
+        pred = y.copy()
+        pred[wrong_rows] = (y[wrong_rows] + 1) % n_classes
+        return np.eye(n_classes, dtype=np.float32)[pred]
+    return y, np.arange(n_classes) % 4, oof
+
+
+def test_a_candidate_ahead_by_noise_does_not_displace_the_incumbent():
+    y, f2c, oof = planted()
+    rows = np.random.default_rng(1).permutation(len(y))
+    oofs = {INCUMBENT: oof(rows[:300]), "logreg": oof(rows[3:300]), "average": oof(rows[:400])}
+    chosen, scores, gains = auto_choice(y, oofs, f2c, seed=0)
+    assert scores["logreg"] > scores[INCUMBENT] > scores["average"]       # ahead by 3 videos of 2,000
+    assert gains["logreg"]["band"][0] <= 0 < gains["logreg"]["band"][1]
+    assert chosen == INCUMBENT
+
+
+def test_candidates_ahead_beyond_the_noise_win_and_the_best_of_them_is_chosen():
+    y, f2c, oof = planted()
+    rows = np.random.default_rng(1).permutation(len(y))
+    oofs = {INCUMBENT: oof(rows[:300]), "lgbm": oof(rows[:150]), "logreg": oof(rows[:100]),
+            "average": oof(rows[:299])}
+    chosen, scores, gains = auto_choice(y, oofs, f2c, seed=0)
+    assert gains["lgbm"]["band"][0] > 0 and gains["logreg"]["band"][0] > 0 and gains["average"]["band"][0] <= 0
+    assert chosen == "logreg" and scores["logreg"] > scores["lgbm"]
+
+
+def test_auto_candidates_are_rerank_the_average_and_compare():
+    assert StackOptions(stacker="auto").kinds == [INCUMBENT, "average", "logreg"]
+    assert StackOptions(stacker="auto", compare=("lgbm", "average")).kinds == [INCUMBENT, "average", "lgbm"]
+    assert StackOptions(stacker="auto", compare=()).kinds == [INCUMBENT, "average"]
 
 
 def test_without_the_nested_choice_auto_says_its_score_was_not_checked(auto, tmp_path):
@@ -137,8 +183,8 @@ def test_without_the_nested_choice_auto_says_its_score_was_not_checked(auto, tmp
     assert choice["nested"] is None and "no honest score" in choice["nested_not_measured"]
     assert NESTED not in metrics["table"] and "nested_reweight" in metrics["times_s"]
     # the same choice and the same nested reweighting of it as with the nested choice
-    assert {k: choice[k] for k in ("candidates", "chosen", "runner_up", "margin")} == \
-        {k: with_nested["auto"][k] for k in ("candidates", "chosen", "runner_up", "margin")}
+    assert {k: choice[k] for k in ("candidates", "chosen", "gains")} == \
+        {k: with_nested["auto"][k] for k in ("candidates", "chosen", "gains")}
     chosen = choice["chosen"]
     assert metrics["table"][f"{chosen}+reweight"] == with_nested["table"][f"{chosen}+reweight"]
 
@@ -147,11 +193,14 @@ def test_auto_refuses_what_the_other_stackers_refuse_and_nothing_more(tmp_path):
     run_dir, _ = write_fake_run(tmp_path, n=60, n_test=12, n_folds=2)
     with pytest.raises(RunDirError, match="has 2 folds.*at least 3"):
         stack(run_dir, tmp_path / "out", StackOptions(stacker="auto", threads=1, params={"n_rounds": 5}))
-    # every stacker is in use under auto: a parameter of any of them is accepted
-    pipeline.check_overrides({"C": 1.0, "rerank.top_k": 3, "lgbm.n_rounds": 5}, StackOptions(stacker="auto").kinds)
+    # auto's candidates are in use: a parameter of any of them is accepted, of another refused
+    pipeline.check_overrides({"C": 1.0, "rerank.top_k": 3}, StackOptions(stacker="auto").kinds)
+    pipeline.check_overrides({"lgbm.n_rounds": 5}, StackOptions(stacker="auto", compare=("lgbm",)).kinds)
+    with pytest.raises(Exception, match="'lgbm' is not used here"):
+        pipeline.check_overrides({"lgbm.n_rounds": 5}, StackOptions(stacker="auto").kinds)
 
 
-def test_cli_prints_the_choice_its_margin_and_its_optimism(tmp_path, monkeypatch):
+def test_cli_prints_the_choice_its_gains_and_its_optimism(tmp_path, monkeypatch):
     from click.testing import CliRunner
     import inference.package
     from run import cli
@@ -165,8 +214,9 @@ def test_cli_prints_the_choice_its_margin_and_its_optimism(tmp_path, monkeypatch
         assert result.exit_code == 0, result.output
         choice = json.loads((out / "metrics.json").read_text())["auto"]
         line = next(ln for ln in result.output.splitlines() if ln.startswith("auto: chose"))
-        assert f"chose {choice['chosen']} (OOF mean-F1 {choice['chosen_oof_mean']:.4f})" in line
-        assert f"{choice['margin']:+.4f} over {choice['runner_up']}" in line
+        assert f"chose {choice['chosen']} (OOF mean-F1 {choice['chosen_oof_mean']:.4f};" in line
+        assert all(f"{k} {g['gain']:+.4f} [{g['band'][0]:+.4f}, {g['band'][1]:+.4f}]" in line
+                   for k, g in choice["gains"].items()) and "rule: rerank is kept unless" in line
         assert "optimistic" in line and tail in line
         assert all(f"{k} {v:.4f}" in line for k, v in choice["candidates"].items())
     result = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "bad"), "--param", "zz=1"])
