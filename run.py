@@ -209,7 +209,7 @@ def _stacker_kinds(ctx, param, value):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Stack directory: submission.csv, metrics.json, per_class_f1.png, the fitted stack.")
 @click.option("--models", default="", help="Comma-separated base models; default: every model of the run.")
-@click.option("--stacker", type=click.Choice([*_STACKERS.STACKERS, "auto"]), default="rerank", show_default=True,
+@click.option("--stacker", type=click.Choice([*_STACKERS.STACKERS, "auto"]), default="auto", show_default=True,
               help=f"The stacker fitted and saved. {_STACKERS.describe_stackers()}; auto: rerank, the "
                    "average and the --compare stackers scored by their out-of-fold passes; rerank is kept "
                    "unless another beats it with the 90% paired bootstrap band of its gain above zero, then "
@@ -235,7 +235,7 @@ def _stacker_kinds(ctx, param, value):
 @click.option("--seed", default=0, show_default=True)
 def stack(run_dir, out_dir, models, compare, **options):
     """Stack the run's base models (scored on the run's folds), reweight the long tail, write the submission."""
-    from stacking.pipeline import StackOptions, stack as run_stack
+    from stacking.pipeline import StackOptions, describe_auto, stack as run_stack
     opts = StackOptions(models=tuple(m for m in models.split(",") if m),
                         compare=tuple(c for c in compare.split(",") if c), **options)
     metrics = run_stack(run_dir, out_dir, opts)
@@ -245,24 +245,10 @@ def stack(run_dir, out_dir, models, compare, **options):
         click.echo(f"{name:64s} mean-F1 {m['mean']:.4f} (l2 {m['l2_micro']:.4f}/{m['l2_macro']:.4f}, "
                    f"l1 {m['l1_micro']:.4f}/{m['l1_macro']:.4f})")
     if "auto" in metrics:
-        click.echo(_auto_line(metrics["auto"]))
+        click.echo(describe_auto(metrics["auto"]))
     click.echo(f"-> {out_dir}/metrics.json, per_class_f1.png, stacker/, reweight.json"
                + "".join(f", {v['file']}" for v in metrics["predictions"].values()))
     click.echo(f"model directory (all `predict --model` needs): {model_dir}")
-
-
-def _auto_line(auto):
-    """What --stacker auto chose, by how much, and how optimistic that score is."""
-    scores = ", ".join(f"{k} {v:.4f}" for k, v in auto["candidates"].items())
-    gains = ", ".join(f"{k} {g['gain']:+.4f} [{g['band'][0]:+.4f}, {g['band'][1]:+.4f}]" for k, g in auto["gains"].items())
-    line = (f"auto: chose {auto['chosen']} (OOF mean-F1 {auto['chosen_oof_mean']:.4f}; candidates: {scores}; "
-            f"gain over {auto['incumbent']} with its 90% band: {gains}; rule: {auto['rule']}); {auto['optimistic']}")
-    nested = auto["nested"]
-    if nested:
-        picks = ",".join(p["chosen"] for p in nested["per_fold"])
-        return (line + f"; chosen inside each outer fold ({picks}) auto scores {nested['mean']:.4f} "
-                f"({nested['reweighted_mean']:.4f} reweighted), an optimism of {nested['optimism']:+.4f}")
-    return line + "; not measured inside the outer folds (--no-nested-choice)"
 
 
 @cli.command()

@@ -39,7 +39,7 @@ from inference.package import package_model
 from neural.metrics import challenge_metric
 from neural.options import NeuralOptions
 from neural.pipeline import available_models, describe_models, train_neural
-from stacking.pipeline import StackOptions, stack
+from stacking.pipeline import StackOptions, describe_auto, stack
 from stacking.rundir import load_run, split_predictions
 from stacking.submission import read_predictions
 
@@ -145,6 +145,8 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
                "outputs": outputs(cache_dir, run_dir, stack_dir, model_dir, metrics), "table": metrics["table"]}
     echo("")
     echo(format_table(metrics["table"]))
+    if "auto" in metrics:
+        echo(describe_auto(metrics["auto"]))
     if learns_unlabelled:
         summary["unlabelled"] = dict(unlabelled_gain(teacher_metrics["table"], metrics["table"]),
                                      pretrained=options.pretrain)

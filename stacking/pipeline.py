@@ -51,7 +51,7 @@ OPTIMISM_NOTE = ("the chosen stacker's OOF mean-F1 is optimistic: it was chosen 
 @dataclass
 class StackOptions:
     models: tuple = ()              # base models; empty = every model in run.json
-    stacker: str = "rerank"         # the stacker fitted and saved: a kind of stacking.stackers.STACKERS,
+    stacker: str = AUTO             # the stacker fitted and saved: a kind of stacking.stackers.STACKERS,
                                     # or "auto": rerank, the average and `compare` scored by their OOF
                                     # passes, rerank kept unless one beats it beyond the noise (AUTO_RULE)
     params: dict = field(default_factory=dict)   # stacker parameters {"[kind.]name": value} over the defaults
@@ -145,6 +145,20 @@ def nested_choice(makers, X, y, fold, oofs, chosen, fine_to_coarse, kind, seed=0
         auto_rw[held] = rws[pick].transform(oofs[pick][held])
         picks.append({"fold": int(k), "chosen": pick, "inner_scores": scores, "inner_gains": gains})
     return reweighted, rw_folds, auto_oof, auto_rw, picks
+
+
+def describe_auto(auto):
+    """One line: what --stacker auto chose, each candidate's gain with its band, how optimistic the score is."""
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in auto["candidates"].items())
+    gains = ", ".join(f"{k} {g['gain']:+.4f} [{g['band'][0]:+.4f}, {g['band'][1]:+.4f}]" for k, g in auto["gains"].items())
+    line = (f"auto: chose {auto['chosen']} (OOF mean-F1 {auto['chosen_oof_mean']:.4f}; candidates: {scores}; "
+            f"gain over {auto['incumbent']} with its 90% band: {gains}; rule: {auto['rule']}); {auto['optimistic']}")
+    nested = auto["nested"]
+    if nested:
+        picks = ",".join(p["chosen"] for p in nested["per_fold"])
+        return (line + f"; chosen inside each outer fold ({picks}) auto scores {nested['mean']:.4f} "
+                f"({nested['reweighted_mean']:.4f} reweighted), an optimism of {nested['optimism']:+.4f}")
+    return line + "; not measured inside the outer folds (--no-nested-choice)"
 
 
 def low_quartile_f1(y, pred_before, pred_after, counts):

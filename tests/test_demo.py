@@ -49,13 +49,15 @@ def test_submission_has_one_line_per_test_video_with_mapped_classes(tiny_demo):
 
 def test_metrics_has_every_model_and_the_stack_beats_chance(tiny_demo):
     out, summary, text = tiny_demo
-    table = json.loads((out / "stack" / "metrics.json").read_text())["table"]
+    metrics = json.loads((out / "stack" / "metrics.json").read_text())
+    table, chosen = metrics["table"], metrics["stacker"]          # the stack's default: auto's choice
     assert {f"base:{m}" for m in MODEL_NAMES} <= set(table)
-    assert {"average", "rerank", "rerank+reweight"} <= set(table)
+    assert {"average", "rerank", "logreg", f"{chosen}+reweight"} <= set(table)
+    assert chosen == metrics["auto"]["chosen"] and f"auto: chose {chosen}" in text
     # 14 classes: chance l2 micro-F1 is ~0.07 (0.16 for always predicting the largest class)
-    assert table["rerank"]["l2_micro"] > 0.3
-    assert table["rerank"]["l1_micro"] > 0.5            # 4 coarse classes
-    for name in ("base:mlp", "average", "rerank+reweight"):    # the printed table is metrics.json's
+    assert table[chosen]["l2_micro"] > 0.3
+    assert table[chosen]["l1_micro"] > 0.5            # 4 coarse classes
+    for name in ("base:mlp", "average", f"{chosen}+reweight"):    # the printed table is metrics.json's
         assert f"{name} " in text and f"{table[name]['mean']:.4f}" in text
 
 

@@ -24,7 +24,7 @@ from tests.test_stack_fakes import write_fake_run, write_predictions
 def stacked(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
     run_dir, test_label = write_fake_run(root)
-    metrics = stack(run_dir, root / "out", StackOptions(threads=1, compare=("logreg", "lgbm"), params={"n_rounds": 60}))
+    metrics = stack(run_dir, root / "out", StackOptions(stacker="rerank", threads=1, compare=("logreg", "lgbm"), params={"n_rounds": 60}))
     return run_dir, root / "out", metrics, test_label
 
 
@@ -222,7 +222,7 @@ def test_stack_and_compare_choices_come_from_the_registry():
     options = {p.name: p for p in cli.commands["stack"].params}
     assert list(options["stacker"].type.choices) == [*STACKERS, "auto"]
     assert list(STACKERS) == ["rerank", "lgbm", "logreg", "average"]
-    assert options["stacker"].default == "rerank"                  # auto is not the default (issue 13)
+    assert options["stacker"].default == "auto"                    # rerank unless beaten beyond the noise (issue 13)
     for kind in STACKERS:
         assert kind in options["compare"].help and kind in options["stacker"].help
 
