@@ -101,8 +101,17 @@ def describe_groups(sha256):
     return f"groups file sha256 {sha256[:12]}" if sha256 else "no groups"
 
 
-def prepare_folds(run_dir, ids, labels, options):
-    """Draw the folds once; on a rerun, reuse them after checking they belong to this data (and groups)."""
+def folds_to_draw(run_dir, ids, labels, options, overwrite):
+    """(fold (N,), groups sha256) this run will save, when it has no folds yet or --overwrite discards
+    them; None when it will reuse RUN_DIR/folds.h5. Drawn once, for the teacher's check and for saving."""
+    if (Path(run_dir) / "folds.h5").exists() and not overwrite:
+        return None
+    return draw_folds(ids, labels, options)
+
+
+def prepare_folds(run_dir, ids, labels, options, drawn=None):
+    """Save the folds once (`drawn`, from folds_to_draw, else drawn here); on a rerun, reuse them after
+    checking they belong to this data (and groups)."""
     path = Path(run_dir) / "folds.h5"
     if path.exists():
         stored_ids, fold, n_folds, seed = load_folds(path)
@@ -115,7 +124,7 @@ def prepare_folds(run_dir, ids, labels, options):
                            f"{describe_groups(wanted)} (--groups {options.groups or 'not given'}); "
                            "use another --out or --overwrite")
         return fold
-    fold, sha256 = draw_folds(ids, labels, options)
+    fold, sha256 = drawn or draw_folds(ids, labels, options)
     save_folds(path, ids, fold, options.n_folds, options.seed, sha256)
     return fold
 
@@ -244,19 +253,17 @@ class ModelRun:
         return metrics
 
 
-def prepare_teacher(cache_dir, run_dir, reader, ids, labels_lab, options, overwrite=False):
+def prepare_teacher(cache_dir, run_dir, reader, ids, drawn, options):
     """(Teacher, Unlabelled) when options.teacher names one, checked before anything is written: its
-    folds must be the ones this run draws (or has drawn), its classes and labelled store this run's, and
-    the cache must hold the unlabelled split. None without a teacher (a split named by --unlabeled must
-    exist all the same)."""
+    folds must be the ones this run draws (`drawn`, from folds_to_draw) or has drawn (RUN_DIR/folds.h5),
+    its classes and labelled store this run's, and the cache must hold the unlabelled split. None
+    without a teacher (a split named by --unlabeled must exist all the same)."""
     if options.unlabeled:
         unlabelled_path(cache_dir, options.unlabeled)
     if not options.teacher:
         return None
     teacher = resolve_teacher(options.teacher)
-    folds_file = Path(run_dir) / "folds.h5"
-    fold = load_folds(folds_file)[1] if folds_file.exists() and not overwrite else \
-        draw_folds(ids, labels_lab, options)[0]
+    fold = drawn[0] if drawn is not None else load_folds(Path(run_dir) / "folds.h5")[1]
     check_teacher(teacher, run_dir, ids, fold, options, reader)
     unlabelled = open_unlabelled(cache_dir, options.unlabeled, reader)
     if unlabelled is None:
@@ -265,13 +272,14 @@ def prepare_teacher(cache_dir, run_dir, reader, ids, labels_lab, options, overwr
     return teacher, unlabelled
 
 
-def prepare_run_dir(run_dir, cache_dir, reader, ids, labels_lab, models, options, overwrite, pseudo=None):
-    """What is done once, by the main rank: clear the run directory on --overwrite, draw (or check) the
+def prepare_run_dir(run_dir, cache_dir, reader, ids, labels_lab, models, options, overwrite, pseudo=None,
+                    drawn=None):
+    """What is done once, by the main rank: clear the run directory on --overwrite, save (or check) the
     folds, write run.json. -> fold (N_lab,)."""
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    fold = prepare_folds(run_dir, ids, labels_lab, options)
+    fold = prepare_folds(run_dir, ids, labels_lab, options, drawn)
     write_run_json(run_dir, cache_dir, reader, models, options, pseudo)
     return fold
 
@@ -303,11 +311,12 @@ def train_neural(cache_dir, out_dir, models, options=None, overwrite=False, worl
     rows, ids, labels = labelled_rows(reader)
     if options.groups:                  # recorded resolved, like the teacher
         options = replace(options, groups=str(Path(options.groups).resolve()))
-    pseudo = prepare_teacher(cache_dir, run_dir, reader, ids, labels[rows], options, overwrite)
+    drawn = folds_to_draw(run_dir, ids, labels[rows], options, overwrite) if options.teacher else None
+    pseudo = prepare_teacher(cache_dir, run_dir, reader, ids, drawn, options)
     if pseudo is not None:
         options = replace(options, teacher=str(pseudo[0].path))     # recorded resolved
     fold = on_main(world, lambda: prepare_run_dir(run_dir, cache_dir, reader, ids, labels[rows], models,
-                                                  options, overwrite, pseudo))
+                                                  options, overwrite, pseudo, drawn))
     device, desc = world.device(), f" (rank {world.rank})" if world.distributed else ""
     runs = [ModelRun(name, run_dir, cache_dir, reader, split_readers, options, fold, rows, labels, device,
                      writes_predictions=world.is_main, desc=desc, pseudo=pseudo) for name in models]
