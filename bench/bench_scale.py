@@ -14,6 +14,23 @@ stage is measured alone). Every stage starts from scratch (cache/, run/, stack/ 
 the generated data is reused when it is already there. Threads: --threads for torch, BLAS and LightGBM.
 Results are appended to ROOT/results.jsonl as each stage ends (a killed run keeps what it measured),
 and the table printed at the end covers every size in that file (--report prints it alone).
+
+Two more stages, not in the default list (name them in --stages):
+    pretrain    run.py train-neural --models single --pretrain --pretrain-epochs 1 --epochs 1 --folds 3,
+                stopped as soon as pretrain/single.json is written (the record neural/pretrain.py writes
+                last), so it measures pretraining (1 epoch over the store) and the set-up before it, not
+                the fine-tuning folds; the record's seconds_per_epoch is kept as pretrain_epoch_seconds
+    knn         run.py train-neural --models knn --folds 3 (PCA + bank per fold, blocked search, predicting)
+
+    PYTHONPATH=. python bench/bench_scale.py --store synthetic --sizes 10000,30000,100000 --root /tmp/scale3
+
+--store synthetic replaces generate + extract (MiniLM: ~18 s per 1k videos on 2 CPU cores) by the stage
+`synthetic`: ROOT/n<N>/cache/labeled.h5 written directly through features.store (create_store,
+StoreWriter), with random but well-formed features of the extract's shapes (frames F x D float16 with
+a frame mask, pooled text 3 x 384 and text token states T x 384 float16 with their masks, labels over
+the 200 classes of the challenge's map with the generator's Zipf long tail). Its features mean nothing:
+it measures cost only (time and memory of the stages that read the store), never a score. With it the
+default stages are synthetic, pretrain, knn.
 """
 import argparse
 import json
@@ -25,7 +42,66 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("generate", "extract", "aggregates", "neural", "stack")
+STAGES = ("generate", "extract", "aggregates", "neural", "stack")          # the default list
+SYNTHETIC_STAGES = ("synthetic", "pretrain", "knn")                         # the default with --store synthetic
+ALL_STAGES = ("generate", "extract", "synthetic", "aggregates", "neural", "pretrain", "knn", "stack")
+TEXT_DIM = 384                  # MiniLM's width: the text of a real extract
+STAGE_DIRS = {"extract": "cache", "synthetic": "cache", "neural": "run", "pretrain": "run_pretrain",
+              "knn": "run_knn", "stack": "stack"}      # what each stage writes; removed before it runs
+
+
+def write_synthetic_store(cache_dir, n, n_frames=32, frame_dim=768, n_tokens=32, text_dim=TEXT_DIM, seed=0,
+                          signal=0.1, tail_ratio=100.0, block=1024):
+    """CACHE_DIR/labeled.h5 of n labelled videos with random features of the extract's shapes, written
+    through the project's store writer in blocks of rows (memory does not grow with n). For measuring
+    cost only: the features are class centroid * signal + N(0, 1) noise, like the generator's frames."""
+    import numpy as np
+    from demo.synthetic import long_tail_counts
+    from features import schema
+    from features.categories import load_category_map
+    from features.store import StoreDims, StoreWriter, create_store
+
+    cmap = load_category_map()
+    rng = np.random.default_rng(seed)
+    label = np.repeat(np.arange(cmap.n_fine), long_tail_counts(n, cmap.n_fine, tail_ratio))
+    rng.shuffle(label)                                                                       # (N,)
+    frame_centres = rng.standard_normal((cmap.n_fine, frame_dim), dtype=np.float32) * signal
+    text_centres = rng.standard_normal((cmap.n_fine, text_dim), dtype=np.float32) * signal
+    path = schema.store_path(cache_dir, schema.LABELLED_SPLIT)
+    config = {"synthetic": "bench/bench_scale.py: random features, for measuring cost only",
+              "options": {"frames": n_frames, "max_tokens": n_tokens, "seed": seed}}
+    create_store(path, schema.LABELLED_SPLIT, [f"s{i:07d}" for i in range(n)], label, cmap.fine_to_coarse[label],
+                 StoreDims(n_frames, frame_dim, text_dim, n_tokens), config, cmap)
+    writer = StoreWriter(path)
+    for start in range(0, n, block):
+        r = np.random.default_rng([seed, start])
+        y = label[start:start + block]
+        b = len(y)
+        full = r.random(b) < 0.75                          # like the generator: 3 in 4 videos full length
+        n_valid = np.where(full, n_frames, r.integers(1, max(n_frames, 2), size=b))
+        frame_mask = np.arange(n_frames)[None, :] < n_valid[:, None]                      # (B, F)
+        frames = r.standard_normal((b, n_frames, frame_dim), dtype=np.float32)
+        frames += frame_centres[y][:, None, :]
+        frames *= frame_mask[..., None]
+        token_mask = np.arange(n_tokens)[None, :] < r.integers(4, n_tokens + 1, size=b)[:, None]   # (B, T)
+        tokens = r.standard_normal((b, n_tokens, text_dim), dtype=np.float32)
+        tokens += text_centres[y][:, None, :]
+        tokens *= token_mask[..., None]
+        field_mask = np.column_stack([np.ones(b, bool), r.random(b) < 0.7, r.random(b) < 0.5])      # (B, 3)
+        pooled = (r.standard_normal((b, 3, text_dim), dtype=np.float32) + text_centres[y][:, None, :]) \
+            * field_mask[..., None]
+        writer.write_rows(start, {
+            schema.FRAME_EMB: frames.astype(np.float16),
+            schema.FRAME_MASK: frame_mask,
+            schema.TEXT_POOLED: pooled.astype(np.float16),
+            schema.TEXT_FIELD_MASK: field_mask,
+            schema.TEXT_LEN: (r.integers(1, 200, size=(b, 3)) * field_mask).astype(np.int32),
+            schema.TEXT_TOKENS: tokens.astype(np.float16),
+            schema.TEXT_TOKEN_MASK: token_mask,
+        })
+    writer.mark_complete()
+    writer.close()
+    return path
 
 
 def stage_commands(folder, n, args):
@@ -34,6 +110,9 @@ def stage_commands(folder, n, args):
     cache, run_dir, stack_dir = folder / "cache", folder / "run", folder / "stack"
     generate = ("from demo.synthetic import generate_feature_zip_dataset as g; "
                 f"g({str(folder)!r}, {n}, n_frames={args.frames}, dim={args.dim}, split='labeled', progress=False)")
+    synthetic = ("import sys; sys.path.insert(0, %r); from bench_scale import write_synthetic_store as w; "
+                 "w(%r, %d, n_frames=%d, frame_dim=%d, n_tokens=%d)"
+                 % (str(REPO / "bench"), str(cache), n, args.frames, args.dim, args.max_tokens))
     aggregates = ("import torch; torch.set_num_threads(%d); from features.aggregates import run_aggregates; "
                   "run_aggregates(%r, ['labeled'], overwrite=True)" % (args.threads, str(cache)))
     return {
@@ -41,22 +120,39 @@ def stage_commands(folder, n, args):
         "extract": [py, run, "extract", "--data", str(folder), "--split", "labeled", "--out", str(cache),
                     "--frames-from", "npy", "--frames", str(args.frames), "--max-tokens", str(args.max_tokens),
                     "--workers", "0", "--device", "cpu", "--batch-size", "256", "--no-aggregates"],
+        "synthetic": [py, "-c", synthetic],
         "aggregates": [py, "-c", aggregates],
         "neural": [py, run, "train-neural", "--cache", str(cache), "--out", str(run_dir), "--models", "mlp",
                    "--epochs", "1", "--folds", "3", "--threads", str(args.threads)],
+        "pretrain": [py, run, "train-neural", "--cache", str(cache), "--out", str(folder / "run_pretrain"),
+                     "--models", "single", "--pretrain", "--pretrain-epochs", "1", "--epochs", "1", "--folds", "3",
+                     "--threads", str(args.threads)],
+        "knn": [py, run, "train-neural", "--cache", str(cache), "--out", str(folder / "run_knn"), "--models", "knn",
+                "--folds", "3", "--threads", str(args.threads)],
         "stack": [py, run, "stack", "--model", str(run_dir), "--out", str(stack_dir), "--split", "",
                   "--compare", "", "--threads", str(args.threads)],
     }
 
 
-def measure(argv, env, log):
-    """(wall seconds, peak RSS MiB) of one child process; its output goes to `log`."""
+def measure(argv, env, log, stop_when=None):
+    """(wall seconds, peak RSS MiB) of one child process; its output goes to `log`. With `stop_when` (a
+    path) the child is terminated as soon as that file exists, and the time is taken then."""
     started = time.perf_counter()
+    stopped = False
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, 0 if stop_when is None else os.WNOHANG)
+            if pid:                                   # it ended (reaped here, so its rusage is its own)
+                break
+            if not stopped and Path(stop_when).exists():
+                seconds, stopped = time.perf_counter() - started, True
+                proc.terminate()
+            time.sleep(0.5)
+        proc.returncode = os.waitstatus_to_exitcode(status)     # so Popen does not wait for it again
+    if not stopped:
+        seconds = time.perf_counter() - started
+    code = 0 if stopped else proc.returncode
     if code:
         tail = Path(log).read_text(errors="replace").strip().splitlines()[-3:]
         raise SystemExit(f"stage failed (exit {code}); see {log}:\n" + "\n".join(tail))
@@ -67,7 +163,7 @@ def run_size(n, args, env):
     folder = Path(args.root) / f"n{n}"
     have_data = (folder / "summary_labeled.json").exists() and \
         json.loads((folder / "summary_labeled.json").read_text())["n_videos"] == n
-    for stage, sub in (("extract", "cache"), ("neural", "run"), ("stack", "stack")):
+    for stage, sub in STAGE_DIRS.items():
         if stage in args.stages:          # a stage starts from scratch; the ones before it are reused
             shutil.rmtree(folder / sub, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,12 +171,18 @@ def run_size(n, args, env):
         if (stage == "generate" and have_data) or stage not in args.stages:
             continue
         print(f"N={n:,} {stage} ...", flush=True)
-        seconds, peak = measure(argv, env, folder / f"{stage}.log")
+        pretrain_record = folder / "run_pretrain" / "pretrain" / "single.json"
+        seconds, peak = measure(argv, env, folder / f"{stage}.log",
+                                stop_when=pretrain_record if stage == "pretrain" else None)
         record = {"n": n, "stage": stage, "seconds": round(seconds, 1), "peak_rss_mib": round(peak),
                   "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  "command": " ".join(argv)}
-        if stage == "extract":
+                  "load": round(os.getloadavg()[0], 2), "store": args.store, "command": " ".join(argv)}
+        if stage in ("extract", "synthetic"):
             record["store_gib"] = round((folder / "cache" / "labeled.h5").stat().st_size / 2**30, 2)
+        if stage == "pretrain":
+            done = json.loads(pretrain_record.read_text())
+            record["pretrain_epoch_seconds"] = round(sum(done["seconds_per_epoch"]), 1)
+            record["stopped_after"] = "pretraining (pretrain/single.json written; the folds are not measured)"
         print(f"N={n:,} {stage}: {seconds:.1f} s, peak RSS {peak:.0f} MiB", flush=True)
         with open(Path(args.root) / "results.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -106,19 +208,22 @@ def report(root):
     print("| stage | " + " | ".join(f"N={n:,}: s (s per 1k videos), peak MiB" for n in sizes)
           + f" | time ratio N={sizes[-1]:,} / N={sizes[0]:,} (N ratio {sizes[-1] / sizes[0]:.1f}) |")
     print("|---|" + "---|" * (len(sizes) + 1))
-    for stage in STAGES:
+    for stage in (s for s in ALL_STAGES if any((n, s) in records for n in sizes)):
         cells, first, last = [], None, None
         for n in sizes:
             r = records.get((n, stage))
             if r is None:
                 cells.append("not run")
                 continue
-            cells.append(f"{r['seconds']:.0f} ({1000 * r['seconds'] / n:.2f}), {r['peak_rss_mib']} [{r['threads']}t]")
+            cell = f"{r['seconds']:.0f} ({1000 * r['seconds'] / n:.2f}), {r['peak_rss_mib']} [{r['threads']}t]"
+            if "pretrain_epoch_seconds" in r:
+                cell += f" (epoch alone {r['pretrain_epoch_seconds']:.0f} s, {1000 * r['pretrain_epoch_seconds'] / n:.2f})"
+            cells.append(cell)
             first = first or r
             last = r
         ratio = f"{last['seconds'] / first['seconds']:.1f}" if first and last is not first else "-"
         print(f"| {stage} | " + " | ".join(cells) + f" | {ratio} |")
-    stores = {n: records[(n, "extract")].get("store_gib") for n in sizes if (n, "extract") in records}
+    stores = {n: records[(n, s)].get("store_gib") for s in ("extract", "synthetic") for n in sizes if (n, s) in records}
     print("[kt]: the stage ran with k threads")
     print("store size (GiB): " + ", ".join(f"N={n:,}: {g}" for n, g in stores.items()))
     print(f"source: {root}/results.jsonl; each stage's command is recorded there")
@@ -132,14 +237,22 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=32, help="most frames per video (F)")
     parser.add_argument("--dim", type=int, default=768, help="frame feature dimension (D)")
     parser.add_argument("--max-tokens", type=int, default=32, help="text tokens kept (bounds the token store)")
-    parser.add_argument("--stages", default=",".join(STAGES),
-                        help="stages to (re)run; the outputs of the others are reused from ROOT")
+    parser.add_argument("--stages", default=None,
+                        help=f"stages to (re)run, of {', '.join(ALL_STAGES)}; the outputs of the others are reused "
+                             f"from ROOT [default: {','.join(STAGES)}; with --store synthetic: {','.join(SYNTHETIC_STAGES)}]")
+    parser.add_argument("--store", choices=("extract", "synthetic"), default="extract",
+                        help="how the store is made: extract (generate + MiniLM extract) or synthetic (random "
+                             "features of the same shapes written directly; cost only)")
     parser.add_argument("--report", action="store_true", help="only print the table of ROOT/results.jsonl")
     args = parser.parse_args(argv)
-    args.stages = tuple(s for s in args.stages.split(",") if s)
-    unknown = set(args.stages) - set(STAGES)
+    default = STAGES if args.store == "extract" else SYNTHETIC_STAGES
+    args.stages = tuple(s for s in (args.stages or ",".join(default)).split(",") if s)
+    unknown = set(args.stages) - set(ALL_STAGES)
     if unknown:
-        parser.error(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
+        parser.error(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_STAGES)}")
+    clash = {"synthetic": {"generate", "extract"}, "extract": {"synthetic"}}[args.store] & set(args.stages)
+    if clash:
+        parser.error(f"--store {args.store} does not run stage(s) {', '.join(sorted(clash))}")
     print(f"command: PYTHONPATH=. python {' '.join(sys.argv)}", flush=True)
     if not args.report:
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(args.threads),
