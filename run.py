@@ -209,7 +209,7 @@ def _stacker_kinds(ctx, param, value):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Stack directory: submission.csv, metrics.json, per_class_f1.png, the fitted stack.")
 @click.option("--models", default="", help="Comma-separated base models; default: every model of the run.")
-@click.option("--stacker", type=click.Choice([*_STACKERS.STACKERS, "auto"]), default="auto", show_default=True,
+@click.option("--stacker", type=click.Choice([*_STACKERS.STACKERS, "auto"]), default="rerank", show_default=True,
               help=f"The stacker fitted and saved. {_STACKERS.describe_stackers()}; auto: rerank, the "
                    "average and the --compare stackers scored by their out-of-fold passes; rerank is kept "
                    "unless another beats it with the 90% paired bootstrap band of its gain above zero, then "

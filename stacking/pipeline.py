@@ -51,7 +51,7 @@ OPTIMISM_NOTE = ("the chosen stacker's OOF mean-F1 is optimistic: it was chosen 
 @dataclass
 class StackOptions:
     models: tuple = ()              # base models; empty = every model in run.json
-    stacker: str = AUTO             # the stacker fitted and saved: a kind of stacking.stackers.STACKERS,
+    stacker: str = "rerank"         # the stacker fitted and saved: a kind of stacking.stackers.STACKERS,
                                     # or "auto": rerank, the average and `compare` scored by their OOF
                                     # passes, rerank kept unless one beats it beyond the noise (AUTO_RULE)
     params: dict = field(default_factory=dict)   # stacker parameters {"[kind.]name": value} over the defaults

@@ -49,7 +49,7 @@ def _ranks(proba, p, step=5000):
 
 class RerankStacker(Stacker):
     kind = "rerank"
-    summary = "a binary LightGBM re-ranking each video's top-k classes (what auto keeps unless another beats it)"
+    summary = "a binary LightGBM re-ranking each video's top-k classes (the default)"
     Params = RerankParams
 
     def candidates(self, X):
