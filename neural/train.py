@@ -138,7 +138,8 @@ def fit_fold(spec, dataset, train_rows, options, seed, device, codebook=None, de
     torch.manual_seed(seed)
     model = build_model(spec)
     start = time.perf_counter()
-    model.initialise(FitContext(dataset, train_rows, options.batch_size, codebook, class_names, pretrained))
+    model.initialise(FitContext(dataset, train_rows, options.batch_size, codebook, class_names, pretrained,
+                                pseudo))
     if pretrained is not None:                  # every fold starts from the self-supervised weights
         pretrained.load_into(model)
     model = model.to(device)

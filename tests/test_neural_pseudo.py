@@ -64,8 +64,27 @@ def test_planted_duplicates_stay_at_chance_and_a_teacher_from_the_wrong_fold_wou
     assert leaky > 0.6 and leaky > honest + 0.3, (honest, leaky)
 
 
-def _student(cache, teacher, out, **extra):
-    return train_neural(cache, out, ["linear"], NeuralOptions(**dict(STUDENT, teacher=str(teacher), **extra)))
+def _student(cache, teacher, out, models=("linear",), **extra):
+    return train_neural(cache, out, list(models), NeuralOptions(**dict(STUDENT, teacher=str(teacher), **extra)))
+
+
+def test_the_frame_probe_fits_pseudo_labels_and_stays_honest(planted, tmp_path, monkeypatch):
+    """frames is solved when its fold starts, not by the loop: its student fit adds the confident
+    pseudo-labelled rows to the probe. Honest teacher: chance; fold k+1's teacher: the copies leak, so
+    the test can fail."""
+    cache, teacher, labels = planted
+    n_folds = load_folds(teacher / "folds.h5")[2]
+    _student(cache, teacher, tmp_path / "honest", models=("frames",), pseudo_weight=5.0)
+    honest = oof_accuracy(tmp_path / "honest", labels, "frames")
+    info = json.loads((tmp_path / "honest" / "frames" / "fold0.json").read_text())["info"]
+    assert info["pseudo"]["rows"] == N and honest < 0.3, honest      # chance 1/6
+    real_load = pseudo.load_fold
+    monkeypatch.setattr(pseudo, "load_fold", lambda d, k, device="cpu": real_load(d, (k + 1) % n_folds, device))
+    _student(cache, teacher, tmp_path / "leaky", models=("frames",), pseudo_weight=5.0)
+    leaky = oof_accuracy(tmp_path / "leaky", labels, "frames")
+    # the probe's L2 term keeps it from memorising noise outright (weight 5: the copies count 5x); measured
+    # 0.12 honest against 0.47 leaky
+    assert leaky > honest + 0.25, (honest, leaky)
 
 
 def test_records_say_which_teacher_and_unlabelled_store_each_model_saw(planted, tmp_path):

@@ -16,6 +16,7 @@ class FitContext:
     codebook: Any = None               # features.codebook.Codebook, when the entry needs_codebook
     class_names: Any = None            # features.class_names.ClassNames, when the entry needs_class_names
     pretrained: Any = None             # neural.pretrain.Pretrained (loaded after initialise), or None
+    pseudo: Any = None                 # neural.pseudo.PseudoLabels of this fold (a student), or None
 
 
 class FoldModel(nn.Module):

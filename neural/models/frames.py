@@ -15,6 +15,11 @@ by full-batch L-BFGS on frames centred and divided by their RMS spread (fitted o
 rows, kept as buffers, as in linear.py), and freezes W and b. The loop then trains one scalar only,
 the log temperature of the frame logits (calibration; the arg-max does not move).
 
+A student (train-neural --teacher) adds its fold's confident pseudo-labelled videos to that objective,
+each weighted --pseudo-weight against a labelled video, the teacher's probabilities as soft targets
+(cross-entropy against them; not re-tempered: at --pseudo-temperature 2 the grouped-fold OOF on ucf14
+fell from 0.944 to 0.923, at 1 it rose to 0.947). The L2 term stays scaled by the labelled videos.
+
 Coarse logits are log of the fine probabilities summed per coarse class, so the two levels agree.
 A large store is subsampled to at most MAX_FRAMES training frames (every k-th frame position).
 """
@@ -34,12 +39,15 @@ MAX_FRAMES = 200_000     # training frames held for the L-BFGS fit (at most MAX_
 LBFGS_STEPS = 100
 
 
-def frame_probe_fit(frames, mask, labels, n_classes, l2, steps=LBFGS_STEPS):
-    """frames (N, F, D), mask (N, F) bool, labels (N,) -> W (C, D), b (C,) minimising the mean over
-    videos of the mean frame cross-entropy + l2 / 2 ||W||^2 (convex: L-BFGS reaches the optimum)."""
-    weight = mask.float() / mask.sum(1, keepdim=True).clamp(min=1).float() / len(frames)     # (N, F)
+def frame_probe_fit(frames, mask, targets, n_classes, l2, video_weight=None, steps=LBFGS_STEPS):
+    """frames (N, F, D), mask (N, F) bool, targets (N,) class indices or (N, C) probabilities,
+    video_weight (N,) (default 1 / N each) -> W (C, D), b (C,) minimising the weighted sum over videos of
+    the mean frame cross-entropy + l2 / 2 ||W||^2 (convex: L-BFGS reaches the optimum)."""
+    per_video = mask.float() / mask.sum(1, keepdim=True).clamp(min=1).float()                # (N, F)
+    weight = per_video / len(frames) if video_weight is None else per_video * video_weight[:, None]
     x = frames[mask].float()                                             # (M, D) real frames
-    w, target = weight[mask], labels.unsqueeze(1).expand_as(mask)[mask]  # (M,), (M,)
+    per_frame = targets.unsqueeze(1).expand(*mask.shape, *targets.shape[1:])   # (N, F) or (N, F, C)
+    w, target = weight[mask], per_frame[mask]                            # (M,), (M,) or (M, C)
     W = torch.zeros(n_classes, frames.shape[-1], requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=steps, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
@@ -69,29 +77,48 @@ class FrameProbe(FoldModel):
 
     @torch.no_grad()
     def initialise(self, context):
-        """Frame statistics and the L2-optimal probe on the fold's training rows (see the module doc)."""
-        rows = context.rows
+        """Frame statistics and the L2-optimal probe on the fold's training rows (see the module doc),
+        plus, for a student, its confident pseudo-labelled rows with the teacher's probabilities as targets."""
+        rows, pseudo = context.rows, context.pseudo
+        pseudo_rows = pseudo.rows if pseudo is not None else []
         n_frames = context.dataset.reader.h5[schema.FRAME_EMB].shape[1]
-        stride = max(1, math.ceil(len(rows) * n_frames / MAX_FRAMES))
-        frames, masks, labels = [], [], []
-        for batch in loader(context.dataset, ordered_batches(rows, context.batch_size)):
-            frames.append(batch[schema.FRAME_EMB][:, ::stride])                             # (B, F', D)
-            masks.append(ensure_one(batch[schema.FRAME_MASK])[:, ::stride])                 # (B, F')
-            labels.append(batch["label_fine"])
-        width = max(f.shape[1] for f in frames)                  # batches are trimmed to their longest video
-        frames = torch.cat([F.pad(f, (0, 0, 0, width - f.shape[1])) for f in frames])       # (N, F', D)
-        mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in masks])                # (N, F')
+        stride = max(1, math.ceil((len(rows) + len(pseudo_rows)) * n_frames / MAX_FRAMES))
+        frames, mask, targets = self._read(context.dataset, rows, context.batch_size, stride, "label_fine")
+        video_weight = None                                                  # labelled rows only: 1 / N each
+        if len(pseudo_rows):
+            p_frames, p_mask, soft = self._read(pseudo.dataset, pseudo_rows, context.batch_size, stride,
+                                                "soft_target")                            # soft (P, C)
+            width = max(frames.shape[1], p_frames.shape[1])
+            frames = torch.cat([F.pad(frames, (0, 0, 0, width - frames.shape[1])),
+                                F.pad(p_frames, (0, 0, 0, width - p_frames.shape[1]))])
+            mask = torch.cat([F.pad(mask, (0, width - mask.shape[1])), F.pad(p_mask, (0, width - p_mask.shape[1]))])
+            targets = torch.cat([F.one_hot(targets, self.probe.out_features).float(), soft])   # (N+P, C)
+            video_weight = torch.cat([torch.full((len(rows),), 1.0 / len(rows)),          # a labelled video: 1,
+                                      torch.full((len(pseudo_rows),), pseudo.options.pseudo_weight / len(rows))])
         real = frames[mask]                                                                # (M, D)
         mean = (real.sum(0, dtype=torch.float64) / len(real)).float()                      # (D,)
         spread = ((real - mean) ** 2).sum(dtype=torch.float64) / real.numel()             # mean variance
         scale = spread.clamp(min=1e-12).rsqrt().float()
-        W, b = frame_probe_fit((frames - mean) * scale, mask, torch.cat(labels), self.probe.out_features,
-                               1.0 / (C * len(rows)))
+        W, b = frame_probe_fit((frames - mean) * scale, mask, targets, self.probe.out_features,
+                               1.0 / (C * len(rows)), video_weight)
         self.mean.copy_(mean)
         self.scale.copy_(scale)
         self.probe.weight.copy_(W)
         self.probe.bias.copy_(b)
         self.fine_to_coarse.copy_(torch.as_tensor(context.dataset.fine_to_coarse))
+
+    @staticmethod
+    def _read(dataset, rows, batch_size, stride, target):
+        """(frames (N, F', D) every stride-th position, mask (N, F'), batch[target] stacked) of `rows`."""
+        frames, masks, targets = [], [], []
+        for batch in loader(dataset, ordered_batches(rows, batch_size)):
+            frames.append(batch[schema.FRAME_EMB][:, ::stride])                             # (B, F', D)
+            masks.append(ensure_one(batch[schema.FRAME_MASK])[:, ::stride])                 # (B, F')
+            targets.append(batch[target])
+        width = max(f.shape[1] for f in frames)                  # batches are trimmed to their longest video
+        frames = torch.cat([F.pad(f, (0, 0, 0, width - f.shape[1])) for f in frames])       # (N, F', D)
+        mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in masks])                # (N, F')
+        return frames, mask, torch.cat(targets)
 
     def forward(self, batch):
         mask = ensure_one(batch[schema.FRAME_MASK])                                   # (B, F)
