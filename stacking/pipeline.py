@@ -153,7 +153,8 @@ def describe_auto(auto):
     scores = ", ".join(f"{k} {v:.4f}" for k, v in auto["candidates"].items())
     gains = ", ".join(f"{k} {g['gain']:+.4f} [{g['band'][0]:+.4f}, {g['band'][1]:+.4f}]" for k, g in auto["gains"].items())
     line = (f"auto: chose {auto['chosen']} (OOF mean-F1 {auto['chosen_oof_mean']:.4f}; candidates: {scores}; "
-            f"gain over {auto['incumbent']} with its 90% band: {gains}; rule: {auto['rule']}); {auto['optimistic']}")
+            f"gain over {auto['incumbent']} with its {AUTO_LEVEL:.0%} band: {gains}; rule: {auto['rule']}); "
+            f"{auto['optimistic']}")
     nested = auto["nested"]
     if nested:
         picks = ",".join(p["chosen"] for p in nested["per_fold"])
