@@ -7,7 +7,12 @@ attr fold; written atomically), which the model's owner merges with write_fold a
 
 Crash safety as in the feature store: every dataset is allocated in full when the file is made
 (written to a .tmp and renamed), later writes touch only data, and a fold's `fold_done` flag is
-written and flushed only after its rows. Layout (the "Neural run directory" contract):
+written and flushed only after its rows.
+
+oof_proba and proba/<split> are chunked one row per chunk, and one HDF5 read or write spanning many chunks
+costs ~5-7 KB of memory per chunk it touches (HDF5's per-chunk selection state; 221 MiB to read a 30k x
+200 oof_proba whole, whose data is 23 MiB), so every read or write of them here goes ROW_BLOCK rows at a time.
+Layout (the "Neural run directory" contract):
 
     ids (N_lab,) str, label_fine (N_lab,) int32, oof_proba (N_lab, C) float32, fold_done (K,) bool,
     proba/<split> (N_split, C) float32, ids_<split> (N_split,) str;
@@ -26,6 +31,7 @@ from features.store import create_dataset
 from neural.options import NeuralOptions, OptionsError
 
 RUN_FILE = "run.json"
+ROW_BLOCK = 1024               # rows per HDF5 read or write of a (N, C) dataset: bounds its per-chunk memory
 # run.json fields -> their JSON type; read_run refuses a file lacking one or holding another type
 RUN_FIELDS = {"cache_dir": str, "store_config": dict, "fine_classes": list, "coarse_classes": list,
               "fine_to_coarse": list, "options": dict, "seed": int, "n_folds": int, "models": list}
@@ -134,11 +140,32 @@ def fold_done(path):
 
 def write_fold(path, k, positions, proba):
     """Store the out-of-fold rows `positions` (sorted, into ids) of fold k, then mark the fold done."""
+    write_fold_batches(path, k, [(positions, proba)])
+
+
+def write_fold_batches(path, k, batches):
+    """Store fold k's out-of-fold rows as they come, then mark the fold done. batches: iterable of
+    (positions (B,) sorted, into ids; proba (B, C)), e.g. straight from prediction, so the fold's rows
+    are never held whole."""
     with h5py.File(path, "r+") as h5:
-        h5["oof_proba"][positions] = proba.astype(np.float32)
+        for positions, proba in batches:
+            _write_rows(h5["oof_proba"], positions, proba)
         h5.flush()
         h5["fold_done"][k] = True
         h5.flush()
+
+
+def _write_rows(dataset, positions, proba):
+    """dataset[positions] = proba (float32), ROW_BLOCK rows per HDF5 write."""
+    positions = np.asarray(positions)
+    for start in range(0, len(positions), ROW_BLOCK):
+        part = positions[start:start + ROW_BLOCK]
+        dataset[_index(part)] = np.asarray(proba[start:start + ROW_BLOCK], np.float32)
+
+
+def _index(rows):
+    """A slice when the sorted `rows` are contiguous (one hyperslab), else the rows themselves."""
+    return slice(int(rows[0]), int(rows[-1]) + 1) if rows[-1] - rows[0] + 1 == len(rows) else rows
 
 
 def fold_rows_path(model_dir, k):
@@ -171,15 +198,35 @@ def read_fold_rows(path, k, positions, n_classes):
 
 
 def read_oof(path):
-    """-> (oof_proba (N_lab, C), label_fine (N_lab,))."""
+    """-> (oof_proba (N_lab, C), label_fine (N_lab,)), read ROW_BLOCK rows at a time."""
     with h5py.File(path, "r") as h5:
-        return h5["oof_proba"][:], h5["label_fine"][:]
+        dataset = h5["oof_proba"]
+        oof = np.empty(dataset.shape, dataset.dtype)                        # (N_lab, C)
+        for start, block in _row_blocks(dataset):
+            oof[start:start + len(block)] = block
+        return oof, h5["label_fine"][:]
+
+
+def read_oof_argmax(path):
+    """-> (arg-max fine class of each out-of-fold row (N_lab,) int64, label_fine (N_lab,)): what the
+    metrics need, without holding the (N_lab, C) probabilities."""
+    with h5py.File(path, "r") as h5:
+        dataset = h5["oof_proba"]
+        pred = np.empty(len(dataset), np.int64)                             # (N_lab,)
+        for start, block in _row_blocks(dataset):
+            pred[start:start + len(block)] = block.argmax(axis=1)
+        return pred, h5["label_fine"][:]
+
+
+def _row_blocks(dataset):
+    """Yield (start, dataset[start:start + ROW_BLOCK])."""
+    for start in range(0, len(dataset), ROW_BLOCK):
+        yield start, dataset[start:start + ROW_BLOCK]
 
 
 def write_split_rows(h5, split, rows, proba):
     """Rows (sorted) of another split's fold-averaged probabilities, into an open file."""
-    index = slice(int(rows[0]), int(rows[-1]) + 1) if rows[-1] - rows[0] + 1 == len(rows) else rows
-    h5[f"proba/{split}"][index] = proba.astype(np.float32)
+    _write_rows(h5[f"proba/{split}"], rows, proba)
 
 
 def finish(path, metrics):

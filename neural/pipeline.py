@@ -30,7 +30,7 @@ from neural.data import StoreBatches
 from neural.distributed import on_main, owner, rank_jobs, set_threads
 from neural.folds import (GroupsError, file_sha256, folds_groups_sha256, load_folds, make_folds,
                           make_group_folds, read_groups, save_folds)
-from neural.metrics import metric_from_proba
+from neural.metrics import challenge_metric
 from neural.models import REGISTRY, model_entry, model_inputs
 from neural.options import NeuralOptions
 from neural.outputs import RunError
@@ -39,7 +39,7 @@ from neural.pretrain import load_pretrained, pretrain_models
 from neural.pseudo import PseudoLabels, check_teacher, make_pseudo_labels, pseudo_path, resolve_teacher
 from neural.unlabelled import DEFAULT_SPLIT, open_unlabelled, unlabelled_path
 from neural.spec import spec_from_store
-from neural.train import fit_fold, predict_rows
+from neural.train import fit_fold, predict_batches, predict_rows
 
 
 
@@ -203,12 +203,23 @@ class ModelRun:
                                    self.device, self.codebook, desc=f"{self.name} fold {k}{self.desc}",
                                    class_names=self.class_names, pseudo=pseudo, pretrained=self.pretrained)
             save_fold(self.dir, k, model, self.spec, info, self.options)
-        proba = predict_rows([model], self.dataset, self.rows[held], self.options.batch_size,
-                             self.device, self.options.num_workers)
-        if self.writes_predictions:                         # self.rows is sorted, so held order matches
-            outputs.write_fold(self.preds, k, held, proba)
+        if self.writes_predictions:         # batch by batch: the fold's (N_held, C) rows are never held whole
+            outputs.write_fold_batches(self.preds, k, self.held_batches(model, held))
         else:
+            proba = predict_rows([model], self.dataset, self.rows[held], self.options.batch_size,
+                                 self.device, self.options.num_workers)
             outputs.write_fold_rows(outputs.fold_rows_path(self.dir, k), k, held, proba)
+
+    def held_batches(self, model, held):
+        """Yield (positions (B,) into the labelled ids, proba (B, C)) of fold model `model` on the rows
+        `held` (sorted positions); self.rows is sorted, so the store rows come back in `held`'s order."""
+        start = 0
+        for rows, proba in predict_batches([model], self.dataset, self.rows[held], self.options.batch_size,
+                                           self.device, self.options.num_workers):
+            positions = held[start:start + len(rows)]
+            assert np.array_equal(self.rows[positions], rows)
+            start += len(rows)
+            yield positions, proba
 
     def merge_fold_rows(self):
         """Move the rows other ranks left in per-fold files into predictions.h5 (then delete the files).
@@ -235,18 +246,19 @@ class ModelRun:
         return model
 
     def finish(self, labels_lab, fine_to_coarse):
-        models = [self.load(k) for k in range(self.options.n_folds)]
+        # every fold model at once (knn: K banks of the fold's training rows), so only when there is a split
+        models = [self.load(k) for k in range(self.options.n_folds)] if self.split_readers else []
         with h5py.File(self.preds, "r+") as h5:
             for split, r in self.split_readers.items():
                 for rows, proba in predict_split(models, self.spec, r, self.options.batch_size, self.device,
                                                  self.options.num_workers):
                     outputs.write_split_rows(h5, split, rows, proba)
-        oof, _ = outputs.read_oof(self.preds)
-        metrics = {"oof": metric_from_proba(labels_lab, oof, fine_to_coarse), "folds": [],
+        oof_pred, _ = outputs.read_oof_argmax(self.preds)                 # (N_lab,): not the (N_lab, C) rows
+        metrics = {"oof": challenge_metric(labels_lab, oof_pred, fine_to_coarse), "folds": [],
                    "seconds_per_epoch": []}
         for k in range(self.options.n_folds):
             held = self.fold == k
-            metrics["folds"].append(metric_from_proba(labels_lab[held], oof[held], fine_to_coarse))
+            metrics["folds"].append(challenge_metric(labels_lab[held], oof_pred[held], fine_to_coarse))
             info = read_record(self.dir, k)[1]["info"]
             metrics["seconds_per_epoch"].append(float(np.mean(info["seconds_per_epoch"])))
         outputs.finish(self.preds, metrics)

@@ -157,7 +157,7 @@ def test_a_fold_killed_after_its_checkpoint_is_not_retrained(cache, tmp_path, mo
     opts = NeuralOptions(**TINY)
     train_neural(cache, tmp_path / "straight", ["mlp"], opts)
     straight, _ = outputs.read_oof(tmp_path / "straight" / "mlp" / "predictions.h5")
-    writes, real_write = [], outputs.write_fold
+    writes, real_write = [], outputs.write_fold_batches
 
     def killed_before_rows(*args):
         writes.append(1)
@@ -165,11 +165,11 @@ def test_a_fold_killed_after_its_checkpoint_is_not_retrained(cache, tmp_path, mo
             raise KeyboardInterrupt("killed")
         return real_write(*args)
 
-    monkeypatch.setattr(outputs, "write_fold", killed_before_rows)
+    monkeypatch.setattr(outputs, "write_fold_batches", killed_before_rows)
     with pytest.raises(KeyboardInterrupt):
         train_neural(cache, tmp_path / "resumed", ["mlp"], opts)
     assert fold_saved(tmp_path / "resumed" / "mlp", 1)
-    monkeypatch.setattr(outputs, "write_fold", real_write)
+    monkeypatch.setattr(outputs, "write_fold_batches", real_write)
     trained, real_fit = [], pipeline.fit_fold
     monkeypatch.setattr(pipeline, "fit_fold", lambda *a, **kw: trained.append(a[4]) or real_fit(*a, **kw))
     train_neural(cache, tmp_path / "resumed", ["mlp"], opts)
