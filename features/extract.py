@@ -320,8 +320,8 @@ def _encode_frames(batch, frame_encoder, options, frame_dim, device, faults):
         vectors = [np.asarray(frames, np.float16) for _, frames in present]
     else:
         images = torch.cat([frames for _, frames in present])              # (sum n, 3, H, W)
-        step = options.frame_batch or FRAME_BATCH[torch.device(device).type]
-        flat = np.concatenate([frame_encoder.encode(images[s:s + step].to(device)).float().cpu().numpy()
+        step = frame_step(options, device)
+        flat = np.concatenate([_encode_images(frame_encoder, images[s:s + step], step, device)
                                for s in range(0, len(images), step)])     # (sum n, D)
         cuts = np.cumsum([len(frames) for _, frames in present])[:-1]
         vectors = np.split(flat, cuts)
@@ -332,6 +332,28 @@ def _encode_frames(batch, frame_encoder, options, frame_dim, device, faults):
         frame_emb[b, : len(vec)] = vec
         frame_mask[b, : len(vec)] = True
     return frame_emb, frame_mask
+
+
+def frame_step(options, device):
+    """Images per frame-encoder forward: --frame-batch (0: FRAME_BATCH of the device), never more than the
+    most images a batch can hold (B x F), so a small run does not pad its forwards far beyond its images."""
+    step = options.frame_batch or FRAME_BATCH[torch.device(device).type]
+    return min(step, options.batch_size * options.frames)
+
+
+def _encode_images(frame_encoder, images, step, device):
+    """(n, D) float32 embeddings of n <= step images; on the CPU every forward sees exactly `step` images.
+
+    oneDNN caches a convolution primitive, with its memory, per input shape: with the last chunk of each
+    batch a new size (sum of frames mod step), extract's memory grew by ~0.1-0.5 GiB per new size seen
+    (EfficientNet-Lite0, demo labelled split: 2.0 -> 3.3 GiB over 8 batches; flat with
+    ONEDNN_PRIMITIVE_CACHE_CAPACITY=0). Zero images pad the chunk to one shape and their rows are dropped;
+    the encoders hold no cross-sample operation, so the rest agree to float tolerance (~4e-6). The GPU
+    path has no such cache and is left unpadded (up to step - 1 images a batch would be wasted there)."""
+    n = len(images)
+    if torch.device(device).type == "cpu" and n < step:
+        images = torch.cat([images, images.new_zeros((step - n, *images.shape[1:]))])   # (step, 3, H, W)
+    return frame_encoder.encode(images.to(device)).float().cpu().numpy()[:n]
 
 
 def _pad(id_lists, pad_id):
