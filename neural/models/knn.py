@@ -85,10 +85,16 @@ class Knn(FoldModel):
     def initialise(self, context):
         """Projection from the training rows' covariance (one pass, float64 sums), then the bank (a second pass)."""
         batches = ordered_batches(context.rows, context.batch_size)
-        total, total_sq, n = 0.0, 0.0, 0
+        width = self.mean.shape[0]
+        # sums in place into buffers made once: a new (W, W) float64 (29 MiB at W = 1920) per batch made glibc
+        # keep them on its heap (its mmap threshold rises to the largest freed block), fragmenting it
+        total, total_sq = torch.zeros(width, dtype=torch.float64), torch.zeros(width, width, dtype=torch.float64)
+        product, n = torch.empty(width, width, dtype=torch.float64), 0
         for batch in loader(context.dataset, batches):
             x = representation(batch).double()                                             # (B, W)
-            total, total_sq, n = total + x.sum(0), total_sq + x.T @ x, n + len(x)
+            total += x.sum(0)
+            total_sq += torch.mm(x.T, x, out=product)
+            n += len(x)
         mean = total / n                                                                   # (W,)
         self.mean.copy_(mean.float())
         if self.projection.shape[1] < self.projection.shape[0]:                           # a PCA to d < W
