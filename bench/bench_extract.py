@@ -1,10 +1,14 @@
 """End-to-end `extract` throughput against the bare encoder forward pass, on the same items.
 
     python bench/bench_extract.py [--data ../shared/data/fashion --split labeled] [--n 256]
+    python bench/bench_extract.py --data DATA --split labeled --n 400 --frames 8 --max-tokens 64 --rss
 
 The bare pass times only the encoders (frames, the three text fields, the joined tokens) on inputs
 decoded and tokenised beforehand, with the same batch size; the end-to-end run is `extract` itself
 (decode + tokenise in workers, encode, write HDF5). Target: end-to-end >= 0.85 x bare.
+
+--rss runs only the end-to-end extract and prints the process's resident memory after each batch
+(first, middle, last and the largest step between batches): a streaming stage's memory must stay flat.
 """
 import argparse
 import resource
@@ -20,6 +24,7 @@ from features.annotations import annotations_path, read_annotations  # noqa: E40
 from features.categories import load_category_map  # noqa: E402
 from features.device import keep_freed_memory_mapped  # noqa: E402
 from features.encoders import build_frame_encoder, build_text_encoder  # noqa: E402
+import features.extract as extract_module  # noqa: E402
 from features.extract import ExtractOptions, VideoItems, encode_batch, extract_split  # noqa: E402
 from features.frames import detect_source, open_source  # noqa: E402
 
@@ -36,6 +41,36 @@ def bare_forward_seconds(data_dir, split, videos, opts, frame_encoder, text_enco
     return time.perf_counter() - start
 
 
+def rss_mib():
+    """This process's resident memory now (Linux /proc)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) // 1024 for line in fh if line.startswith("VmRSS:"))
+
+
+def extract_rss(args, opts, cmap, frame_encoder, text_encoder):
+    """Run extract_split once, recording RSS after each encoded batch; prints the curve's summary."""
+    rss = []
+    real = extract_module.encode_batch
+
+    def recorded(*a, **kw):
+        arrays = real(*a, **kw)
+        rss.append(rss_mib())
+        return arrays
+
+    extract_module.encode_batch = recorded
+    try:
+        with tempfile.TemporaryDirectory() as cache:
+            extract_split(args.data, args.split, cache, opts, detect_source(args.data, args.split),
+                          load_category_map(cmap), frame_encoder, text_encoder, "cpu")
+    finally:
+        extract_module.encode_batch = real
+    mid = len(rss) // 2
+    print(f"RSS MiB after batch 1: {rss[0]}, batch {mid + 1}: {rss[mid]}, batch {len(rss)}: {rss[-1]} "
+          f"(largest step {max(b - a for a, b in zip(rss, rss[1:])) if len(rss) > 1 else 0}); "
+          f"peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+    print("per batch: " + " ".join(map(str, rss)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/fashion"))
@@ -45,16 +80,24 @@ def main():
     parser.add_argument("--frames", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--rss", action="store_true", help="only the end-to-end extract, RSS after each batch")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cmap = args.category_map or str(Path(args.data) / "category_map.csv")
-    opts = ExtractOptions(frames=args.frames, batch_size=args.batch_size, workers=args.workers, device="cpu",
-                          category_map=cmap, limit=args.n)
+    opts = ExtractOptions(frames=args.frames, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                          workers=args.workers, device="cpu", category_map=cmap, limit=args.n, aggregates=None)
     videos = read_annotations(annotations_path(args.data, args.split), load_category_map(cmap))[: args.n]
     tuned = keep_freed_memory_mapped()     # as `extract` does on the CPU, for both passes alike
     print(f"torch threads: {torch.get_num_threads()}, items: {len(videos)}, frames/video <= {args.frames}, "
           f"batch {args.batch_size}, workers {args.workers}, glibc thresholds raised: {tuned}")
     frame_encoder = build_frame_encoder(opts.frame_encoder, "cpu")
     text_encoder = build_text_encoder(opts.text_encoder, "cpu")
+    if args.rss:
+        extract_rss(args, opts, cmap, frame_encoder, text_encoder)
+        return
     bare = bare_forward_seconds(args.data, args.split, videos, opts, frame_encoder, text_encoder)
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
