@@ -200,11 +200,15 @@ def read_fold_rows(path, k, positions, n_classes):
 def read_oof(path):
     """-> (oof_proba (N_lab, C), label_fine (N_lab,)), read ROW_BLOCK rows at a time."""
     with h5py.File(path, "r") as h5:
-        dataset = h5["oof_proba"]
-        oof = np.empty(dataset.shape, dataset.dtype)                        # (N_lab, C)
-        for start, block in _row_blocks(dataset):
-            oof[start:start + len(block)] = block
-        return oof, h5["label_fine"][:]
+        return read_blocked(h5["oof_proba"]), h5["label_fine"][:]
+
+
+def read_blocked(dataset, dtype=np.float32):
+    """A whole (N, C) dataset (oof_proba, proba/<split>) as `dtype`, ROW_BLOCK rows per HDF5 read."""
+    out = np.empty(dataset.shape, dtype)                                    # (N, C)
+    for start, block in _row_blocks(dataset):
+        out[start:start + len(block)] = block
+    return out
 
 
 def read_oof_argmax(path):

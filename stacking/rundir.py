@@ -16,7 +16,7 @@ import numpy as np
 from features import schema
 from features.records import options_diff
 from features.store import StoreReader, rows_of
-from neural.outputs import labelled_store_path, read_run
+from neural.outputs import labelled_store_path, read_blocked, read_run
 
 
 class RunDirError(ValueError):
@@ -85,7 +85,7 @@ def _check_model(path, model, ids, n_classes):
             bad = _first_mismatch(model_ids, ids)
             raise RunDirError(f"{path}: model '{model}' has other labelled ids than folds.h5 ({bad}); "
                               "it was trained on a different store or fold assignment")
-        oof = h5["oof_proba"][:].astype(np.float32)        # (N, C)
+        oof = read_blocked(h5["oof_proba"])                # (N, C) float32
         label = h5["label_fine"][:].astype(np.int64)       # (N,)
         attrs = dict(h5.attrs)
     if oof.shape != (len(ids), n_classes):
@@ -195,7 +195,7 @@ def split_predictions(run, split):
                 raise RunDirError(f"{path}: model '{model}' has no predictions for split '{split}' "
                                   f"(it has: {', '.join(have) or 'none'})")
             model_ids = h5[f"ids_{split}"].asstr()[:]
-            probas[model] = h5[f"proba/{split}"][:].astype(np.float32)
+            probas[model] = read_blocked(h5[f"proba/{split}"])             # (N_split, C) float32
         if ids is None:
             ids = model_ids
         elif len(model_ids) != len(ids) or (model_ids != ids).any():
