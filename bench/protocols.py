@@ -218,6 +218,8 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="cache directory; the data goes to OUT_data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--feats-zip", default=str(FASHION_FEATS), help="fashion frame features (<id>.npy zip)")
+    parser.add_argument("--frames", type=int, help="frames kept per item by extract (default: 1 for fashion, "
+                                                   "every frame for ucf14); e.g. the views of make_fashion_views")
     parser.add_argument("--no-extract", action="store_true")
     args = parser.parse_args(argv)
     data_dir = data_dir_of(args.out)
@@ -227,7 +229,7 @@ def main(argv=None):
         counts = ucf14_dataset(data_dir, args.seed)
     print(json.dumps({"data": str(data_dir), "splits": counts}), flush=True)
     if not args.no_extract:
-        extract(data_dir, args.out, frames=1 if args.dataset == "fashion" else None)
+        extract(data_dir, args.out, frames=args.frames or (1 if args.dataset == "fashion" else None))
 
 
 if __name__ == "__main__":
