@@ -15,6 +15,7 @@ View 0 of views.zip is the store's current frame (equal to make_fashion_stores' 
 """
 import argparse
 import io
+import itertools
 import sys
 import time
 import zipfile
@@ -85,10 +86,10 @@ def main():
     start, n = time.time(), 0
     with zipfile.ZipFile(out / "views.zip.tmp", "w") as zv, zipfile.ZipFile(out / "layers.zip.tmp", "w") as zl:
         batch = []
-        for vid, jpeg in list(items(args.data))[:args.limit] + [(None, None)]:
+        for vid, jpeg in itertools.chain(itertools.islice(items(args.data), args.limit), [(None, None)]):
             if vid is not None:
                 batch.append((vid, views(Image.open(io.BytesIO(jpeg)).convert("RGB"), encoder.preprocess, args.views)))
-            if len(batch) < args.batch and vid is not None or not batch:
+            if not batch or (vid is not None and len(batch) < args.batch):     # (None, None): the end
                 continue
             with torch.inference_mode():
                 flat = torch.cat([v for _, v in batch])                        # (B * V, 3, S, S)
