@@ -14,11 +14,6 @@ from features import schema
 AGG_COMMAND = "python run.py extract"      # the aggregates stage of extract writes agg/*
 
 MLP_AGGREGATES = ("agg/first_frame", "agg/shift_stats")    # required; plus every agg/<pooling> (N, width)
-# HDF5's metadata cache (per open file) keeps the chunk-index B-tree nodes of every row chunk read and by
-# default grows with them up to 32 MiB of their on-disk size, ~7x that in memory (272-byte native keys):
-# reading a 30k-video store at random grew a process by 44 MiB, ~1.5 KB per video. Held at HDF5's
-# default initial size instead, it stays flat in N (+15 MiB at 10k and 30k) for ~0.1 ms more per row.
-METADATA_CACHE_BYTES = 2 * 2**20
 
 
 def agg_names(reader):
@@ -29,14 +24,6 @@ def agg_names(reader):
     for name in MLP_AGGREGATES:
         reader.require(name, AGG_COMMAND)
     return vectors
-
-
-def bound_metadata_cache(h5, max_bytes=METADATA_CACHE_BYTES):
-    """Keep an open h5py.File's metadata cache at most `max_bytes` (of on-disk size), whatever it reads."""
-    config = h5.id.get_mdc_config()
-    config.set_initial_size, config.initial_size = True, max_bytes
-    config.max_size, config.min_size = max_bytes, min(config.min_size, max_bytes // 2)
-    h5.id.set_mdc_config(config)
 
 
 def _trim(batch, values_key, mask_key, limit=None):
@@ -60,18 +47,11 @@ class StoreBatches(Dataset):
         self.reader, self.names, self.max_tokens = reader, list(names), max_tokens
         self.labels = None if labels is None else np.asarray(labels, np.int64)        # (N,)
         self.fine_to_coarse = None if fine_to_coarse is None else np.asarray(fine_to_coarse, np.int64)
-        self._bounded = None               # the reader's file handle whose metadata cache is bounded
 
     def __len__(self):
         return len(self.reader)
 
-    def __getstate__(self):                # a DataLoader worker bounds its own handle
-        return dict(self.__dict__, _bounded=None)
-
     def __getitem__(self, rows):
-        if self._bounded is not self.reader.h5:                # a new handle (first read, new process)
-            bound_metadata_cache(self.reader.h5)
-            self._bounded = self.reader.h5
         rows = np.sort(np.asarray(rows))
         index = slice(int(rows[0]), int(rows[-1]) + 1) if rows[-1] - rows[0] + 1 == len(rows) else rows
         batch = {name: self.reader.read(name, index) for name in self.names}

@@ -1,6 +1,7 @@
 """extract end to end on tiny challenge-layout data with the embedded default encoders."""
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from features import schema
 from features.aggregates import AggregateOptions
 from features.encoders import FrameEncoder
 from features.extract import ExtractError, ExtractOptions, extract
-from features.store import StoreReader
+from features.store import METADATA_CACHE_BYTES, StoreReader
 from run import cli
 from tests.media import jpeg_bytes, write_annotations, write_feature_zip, write_jpeg_zip, write_mp4
 
@@ -92,6 +93,19 @@ def test_aggregates_follow_the_embeddings(extracted):
     netvlad = store.read("agg/netvlad", slice(None)).astype(np.float32)    # (N, K * d)
     assert netvlad.shape == (12, 3 * 4) and np.isfinite(netvlad).all()
     assert np.all(netvlad[[5, 7]] == 0)                                    # no frames: zeros, not NaN
+
+
+def test_every_store_handle_reads_with_a_bounded_metadata_cache(extracted):
+    _, cache, _ = extracted
+    store = StoreReader(cache / "labeled.h5")
+    worker = pickle.loads(pickle.dumps(store))                    # as a DataLoader worker gets it
+    for reader in (store, worker):
+        config = reader.h5.id.get_mdc_config()
+        assert config.max_size == METADATA_CACHE_BYTES
+        assert config.initial_size == METADATA_CACHE_BYTES
+    assert worker.h5 is not store.h5
+    store.close()
+    worker.close()
 
 
 def test_media_faults_are_counted_and_listed(extracted):
