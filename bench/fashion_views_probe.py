@@ -5,11 +5,11 @@ averaging views of each image, or joining several encoder layers, lift [image, t
     python bench/fashion_views_probe.py --cache /work/cache/heldout_masked --run /work/cache/ho/masked/run \
         --views-dir V [--stack submission=/work/cache/ho/masked/stack_submission]
 
-For each image representation, a logistic regression on [image, pooled title] (raw features, as
-bench/heldout.py's `raw` probe: C from {0.01, 0.05, 0.2} by OOF mean-F1 on the run's folds, refit on
-every labelled item), scored on the hidden test split with paired 90% bands (1,000 resamples) against
-the one-view probe (the store's frame, the bar of the held-out tables; --save-bar / --bar-npz fit it once
-for several runs, e.g. while the views are still being made):
+For each image representation, a logistic regression on [image, pooled title] (bench/heldout.py's
+linear_probe on raw features, as its `raw` probe: C from {0.01, 0.05, 0.2} by OOF mean-F1 on the run's
+folds, refit on every labelled item), scored on the hidden test split with paired 90% bands (1,000
+resamples) against the one-view probe (the store's frame, the bar of the held-out tables; --save-bar /
+--bar-npz fit it once for several runs, e.g. while the views are still being made):
     one view     the store's frame (the whole image)
     V views      the mean of views.zip's V embeddings (whole, mirror, corner crops)
     layers       layers.zip: head + the last three stages' pooled outputs
@@ -26,10 +26,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.heldout import linear_probe  # noqa: E402
 from bench.protocols import data_dir_of, read_answers  # noqa: E402
 from features import schema  # noqa: E402
 from features.store import StoreReader, rows_of  # noqa: E402
-from neural.metrics import PairedBootstrap, band, challenge_metric, metric_from_proba  # noqa: E402
+from neural.metrics import PairedBootstrap, band, challenge_metric  # noqa: E402
 from stacking.rundir import load_run  # noqa: E402
 from stacking.submission import read_predictions  # noqa: E402
 
@@ -53,28 +54,6 @@ def zip_mean(path, ids):
     the LR's solver runs in the features' precision, and float32 inputs alone moved the probe by 0.0015)."""
     with zipfile.ZipFile(path) as zf:
         return np.stack([np.load(io.BytesIO(zf.read(f"{v}.npy"))).astype(np.float64).mean(0) for v in ids])
-
-
-def probe(x, y, x_test, fold, n_classes, fine_to_coarse, grid=GRID):
-    """-> (test proba (N_test, C), C chosen, {C: OOF mean-F1})."""
-    from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits
-
-    def fit_proba(train, x_out, C):
-        lr = LogisticRegression(C=C, max_iter=500).fit(x[train], y[train])
-        out = np.zeros((len(x_out), n_classes), np.float32)
-        out[:, lr.classes_] = lr.predict_proba(x_out)
-        return out
-
-    scores = {}
-    with threadpool_limits(1):
-        for C in grid:
-            oof = np.zeros((len(y), n_classes), np.float32)
-            for k in np.unique(fold):
-                oof[fold == k] = fit_proba(fold != k, x[fold == k], C)
-            scores[C] = metric_from_proba(y, oof, fine_to_coarse)["mean"]
-        best = max(grid, key=scores.get)
-        return fit_proba(np.ones(len(y), bool), x_test, best), best, scores
 
 
 def main(argv=None):
@@ -119,11 +98,11 @@ def main(argv=None):
             print(f"{name}: C={float(saved['C'])} (from {args.bar_npz}), OOF {saved['scores']}", flush=True)
             continue
         x, x_t = parts[name]
-        proba, C, scores = probe(np.hstack([x, title]), run.label, np.hstack([x_t, title_t]), fold,
-                                 len(run.fine_classes), run.fine_to_coarse, args.grid)
+        _, proba, C, scores = linear_probe(np.hstack([x, title]), run.label, np.hstack([x_t, title_t]), fold,
+                                           len(run.fine_classes), run.fine_to_coarse, args.grid, scale="raw")
         preds[label] = proba.argmax(1)
         if name == "one" and args.save_bar:
-            np.savez(args.save_bar, test=proba, C=C, scores=json.dumps({str(c): v for c, v in scores.items()}),
+            np.savez(args.save_bar, test=proba, C=C, scores=json.dumps(scores),
                      ids=np.asarray(run.ids, str), test_ids=np.asarray(test_ids, str))
         print(f"{name}: C={C}, OOF {', '.join(f'{c}: {s:.4f}' for c, s in scores.items())}", flush=True)
     for pair in args.stack:

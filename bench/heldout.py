@@ -132,26 +132,15 @@ def stack_cv(metrics):
     return table[kind], table[f"{kind}+reweight"]
 
 
-def logistic_baseline(run, cache, test_ids, grid, work, scale="standard"):
-    """OOF proba (N_lab, C) on the run's folds at the C of `grid` with the best OOF mean-F1, the test
-    proba (N_test, C) of the refit on all labelled items, the C and every C's OOF mean-F1.
-    scale: 'standard' (each feature to unit variance: ../shared/BENCHMARKS.md's probe) or 'raw' (the
-    features as stored). Cached in WORK/lr_<scale>.npz."""
-    cache_file = Path(work) / f"lr_{scale}.npz"
-    if cache_file.exists():
-        saved = np.load(cache_file)
-        if "ids" in saved.files and list(saved["grid"]) == list(grid) and list(saved["ids"]) == list(run.ids):
-            test_rows = rows_of(saved["test_ids"], test_ids, cache_file)
-            return saved["oof"], saved["test"][test_rows], float(saved["C"]), json.loads(str(saved["scores"]))
+def linear_probe(x, y, x_test, fold, n_classes, fine_to_coarse, grid, scale="standard", label=None):
+    """A logistic regression on x (N, D) -> y (N,) with C chosen from `grid` by OOF mean-F1 on `fold` (N,),
+    refit on every row at that C. Returns (OOF proba (N, C) at the chosen C, test proba (N_test, C) of the
+    refit on x_test, the chosen C, {str(C): OOF mean-F1} in grid order). scale: 'standard' (each feature to
+    unit variance) or 'raw' (the features as given). With `label`, each C's score is printed as it comes."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
-    with StoreReader(run.store_path) as reader:
-        x = mean_frame_and_title(reader, rows_of(reader.ids, run.ids, reader.path))
-    with StoreReader(schema.store_path(cache, TEST)) as reader:
-        x_test = mean_frame_and_title(reader, rows_of(reader.ids, test_ids, reader.path))
-    y, n_classes = run.label, run.n_classes
 
     def fit_proba(train, x_out, C):
         steps = [StandardScaler()] if scale == "standard" else []
@@ -164,15 +153,35 @@ def logistic_baseline(run, cache, test_ids, grid, work, scale="standard"):
     with threadpool_limits(1):
         for C in grid:
             oofs[C] = np.zeros((len(y), n_classes), np.float32)
-            for k in range(run.n_folds):
-                oofs[C][run.fold == k] = fit_proba(run.fold != k, x[run.fold == k], C)
-            scores[str(C)] = metric_from_proba(y, oofs[C], run.fine_to_coarse)["mean"]
-            print(f"LR ({scale}) C={C}: OOF mean-F1 {scores[str(C)]:.4f}", flush=True)
+            for k in np.unique(fold):
+                oofs[C][fold == k] = fit_proba(fold != k, x[fold == k], C)
+            scores[str(C)] = metric_from_proba(y, oofs[C], fine_to_coarse)["mean"]
+            if label:
+                print(f"{label} C={C}: OOF mean-F1 {scores[str(C)]:.4f}", flush=True)
         best = max(grid, key=lambda C: scores[str(C)])
         test = fit_proba(np.ones(len(y), bool), x_test, best)
-    np.savez(cache_file, oof=oofs[best], test=test, C=best, grid=np.asarray(grid), scores=json.dumps(scores),
-             ids=np.asarray(run.ids, str), test_ids=np.asarray(test_ids, str))
     return oofs[best], test, best, scores
+
+
+def logistic_baseline(run, cache, test_ids, grid, work, scale="standard"):
+    """linear_probe on [mean frame, pooled title] of the run's labelled items and folds, scored on the test
+    split's `test_ids`: (OOF proba (N_lab, C), test proba (N_test, C), C, every C's OOF mean-F1).
+    scale: 'standard' (../shared/BENCHMARKS.md's probe) or 'raw'. Cached in WORK/lr_<scale>.npz."""
+    cache_file = Path(work) / f"lr_{scale}.npz"
+    if cache_file.exists():
+        saved = np.load(cache_file)
+        if "ids" in saved.files and list(saved["grid"]) == list(grid) and list(saved["ids"]) == list(run.ids):
+            test_rows = rows_of(saved["test_ids"], test_ids, cache_file)
+            return saved["oof"], saved["test"][test_rows], float(saved["C"]), json.loads(str(saved["scores"]))
+    with StoreReader(run.store_path) as reader:
+        x = mean_frame_and_title(reader, rows_of(reader.ids, run.ids, reader.path))
+    with StoreReader(schema.store_path(cache, TEST)) as reader:
+        x_test = mean_frame_and_title(reader, rows_of(reader.ids, test_ids, reader.path))
+    oof, test, best, scores = linear_probe(x, run.label, x_test, run.fold, run.n_classes, run.fine_to_coarse,
+                                           grid, scale, label=f"LR ({scale})")
+    np.savez(cache_file, oof=oof, test=test, C=best, grid=np.asarray(grid), scores=json.dumps(scores),
+             ids=np.asarray(run.ids, str), test_ids=np.asarray(test_ids, str))
+    return oof, test, best, scores
 
 
 def labelled_from_folds(run_dir):
