@@ -147,6 +147,10 @@ class _ModelsOption(click.Option):
               help="Pseudo-labelled rows per step, as a multiple of --batch-size.")
 @click.option("--pseudo-finetune-epochs", default=_NEURAL.pseudo_finetune_epochs, show_default=True,
               help="Epochs on labelled rows only after --epochs with pseudo-labels.")
+@click.option("--pseudo-modality-drop", default=_NEURAL.pseudo_modality_drop, show_default=True,
+              help="Share of pseudo-labelled rows (with text and frames) that lose one of them, drawn at random, "
+                   "before the student matches the teacher's target from the whole video: consistency under a "
+                   "dropped modality. 0: off.")
 @click.option("--workers", "num_workers", default=_NEURAL.num_workers, show_default=True,
               help="DataLoader worker processes.")
 @click.option("--threads", default=_NEURAL.threads, show_default=True,

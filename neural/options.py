@@ -56,6 +56,7 @@ class NeuralOptions:
     pseudo_threshold: float = 0.5     # unlabelled rows whose teacher max-probability is lower are not used
     pseudo_ratio: float = 1.0         # unlabelled rows per step, as a multiple of batch_size
     pseudo_finetune_epochs: int = 1   # then epochs on labelled rows only (on top of epochs)
+    pseudo_modality_drop: float = 0.0 # share of pseudo-labelled rows that lose their text or frames (consistency)
     groups: str = ""                  # CSV id,group: folds never split a group (neural/folds.py); "" = none
     num_workers: int = 0              # DataLoader workers; each opens its own store handle
     threads: int = 0                  # torch CPU threads; 0 leaves torch's default
@@ -99,11 +100,11 @@ class NeuralOptions:
         if min(weights.values()) < 0 or not any(weights.values()):
             raise OptionsError(f"pretrain objective weights must be >= 0, at least one above 0, got {weights}")
         if self.pseudo_weight < 0 or self.pseudo_temperature <= 0 or not 0 <= self.pseudo_threshold < 1 \
-                or self.pseudo_ratio <= 0 or self.pseudo_finetune_epochs < 0:
+                or self.pseudo_ratio <= 0 or self.pseudo_finetune_epochs < 0 or not 0 <= self.pseudo_modality_drop <= 1:
             raise OptionsError(f"pseudo_weight must be >= 0, pseudo_temperature > 0, pseudo_threshold in [0, 1), "
-                               f"pseudo_ratio > 0 and pseudo_finetune_epochs >= 0, got {self.pseudo_weight}, "
-                               f"{self.pseudo_temperature}, {self.pseudo_threshold}, {self.pseudo_ratio} and "
-                               f"{self.pseudo_finetune_epochs}")
+                               f"pseudo_ratio > 0, pseudo_finetune_epochs >= 0 and pseudo_modality_drop in [0, 1], "
+                               f"got {self.pseudo_weight}, {self.pseudo_temperature}, {self.pseudo_threshold}, "
+                               f"{self.pseudo_ratio}, {self.pseudo_finetune_epochs} and {self.pseudo_modality_drop}")
         if self.hidden % self.n_heads:
             raise OptionsError(f"hidden ({self.hidden}) must be a multiple of n_heads ({self.n_heads})")
         return self

@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from features import schema
 from neural.data import loader, ordered_batches, shuffled_batches, to_device
 from neural.models import FitContext, build_model
 
 LABEL_KEYS = ("rows", "label_fine", "label_coarse")
+TEXT_KEYS = (schema.TEXT_TOKENS, schema.TEXT_TOKEN_MASK, schema.TEXT_POOLED, schema.TEXT_FIELD_MASK, schema.TEXT_LEN)
+TEXT_MASKS = (schema.TEXT_TOKEN_MASK, schema.TEXT_FIELD_MASK)
 
 
 def autocast(device):
@@ -80,6 +83,35 @@ def distill_loss(model, batch, temperature):
     return temperature ** 2 * F.kl_div(student, teacher, reduction="batchmean")
 
 
+def _frame_key(name):
+    """Frames and what extract aggregated from them (agg/*) form the video modality."""
+    return name in (schema.FRAME_EMB, schema.FRAME_MASK) or name.startswith(schema.AGG_GROUP + "/")
+
+
+def drop_modality(batch, share, generator):
+    """A copy of `batch` in which each row with text and frames, with probability `share`, loses one of the
+    two (even odds): its values zeroed, its masks False. A batch that carries one modality is returned as
+    is. Draws come from `generator` (CPU), two per row, so a seeded fold draws the same drops again."""
+    text = [k for k in batch if k in TEXT_KEYS]
+    frames = [k for k in batch if _frame_key(k)]
+    if not share or not text or not frames:
+        return batch
+    n = len(batch[text[0]])
+    has_text = torch.zeros(n, dtype=torch.bool)
+    for key in (k for k in TEXT_MASKS if k in batch):
+        has_text |= batch[key].any(dim=1).cpu()
+    has_frames = batch[schema.FRAME_MASK].any(dim=1).cpu() if schema.FRAME_MASK in batch else torch.ones(n, dtype=torch.bool)
+    dropped = (torch.rand(n, generator=generator) < share) & has_text & has_frames             # (B,)
+    text_side = torch.rand(n, generator=generator) < 0.5                                        # (B,)
+    out = dict(batch)
+    for keys, rows in ((text, dropped & text_side), (frames, dropped & ~text_side)):
+        for key in keys:
+            value = out[key]
+            keep = (~rows).to(value.device).view(-1, *[1] * (value.dim() - 1))
+            out[key] = value & keep if value.dtype == torch.bool else value * keep.to(value.dtype)
+    return out
+
+
 def fgm_inputs(batch, grads, eps):
     """Inputs moved along their loss gradient by eps times each row's norm (scale-free FGM)."""
     adv = dict(batch)
@@ -130,7 +162,8 @@ def fit_fold(spec, dataset, train_rows, options, seed, device, codebook=None, de
     `codebook` (features.codebook.Codebook) and `class_names` initialise the models that need them;
     `pretrained` (neural.pretrain.Pretrained) then replaces every weight but the heads.
     `pseudo` (neural.pseudo.PseudoLabels): each step of the first options.epochs also distils one batch
-    of the teacher's pseudo-labels; then options.pseudo_finetune_epochs on labelled rows only (one LR
+    of the teacher's pseudo-labels (options.pseudo_modality_drop of them without their text or their
+    frames, drop_modality); then options.pseudo_finetune_epochs on labelled rows only (one LR
     schedule over all of them). Without it, nothing below draws or computes anything more.
 
     Everything random is drawn from `seed`, so a fold trains identically whether or not the folds
@@ -158,6 +191,7 @@ def fit_fold(spec, dataset, train_rows, options, seed, device, codebook=None, de
     if pseudo is not None:
         info["pseudo"] = pseudo.info()
     bar = tqdm(total=epochs * n_batches, desc=desc, leave=False, mininterval=2)
+    drops = torch.Generator().manual_seed(seed)               # which pseudo-labelled rows lose a modality
     for epoch in range(epochs):
         model.train()
         start, losses = time.perf_counter(), []
@@ -166,7 +200,8 @@ def fit_fold(spec, dataset, train_rows, options, seed, device, codebook=None, de
         extra = loader(pseudo.dataset, pseudo.batches(seed, epoch, len(batches)), options.num_workers) \
             if distil else itertools.repeat(None)
         for batch, unlabelled in zip(loader(dataset, batches, options.num_workers), extra):
-            unlabelled = None if unlabelled is None else to_device(unlabelled, device)
+            if unlabelled is not None:
+                unlabelled = drop_modality(to_device(unlabelled, device), options.pseudo_modality_drop, drops)
             losses.append(train_step(model, to_device(batch, device), weights, options, optimizer, device,
                                      unlabelled))
             scheduler.step()

@@ -167,7 +167,7 @@ def test_without_a_teacher_the_pseudo_options_change_nothing(planted, tmp_path):
     train_neural(cache, tmp_path / "plain", ["linear"], NeuralOptions(**opts))
     train_neural(cache, tmp_path / "set", ["linear"], NeuralOptions(**dict(
         opts, unlabeled="unlabeled", pseudo_weight=3.0, pseudo_temperature=4.0, pseudo_threshold=0.9,
-        pseudo_ratio=2.0, pseudo_finetune_epochs=2)))
+        pseudo_ratio=2.0, pseudo_finetune_epochs=2, pseudo_modality_drop=0.5)))
     plain, _ = outputs.read_oof(tmp_path / "plain" / "linear" / "predictions.h5")
     other, _ = outputs.read_oof(tmp_path / "set" / "linear" / "predictions.h5")
     np.testing.assert_array_equal(plain, other)
@@ -226,3 +226,52 @@ def test_pseudo_batches_are_confident_class_balanced_seeded_and_carry_their_rows
     np.testing.assert_array_equal(batch["soft_target"].numpy(), proba[batches[0]].astype(np.float16))
     np.testing.assert_array_equal(batch["text_pooled"].numpy(),
                                   reader.read("text_pooled", batches[0]).astype(np.float32))
+
+
+def _two_modality_batch(n=400):
+    """Rows 0..n/2 have text and frames; the next quarter text only, the last frames only."""
+    from features import schema
+    g = torch.Generator().manual_seed(3)
+    text_mask = torch.ones(n, 5, dtype=torch.bool)
+    frame_mask = torch.ones(n, 4, dtype=torch.bool)
+    frame_mask[n // 2: 3 * n // 4] = False
+    text_mask[3 * n // 4:] = False
+    return {schema.TEXT_TOKENS: torch.rand(n, 5, 3, generator=g) + 1, schema.TEXT_TOKEN_MASK: text_mask,
+            schema.FRAME_EMB: torch.rand(n, 4, 2, generator=g) + 1, schema.FRAME_MASK: frame_mask,
+            "agg/nextvlad": torch.rand(n, 6, generator=g) + 1, "rows": torch.arange(n)}
+
+
+def test_modality_drop_takes_one_modality_from_the_share_of_rows_that_have_both():
+    from features import schema
+    from neural.train import drop_modality
+    batch = _two_modality_batch()
+    out = drop_modality(batch, 0.5, torch.Generator().manual_seed(0))
+    text_gone = ~out[schema.TEXT_TOKEN_MASK].any(1) & batch[schema.TEXT_TOKEN_MASK].any(1)         # (B,)
+    frames_gone = ~out[schema.FRAME_MASK].any(1) & batch[schema.FRAME_MASK].any(1)
+    both = batch[schema.TEXT_TOKEN_MASK].any(1) & batch[schema.FRAME_MASK].any(1)
+    assert not (text_gone & frames_gone).any()                     # never both: the row keeps one modality
+    assert not ((text_gone | frames_gone) & ~both).any()           # a one-modality row is never emptied
+    share = (text_gone | frames_gone)[both].float().mean()
+    assert 0.4 < share < 0.6 and 0.3 < text_gone[both].float().mean() / share < 0.7, share
+    # a dropped side is zeroed (aggregates go with the frames), the rest is untouched
+    assert (out[schema.TEXT_TOKENS][text_gone] == 0).all() and (out[schema.FRAME_EMB][frames_gone] == 0).all()
+    assert (out["agg/nextvlad"][frames_gone] == 0).all() and (out["agg/nextvlad"][~frames_gone] > 0).all()
+    kept = ~(text_gone | frames_gone)
+    for key in (schema.TEXT_TOKENS, schema.FRAME_EMB, schema.FRAME_MASK, schema.TEXT_TOKEN_MASK):
+        assert torch.equal(out[key][kept], batch[key][kept])
+    assert torch.equal(out["rows"], batch["rows"])
+    again = drop_modality(batch, 0.5, torch.Generator().manual_seed(0))
+    assert all(torch.equal(out[k], again[k]) for k in out)          # seeded
+    assert drop_modality(batch, 0.0, torch.Generator()) is batch
+    one_modality = {k: v for k, v in batch.items() if k in (schema.TEXT_TOKENS, schema.TEXT_TOKEN_MASK, "rows")}
+    assert drop_modality(one_modality, 1.0, torch.Generator()) is one_modality
+
+
+def test_a_student_with_modality_drop_trains_records_it_and_differs(planted, tmp_path):
+    cache, teacher, _ = planted
+    _student(cache, teacher, tmp_path / "plain", models=("single",), epochs=2)
+    _student(cache, teacher, tmp_path / "drop", models=("single",), epochs=2, pseudo_modality_drop=0.5)
+    plain, _ = outputs.read_oof(tmp_path / "plain" / "single" / "predictions.h5")
+    dropped, _ = outputs.read_oof(tmp_path / "drop" / "single" / "predictions.h5")
+    assert np.isfinite(dropped).all() and not np.allclose(plain, dropped)
+    assert json.loads((tmp_path / "drop" / "run.json").read_text())["options"]["pseudo_modality_drop"] == 0.5
