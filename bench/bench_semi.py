@@ -18,14 +18,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import f1_score
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.protocols import data_dir_of, read_answers  # noqa: E402
+from features import schema  # noqa: E402
 from features.records import read_json, write_json  # noqa: E402
+from features.store import StoreReader, rows_of  # noqa: E402
 from neural.metrics import PairedBootstrap, band, challenge_metric, metric_from_proba  # noqa: E402
 from neural.outputs import read_run  # noqa: E402
+from stacking.reweight import PriorReweighter, class_weights  # noqa: E402
 from stacking.rundir import load_run, split_predictions  # noqa: E402
+from stacking.signals import build_input  # noqa: E402
+from stacking.stackers.base import load_stacker  # noqa: E402
 from stacking.submission import read_predictions  # noqa: E402
 
 SPLIT = "unlabeled"
@@ -47,7 +53,48 @@ def rows_of_run(run_dir, true_of):
         metrics = read_json(stack_dir / "metrics.json")
         cv = metrics["table"].get(f"{metrics['stacker']}+reweight", {}).get("mean")
         rows["stack (submission)"] = (cv, np.array([index[submitted[v]] for v in ids]))
+        if (stack_dir / "stacker").is_dir():
+            rows.update(reweighting_rows(stack_dir, run, ids, true, metrics, rows["stack (submission)"][1]))
     return ids, true, run, rows
+
+
+def own_classes_metric(true, pred, fine_to_coarse):
+    """The challenge's mean-F1 with each macro-F1 taken over the classes the true labels hold only. The
+    protocol leaves every class at least one labelled item, so the rarest classes (one item in all) are
+    absent from the 80%: there one prediction of such a class adds a class of F1 0 to the challenge's macro
+    (sklearn averages over truth and prediction), a few items moving a score by a point or more."""
+    coarse_true, coarse_pred = fine_to_coarse[true], fine_to_coarse[pred]
+    return float(np.mean([f1_score(true, pred, average="micro"),
+                          f1_score(true, pred, average="macro", labels=np.unique(true)),
+                          f1_score(coarse_true, coarse_pred, average="micro"),
+                          f1_score(coarse_true, coarse_pred, average="macro", labels=np.unique(coarse_true))]))
+
+
+def reweighting_rows(stack_dir, run, ids, true, metrics, submitted):
+    """Where the stack's score on the unlabelled split comes from: its stacker's predictions before the
+    long-tail reweighting, and with the reweighting candidate that scores best there (an oracle: chosen on
+    the answers, so only a bound on what the choice on the labelled OOF left). The candidates' OOF and
+    unlabelled scores are printed as the reweighting curve."""
+    stacker = load_stacker(stack_dir / "stacker")
+    reweighter = PriorReweighter.load(stack_dir / "reweight.json")
+    names = read_json(stack_dir / "stack.json")["signals"]
+    with StoreReader(schema.store_path(run.config["cache_dir"], SPLIT)) as reader:
+        X = build_input(run.models, split_predictions(run, SPLIT)[1], reader, rows_of(reader.ids, ids, reader.path),
+                        names)
+    proba = stacker.predict_proba(X)                                                       # (N, C)
+    if not np.array_equal(reweighter.transform(proba).argmax(1), submitted):
+        raise SystemExit(f"{stack_dir}: its saved stacker and reweighting do not give its submission.csv")
+    curve = [(kind, param, oof, challenge_metric(true, (proba * class_weights(kind, param, reweighter.class_counts_))
+                                                 .argmax(1), run.fine_to_coarse)["mean"])
+             for kind, param, oof in reweighter.curve_]
+    print(f"{stack_dir.name}: reweighting p_c * w_c, candidates (OOF on the labelled split -> on the 80%): "
+          + ", ".join(f"{k} {p:g}: {o:.3f} -> {u:.3f}" + (" [chosen]" if (k, p) == (reweighter.kind_, reweighter.param_)
+                                                           else "") for k, p, o, u in curve))
+    best = max(curve, key=lambda c: c[3])
+    oracle = (proba * class_weights(best[0], best[1], reweighter.class_counts_)).argmax(1)
+    before = metrics["table"].get(metrics["stacker"], {}).get("mean")
+    return {"stack before reweighting": (before, proba.argmax(1)),
+            f"stack, reweighting best on the 80% (oracle)": (None, oracle)}
 
 
 def pseudo_accuracy(run_dir, true_of, fine_classes):
@@ -91,12 +138,15 @@ def main(argv=None):
         scored[name] = {row: (cv, pred, boot.means(pred)) for row, (cv, pred) in rows.items()}
         scored[name]["_pseudo"] = pseudo_accuracy(run_dir, true_of, run.fine_classes)
     ref_name = runs[0][0]
-    table, lines = {}, [f"| row | run | OOF mean-F1 (20%) | mean-F1 on the 80% | 90% band | vs {ref_name} | 90% band |",
-                        "|---|---|---|---|---|---|---|"]
+    table, lines = {}, [f"| row | run | OOF mean-F1 (20%) | mean-F1 on the 80% | 90% band | vs {ref_name} | 90% band | "
+                        "macro over the 80%'s own classes (vs ref) | items in classes the 80% lacks |",
+                        "|---|---|---|---|---|---|---|---|---|"]
     for name, _ in runs:
         for row, (cv, pred, samples) in ((r, v) for r, v in scored[name].items() if r != "_pseudo"):
             score = float(challenge_metric(boot.true, pred, boot.f2c)["mean"])
-            entry = {"oof": cv, "score": score, "band": band(samples)}
+            own = own_classes_metric(boot.true, pred, boot.f2c)
+            phantom = int(np.isin(pred, np.setdiff1d(pred, boot.true)).sum())
+            entry = {"oof": cv, "score": score, "band": band(samples), "own_classes": own, "phantom_items": phantom}
             diff = ""
             if name != ref_name and row in scored[ref_name]:
                 ref = scored[ref_name][row]
@@ -106,8 +156,10 @@ def main(argv=None):
                 diff = f"{entry['diff']:+.4f} | {entry['diff_band'][0]:+.3f}..{entry['diff_band'][1]:+.3f}"
             table.setdefault(row, {})[name] = entry
             cv_text = f"{cv:.4f}" if cv is not None else ""
+            ref_own = table.get(row, {}).get(ref_name, {}).get("own_classes")
+            own_vs = f" ({own - ref_own:+.4f})" if name != ref_name and ref_own is not None else ""
             lines.append(f"| {row} | {name} | {cv_text} | {score:.4f} | {entry['band'][0]:.3f}..{entry['band'][1]:.3f} | "
-                         + (diff or " | ") + " |")
+                         + (diff or " | ") + f" | {own:.4f}{own_vs} | {phantom} |")
     print("\n".join(lines))
     for name, _ in runs:
         if scored[name]["_pseudo"]:
