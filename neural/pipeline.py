@@ -21,7 +21,6 @@ from features import schema
 from features.class_names import CLASS_NAMES_FILE, load_class_names
 from features.codebook import CODEBOOK_FILE, Codebook
 from features.device import resolve_device
-from features.heap import fix_mmap_threshold
 from features.world import current_world
 from features.records import options_diff
 from features.store import StoreReader
@@ -316,7 +315,6 @@ def train_neural(cache_dir, out_dir, models, options=None, overwrite=False, worl
     options = (options or NeuralOptions()).check()
     world = world or current_world()
     set_threads(options.threads, world)
-    fix_mmap_threshold()               # else the heap grows with every training step (features.heap)
     run_dir = Path(out_dir)
     reader = StoreReader(schema.store_path(cache_dir, schema.LABELLED_SPLIT))
     split_readers = {s: StoreReader(schema.store_path(cache_dir, s)) for s in other_splits(cache_dir, options)}

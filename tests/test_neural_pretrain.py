@@ -227,3 +227,26 @@ def test_cli_pretrain_flags_reach_the_run(cache, tmp_path):
     assert "cross: OOF mean-F1" in result.output
     assert "unlabelled split: unlabeled (unlabeled.h5, found in the cache), used for self-supervised " \
            "pretraining of cross" in result.output, result.output
+
+
+def test_masked_positions_are_padded_to_a_few_sizes_without_changing_the_loss():
+    """The masked-state loss on positions padded to a multiple of the bucket equals (value and gradient)
+    the loss on the chosen positions alone, and its tensors take few sizes whatever the draw."""
+    from neural.pretrain import TEMPERATURE, info_nce, masked_state_loss, padded_positions
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 5)
+    sizes = set()
+    for draw in range(20):
+        states = torch.randn(6, 9, 8, requires_grad=True)
+        targets = torch.randn(6, 9, 5)
+        at = torch.rand(6, 9) < 0.3
+        at[0, :2] = True                                                  # at least two positions
+        plain = info_nce(head(states[at]), targets[at], 1 / TEMPERATURE)
+        padded = masked_state_loss(head, states, targets, at)
+        torch.testing.assert_close(padded, plain)
+        torch.testing.assert_close(torch.autograd.grad(padded, states)[0], torch.autograd.grad(plain, states)[0])
+        index, real = padded_positions(at, 16)
+        assert len(index) % 16 == 0 and int(real.sum()) == int(at.sum()) and torch.equal(
+            index[real], torch.nonzero(at.flatten()).squeeze(1))
+        sizes.add(len(index))
+    assert len(sizes) <= 2, sizes                  # 54 positions at 0.3: 16 +- 4 chosen -> 16 or 32
