@@ -100,7 +100,8 @@ def drop_modality(batch, share, generator):
     has_text = torch.zeros(n, dtype=torch.bool)
     for key in (k for k in TEXT_MASKS if k in batch):
         has_text |= batch[key].any(dim=1).cpu()
-    has_frames = batch[schema.FRAME_MASK].any(dim=1).cpu() if schema.FRAME_MASK in batch else torch.ones(n, dtype=torch.bool)
+    has_frames = (batch[schema.FRAME_MASK].any(dim=1).cpu() if schema.FRAME_MASK in batch
+                  else torch.ones(n, dtype=torch.bool))                  # aggregates only: every row has them
     dropped = (torch.rand(n, generator=generator) < share) & has_text & has_frames             # (B,)
     text_side = torch.rand(n, generator=generator) < 0.5                                        # (B,)
     out = dict(batch)
