@@ -161,18 +161,22 @@ def mask_positions(mask, ratio, generator):
 
 def match_loss(model, heads, batch, both, generator):
     """Video-text matching over the rows with text and frames (both (B,) bool, at least two): half of them
-    get the frames of the next such row; the match head tells which kept their own."""
+    get the frames of the next such row; the match head tells which kept their own. The pairs fill all B
+    rows (the others pad, their own frames, left out of the loss), so the encoder's tensors keep the
+    batch's size whatever n is (see padded_positions)."""
     rows = torch.nonzero(both).squeeze(1)                                   # (n,)
-    n = len(rows)
-    swapped = torch.zeros(n, dtype=torch.bool)
+    n, size = len(rows), len(both)
+    swapped = torch.zeros(size, dtype=torch.bool)
     swapped[torch.randperm(n, generator=generator)[: n // 2]] = True
-    swapped, other = swapped.to(rows.device), torch.roll(torch.arange(n, device=rows.device), 1)
+    swapped = swapped.to(rows.device)
+    other = torch.cat([torch.roll(torch.arange(n, device=rows.device), 1), torch.arange(n, size, device=rows.device)])
+    rows = torch.cat([rows, rows.new_zeros(size - n)])                      # (B,): n real, then padding
     pairs = {k: v[rows] for k, v in batch.items()}
     for key in (schema.FRAME_EMB, schema.FRAME_MASK):
         x = pairs[key]
         pairs[key] = torch.where(swapped.view(-1, *[1] * (x.dim() - 1)), x[other], x)
-    logit = heads.match(model.pool(*model.encode(pairs))).squeeze(-1)       # (n,)
-    return F.binary_cross_entropy_with_logits(logit.float(), (~swapped).float())
+    logit = heads.match(model.pool(*model.encode(pairs))).squeeze(-1)       # (B,)
+    return F.binary_cross_entropy_with_logits(logit[:n].float(), (~swapped[:n]).float())
 
 
 def batch_losses(model, heads, batch, weights, ratio, generator):

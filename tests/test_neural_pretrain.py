@@ -250,3 +250,37 @@ def test_masked_positions_are_padded_to_a_few_sizes_without_changing_the_loss():
             index[real], torch.nonzero(at.flatten()).squeeze(1))
         sizes.add(len(index))
     assert len(sizes) <= 2, sizes                  # 54 positions at 0.3: 16 +- 4 chosen -> 16 or 32
+
+
+def _old_match_loss(model, heads, batch, both, generator):
+    """match_loss as it was before its pairs were padded to the batch's rows, arithmetic for arithmetic."""
+    rows = torch.nonzero(both).squeeze(1)
+    n = len(rows)
+    swapped = torch.zeros(n, dtype=torch.bool)
+    swapped[torch.randperm(n, generator=generator)[: n // 2]] = True
+    other = torch.roll(torch.arange(n), 1)
+    pairs = {k: v[rows] for k, v in batch.items()}
+    for key in (schema.FRAME_EMB, schema.FRAME_MASK):
+        x = pairs[key]
+        pairs[key] = torch.where(swapped.view(-1, *[1] * (x.dim() - 1)), x[other], x)
+    logit = heads.match(model.pool(*model.encode(pairs))).squeeze(-1)
+    return torch.nn.functional.binary_cross_entropy_with_logits(logit.float(), (~swapped).float())
+
+
+@pytest.mark.parametrize("model_name", ["single", "cross"])
+def test_match_pairs_padded_to_the_batch_give_the_loss_of_the_real_pairs(cache, model_name):
+    """Rows without text pad the matching pairs (so the encoder's tensors keep the batch's size); the loss
+    is the one over the real pairs alone, as before the padding (eval mode: no dropout draws)."""
+    from neural.pretrain import PretrainHeads, match_loss
+    readers = readers_of(cache, ("labeled",))
+    spec = spec_of(model_name, readers, NeuralOptions(**TINY))
+    torch.manual_seed(0)
+    model, heads = build_model(spec).eval(), PretrainHeads(spec).eval()
+    batch = a_batch(cache)
+    batch[schema.TEXT_TOKEN_MASK][[1, 4, 5]] = False                   # 9 of 12 rows have both
+    both = batch[schema.TEXT_TOKEN_MASK].any(1) & batch[schema.FRAME_MASK].any(1)
+    assert int(both.sum()) == 9
+    with torch.no_grad():
+        padded = match_loss(model, heads, batch, both, torch.Generator().manual_seed(3))
+        plain = _old_match_loss(model, heads, batch, both, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(padded, plain)
