@@ -134,8 +134,8 @@ def info_nce(pred, target, scale, real=None):
 
 
 def padded_positions(at, bucket):
-    """(B, L) chosen positions -> (flat indices (M',), real (M',) bool): the M chosen positions in row-major
-    order, padded with position 0 up to a multiple of `bucket`. The number chosen varies per batch; tensors
+    """(B, L) or (B,) chosen positions -> (flat indices (M',), real (M',) bool): the M chosen positions in
+    row-major order, padded with position 0 up to a multiple of `bucket`. The number chosen varies per batch; tensors
     of as many sizes fragment the C heap, which then grows with every step (pretraining +6.7 KB per video
     per epoch); padded to a few sizes it stays flat."""
     flat = torch.nonzero(at.flatten()).squeeze(1)                                            # (M,)
@@ -164,13 +164,12 @@ def match_loss(model, heads, batch, both, generator):
     get the frames of the next such row; the match head tells which kept their own. The pairs fill all B
     rows (the others pad, their own frames, left out of the loss), so the encoder's tensors keep the
     batch's size whatever n is (see padded_positions)."""
-    rows = torch.nonzero(both).squeeze(1)                                   # (n,)
-    n, size = len(rows), len(both)
+    rows, real = padded_positions(both, len(both))                          # (B,): n real, then padding
+    n, size = int(real.sum()), len(both)
     swapped = torch.zeros(size, dtype=torch.bool)
     swapped[torch.randperm(n, generator=generator)[: n // 2]] = True
     swapped = swapped.to(rows.device)
     other = torch.cat([torch.roll(torch.arange(n, device=rows.device), 1), torch.arange(n, size, device=rows.device)])
-    rows = torch.cat([rows, rows.new_zeros(size - n)])                      # (B,): n real, then padding
     pairs = {k: v[rows] for k, v in batch.items()}
     for key in (schema.FRAME_EMB, schema.FRAME_MASK):
         x = pairs[key]
