@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import f1_score
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -58,18 +57,6 @@ def rows_of_run(run_dir, true_of):
     return ids, true, run, rows
 
 
-def own_classes_metric(true, pred, fine_to_coarse):
-    """The challenge's mean-F1 with each macro-F1 taken over the classes the true labels hold only. The
-    protocol leaves every class at least one labelled item, so the rarest classes (one item in all) are
-    absent from the 80%: there one prediction of such a class adds a class of F1 0 to the challenge's macro
-    (sklearn averages over truth and prediction), a few items moving a score by a point or more."""
-    coarse_true, coarse_pred = fine_to_coarse[true], fine_to_coarse[pred]
-    return float(np.mean([f1_score(true, pred, average="micro"),
-                          f1_score(true, pred, average="macro", labels=np.unique(true)),
-                          f1_score(coarse_true, coarse_pred, average="micro"),
-                          f1_score(coarse_true, coarse_pred, average="macro", labels=np.unique(coarse_true))]))
-
-
 def reweighting_rows(stack_dir, run, ids, true, metrics, submitted):
     """Where the stack's score on the unlabelled split comes from: its stacker's predictions before the
     long-tail reweighting, and with the reweighting candidate that scores best there (an oracle: chosen on
@@ -84,14 +71,15 @@ def reweighting_rows(stack_dir, run, ids, true, metrics, submitted):
     proba = stacker.predict_proba(X)                                                       # (N, C)
     if not np.array_equal(reweighter.transform(proba).argmax(1), submitted):
         raise SystemExit(f"{stack_dir}: its saved stacker and reweighting do not give its submission.csv")
-    curve = [(kind, param, oof, challenge_metric(true, (proba * class_weights(kind, param, reweighter.class_counts_))
-                                                 .argmax(1), run.fine_to_coarse)["mean"])
+    preds = {(kind, param): (proba * class_weights(kind, param, reweighter.class_counts_)).argmax(1)
+             for kind, param, _ in reweighter.curve_}                                     # candidate -> (N,)
+    curve = [(kind, param, oof, challenge_metric(true, preds[kind, param], run.fine_to_coarse)["mean"])
              for kind, param, oof in reweighter.curve_]
     print(f"{stack_dir.name}: reweighting p_c * w_c, candidates (OOF on the labelled split -> on the 80%): "
           + ", ".join(f"{k} {p:g}: {o:.3f} -> {u:.3f}" + (" [chosen]" if (k, p) == (reweighter.kind_, reweighter.param_)
                                                            else "") for k, p, o, u in curve))
     best = max(curve, key=lambda c: c[3])
-    oracle = (proba * class_weights(best[0], best[1], reweighter.class_counts_)).argmax(1)
+    oracle = preds[best[0], best[1]]
     before = metrics["table"].get(metrics["stacker"], {}).get("mean")
     return {"stack before reweighting": (before, proba.argmax(1)),
             f"stack, reweighting best on the 80% (oracle)": (None, oracle)}
@@ -144,7 +132,9 @@ def main(argv=None):
     for name, _ in runs:
         for row, (cv, pred, samples) in ((r, v) for r, v in scored[name].items() if r != "_pseudo"):
             score = float(challenge_metric(boot.true, pred, boot.f2c)["mean"])
-            own = own_classes_metric(boot.true, pred, boot.f2c)
+            # the protocol leaves every class one labelled item, so classes of one item in all are absent from
+            # the 80%: one prediction of such a class adds a class of F1 0 to the challenge's macro
+            own = float(challenge_metric(boot.true, pred, boot.f2c, truth_classes_only=True)["mean"])
             phantom = int(np.isin(pred, np.setdiff1d(pred, boot.true)).sum())
             entry = {"oof": cv, "score": score, "band": band(samples), "own_classes": own, "phantom_items": phantom}
             diff = ""

@@ -53,3 +53,14 @@ def test_a_prediction_of_another_length_is_refused():
     true, pred, f2c = labels()
     with pytest.raises(ValueError, match="shape"):
         PairedBootstrap(true, f2c).means(pred[:-1])
+
+
+def test_truth_classes_only_leaves_out_the_classes_only_predicted():
+    f2c = np.array([0, 0, 1, 1])
+    true = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 0, 1, 3, 2, 2])                    # one item put into class 3, absent from the truth
+    default = challenge_metric(true, pred, f2c)
+    own = challenge_metric(true, pred, f2c, truth_classes_only=True)
+    assert own["l2_micro"] == default["l2_micro"] and own["l1_micro"] == default["l1_micro"]
+    assert own["l2_macro"] > default["l2_macro"]           # class 3's F1 of 0 no longer averaged in
+    assert own["l2_macro"] == np.mean([1.0, 2 / 3, 1.0])   # classes 0, 1 (one of two found), 2
