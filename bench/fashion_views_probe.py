@@ -26,6 +26,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.bench_neural import mean_frame_and_title  # noqa: E402
 from bench.heldout import linear_probe  # noqa: E402
 from bench.protocols import data_dir_of, read_answers  # noqa: E402
 from features import schema  # noqa: E402
@@ -40,13 +41,12 @@ VARIANTS = {"one": "one view (the store's frame)", "views": "mean of the views",
 
 
 def store_part(cache, split, ids):
-    """(N, D) the store's mean frame (float64, as bench/heldout.py's probe) and (N, Dt) pooled title of `ids`."""
+    """(N, D) the store's mean frame and (N, Dt) pooled title of `ids`: bench/heldout.py's probe features
+    (mean_frame_and_title, float64), split at the frame width."""
     with StoreReader(schema.store_path(cache, split)) as reader:
-        rows = rows_of(reader.ids, ids, reader.path)
-        frames = reader.read(schema.FRAME_EMB, rows).astype(np.float32)                  # (N, F, D)
-        mask = reader.read(schema.FRAME_MASK, rows)[..., None]
-        title = reader.read(schema.TEXT_POOLED, rows)[:, 0].astype(np.float32)         # (N, Dt)
-    return (frames * mask).sum(1) / np.maximum(mask.sum(1), 1), title
+        x = mean_frame_and_title(reader, rows_of(reader.ids, ids, reader.path))           # (N, D + Dt)
+        frame_dim = reader.h5[schema.FRAME_EMB].shape[-1]
+    return x[:, :frame_dim], x[:, frame_dim:]
 
 
 def zip_mean(path, ids):
