@@ -61,6 +61,13 @@ def items(data):
             yield path.stem, zf.read(sorted(zf.namelist())[0])
 
 
+def batches(iterable, size):
+    """Lists of up to `size` consecutive items."""
+    it = iter(iterable)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
 def write_npy(zf, vid, array):
     buf = io.BytesIO()
     np.save(buf, array.astype(np.float16))
@@ -85,12 +92,9 @@ def main():
     part_scale = None
     start, n = time.time(), 0
     with zipfile.ZipFile(out / "views.zip.tmp", "w") as zv, zipfile.ZipFile(out / "layers.zip.tmp", "w") as zl:
-        batch = []
-        for vid, jpeg in itertools.chain(itertools.islice(items(args.data), args.limit), [(None, None)]):
-            if vid is not None:
-                batch.append((vid, views(Image.open(io.BytesIO(jpeg)).convert("RGB"), encoder.preprocess, args.views)))
-            if not batch or (vid is not None and len(batch) < args.batch):     # (None, None): the end
-                continue
+        for chunk in batches(itertools.islice(items(args.data), args.limit), args.batch):
+            batch = [(vid, views(Image.open(io.BytesIO(jpeg)).convert("RGB"), encoder.preprocess, args.views))
+                     for vid, jpeg in chunk]
             with torch.inference_mode():
                 flat = torch.cat([v for _, v in batch])                        # (B * V, 3, S, S)
                 head, stages = head_and_stages(model, flat)
@@ -104,7 +108,6 @@ def main():
                 write_npy(zv, v, head[i].numpy())
                 write_npy(zl, v, layers[i:i + 1].numpy())
             n += len(batch)
-            batch = []
             if n % 512 < args.batch:
                 print(f"{n} items, {n / (time.time() - start):.1f} items/s", flush=True)
     (out / "views.zip.tmp").rename(out / "views.zip")
