@@ -6,28 +6,21 @@ Generates a store of N videos x F frames x D float16 (default 100k x 32 x 768, t
     codebook   fit the codebook on a sample of frames (PCA, k-means, GMM)       (seconds)
     aggregate  run_aggregates with that codebook: read, compute, write agg/*    (videos/s)
     read       again, to show the page cache's effect on the first read
-and prints the throughputs, their ratio and each phase's peak RSS (resource.getrusage ru_maxrss).
+and prints the throughputs, their ratio and each phase's peak RSS (bench.common.peak_rss_mib).
 
-    PYTHONPATH=. python bench/bench_aggregates.py --n 20000 --threads 1
+    python -m bench aggregates --n 20000 --threads 1
 """
 import argparse
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+from bench.common import Table, cache_dir, limit_threads, peak_rss_mib as _peak_mb, write_record
 
-def _limit_threads(threads):
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-
-
-def _peak_mb():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KB
+BENCHMARK = {"kind": "speed", "summary": "computing every agg/* feature against a plain read of the frames (videos/s, peak RSS)"}
 
 
 def generate(path, n, n_frames, dim, chunk, seed):
@@ -102,19 +95,19 @@ def _in_child(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench aggregates", description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=100_000, help="videos to generate")
     parser.add_argument("--frames", type=int, default=32, help="F, frames per video")
     parser.add_argument("--dim", type=int, default=768, help="D, frame embedding dim")
-    parser.add_argument("--workdir", default="/tmp", help="where the temporary store is made")
+    parser.add_argument("--workdir", default=None, help="where the temporary store is made [default: BENCH_CACHE]")
     parser.add_argument("--batch-size", type=int, default=256, help="videos per read/compute batch")
     parser.add_argument("--threads", type=int, default=1, help="torch/BLAS threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--keep", action="store_true", help="keep the generated store afterwards")
-    args = parser.parse_args()
-    _limit_threads(args.threads)
-    workdir = Path(args.workdir) / f"bench_aggregates_{args.n}_{os.getpid()}"
+    args = parser.parse_args(argv)
+    limit_threads(args.threads)
+    workdir = Path(args.workdir or cache_dir()) / f"bench_aggregates_{args.n}_{os.getpid()}"
     workdir.mkdir(parents=True)
     path = workdir / "bench.h5"
     options_kw = {"batch_size": args.batch_size}
@@ -130,25 +123,27 @@ def main():
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    _report(args, gen, read1, fit, aggregate, read2)
+    _report(args, argv, gen, read1, fit, aggregate, read2)
 
 
-def _report(args, gen, read1, fit, aggregate, read2):
+def _report(args, argv, gen, read1, fit, aggregate, read2):
     read_best = max(read1["videos_per_s"], read2["videos_per_s"])
-    print(f"\n{args.n} videos, {args.frames} x {args.dim} float16, batch {args.batch_size}, "
-          f"{args.threads} thread(s), device {args.device}")
-    print(f"read frames only      {read1['videos_per_s']:9.0f} videos/s (first), "
-          f"{read2['videos_per_s']:.0f} videos/s (again)   peak RSS {max(read1['peak_mb'], read2['peak_mb']):.0f} MB "
-          f"(after imports {read1['import_mb']:.0f} MB)")
-    print(f"fit codebook          {fit['seconds']:9.1f} s once              peak RSS {fit['peak_mb']:.0f} MB")
-    print(f"compute+write agg/*   {aggregate['videos_per_s']:9.0f} videos/s             "
-          f"peak RSS {aggregate['peak_mb']:.0f} MB (after imports {aggregate['import_mb']:.0f} MB)")
-    print(f"ratio aggregate / read: {aggregate['videos_per_s'] / read_best:.2f} vs the faster read, "
-          f"{aggregate['videos_per_s'] / read1['videos_per_s']:.2f} vs the first; "
-          f"codebook fit + aggregate {fit['seconds'] + aggregate['seconds']:.0f} s in all; "
-          f"generation peak RSS {gen['peak_mb']:.0f} MB")
-    print(f"agg width per video: {aggregate['total_width']} float16 values {aggregate['widths']}")
-    print("reproduce: PYTHONPATH=. python " + " ".join([sys.argv[0]] + sys.argv[1:]))
+    table = Table(f"{args.n:,} videos, {args.frames} x {args.dim} float16 frames, batch {args.batch_size}, "
+                  f"{args.threads} thread(s), device {args.device}; each phase its own process",
+                  ["phase", "videos/s", "seconds", "peak RSS MB (after imports)"])
+    table.add("read frames only (first pass)", f"{read1['videos_per_s']:,.0f}", f"{read1['seconds']:.1f}",
+              f"{read1['peak_mb']:.0f} ({read1['import_mb']:.0f})")
+    table.add("read frames only (again: page cache)", f"{read2['videos_per_s']:,.0f}", f"{read2['seconds']:.1f}",
+              f"{read2['peak_mb']:.0f} ({read2['import_mb']:.0f})")
+    table.add("fit the codebook (once)", "", f"{fit['seconds']:.1f}", f"{fit['peak_mb']:.0f} ({fit['import_mb']:.0f})")
+    table.add("compute + write agg/*", f"{aggregate['videos_per_s']:,.0f}", f"{aggregate['seconds']:.1f}",
+              f"{aggregate['peak_mb']:.0f} ({aggregate['import_mb']:.0f})")
+    ratios = {"aggregate / the faster read": aggregate["videos_per_s"] / read_best,
+              "aggregate / the first read": aggregate["videos_per_s"] / read1["videos_per_s"]}
+    notes = [f"agg width per video: {aggregate['total_width']:,} float16 values {aggregate['widths']}",
+             f"generating the store: peak RSS {gen['peak_mb']:.0f} MB"]
+    print("\n".join(notes))
+    write_record("aggregates", argv, [table], ratios, notes)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """extract at 1 and 2 processes (torchrun) on a generated preliminary-layout set, and stitch by copy vs VDS.
 
-    PYTHONPATH=. python bench/bench_distributed.py extract --n 10000 --root /tmp/dist
-    PYTHONPATH=. python bench/bench_distributed.py stitch --root /tmp/dist      # after `extract`
+    python -m bench distributed_extract extract --n 10000 [--root bench_cache/distributed_extract]
+    python -m bench distributed_extract stitch                                       # after `extract`
 
 extract: generate N labelled videos (demo.synthetic.generate_feature_zip_dataset: float16 <id>.npy,
 F<=32 x 768; reused when there), then run, one after the other from an empty cache each time,
@@ -25,11 +25,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from features import schema  # noqa: E402
-from features.shards import stitch  # noqa: E402
-from features.store import StoreReader, create_dataset  # noqa: E402
+from bench.common import REPO, Table, cache_dir, child_env, write_record
+from features import schema
+from features.shards import stitch
+from features.store import StoreReader, create_dataset
+
+BENCHMARK = {"kind": "speed", "summary": "extract at 1 and 2 processes (torchrun) and stitching shards by copy vs virtual dataset"}
 
 
 def extract_argv(data, cache, nproc):
@@ -94,28 +95,28 @@ def timed_extract(data, cache, nproc, env):
     return seconds, peaks
 
 
-def run_extract(args):
+def run_extract(args, argv):
     from demo.synthetic import generate_feature_zip_dataset
     root = Path(args.root)
     data = root / f"n{args.n}"
     if not (data / "summary_labeled.json").exists():
         generate_feature_zip_dataset(data, args.n, n_frames=32, dim=768, split="labeled", progress=False)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(args.threads))
-    print(f"N={args.n:,} generated videos (F<=32 x 768 npy, MiniLM on 32 tokens, default aggregates); "
-          f"load average before: {os.getloadavg()[0]:.2f}; cores: {os.cpu_count()}", flush=True)
+    env = child_env(args.threads)
+    table = Table(f"extract of {args.n:,} generated videos (F<=32 x 768 npy, MiniLM on 32 tokens, default aggregates)",
+                  ["processes", "seconds", "videos/s", "peak RSS MiB", "load average after"])
     results = {}
     for nproc in (1, 2):
         seconds, peaks = timed_extract(data, root / f"cache{nproc}", nproc, env)
         results[nproc] = seconds
-        print(f"{nproc} process(es): {seconds:7.1f} s  {args.n / seconds:6.1f} videos/s  peak RSS "
-              + ", ".join(f"{k} {v:,.0f} MiB" for k, v in sorted(peaks.items()))
-              + f"  (load average after: {os.getloadavg()[0]:.2f})", flush=True)
-    print(f"speed-up 2 / 1 processes: {results[1] / results[2]:.2f}x")
+        table.add(nproc, f"{seconds:.1f}", f"{args.n / seconds:.1f}",
+                  ", ".join(f"{k} {v:,.0f}" for k, v in sorted(peaks.items())), f"{os.getloadavg()[0]:.2f}")
     with h5py.File(root / "cache1/labeled.h5", "r") as one, h5py.File(root / "cache2/labeled.h5", "r") as two:
         same = all(np.array_equal(one[name][s:s + 1024], two[name][s:s + 1024])
                    for name in (schema.FRAME_EMB, "agg/netvlad") for s in range(0, args.n, 1024))
-    print(f"frame_emb and agg/netvlad equal between the two stores: {same}")
-    print("reproduce: PYTHONPATH=. python bench/bench_distributed.py " + " ".join(sys.argv[1:]))
+    note = f"frame_emb and agg/netvlad equal between the two stores: {same}"
+    print(note)
+    write_record("distributed_extract", argv, [table], {"speed-up, 2 / 1 processes": results[1] / results[2]}, [note],
+                 variant="extract")
 
 
 def cut_shards(store, folder, rows):
@@ -176,11 +177,13 @@ def random_read_seconds(path, rows):
     return seconds, frames
 
 
-def run_stitch(args):
+def run_stitch(args, argv):
     root = Path(args.root)
     store = root / "cache1" / "labeled.h5"
     shards = cut_shards(store, root / "shards", 256)
     n = StoreReader(store).n
+    table = Table(f"stitching {n:,} rows in {len(shards)} shards, then {min(n, 2048):,} random rows of frame_emb read",
+                  ["method", "stitch s", "file MiB", "random read s", "equal to the store"])
     for label, build in (("copy", lambda out: stitch(shards, out, aggregates=True)),
                          ("virtual dataset", lambda out: stitch_virtual(shards, out))):
         out = root / f"stitched_{label.split()[0]}.h5"
@@ -190,21 +193,21 @@ def run_stitch(args):
         rows = np.random.default_rng(0).choice(n, min(n, 2048), replace=False)
         read, frames = random_read_seconds(out, rows)
         _, want = random_read_seconds(store, rows)
-        print(f"{label:16s}: stitch {built:6.2f} s for {n:,} rows in {len(shards)} shards "
-              f"({os.path.getsize(out) / 2**20:,.0f} MiB file); {len(rows):,} random rows of frame_emb: {read:.3f} s; "
-              f"equal to the store: {np.array_equal(frames, want)}", flush=True)
-    print("reproduce: PYTHONPATH=. python bench/bench_distributed.py " + " ".join(sys.argv[1:]))
+        table.add(label, f"{built:.2f}", f"{os.path.getsize(out) / 2**20:,.0f}", f"{read:.3f}",
+                  str(np.array_equal(frames, want)))
+    write_record("distributed_extract", argv, [table], variant="stitch")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench distributed_extract", description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["extract", "stitch"])
     parser.add_argument("--n", type=int, default=10000)
-    parser.add_argument("--root", default="/tmp/bench_distributed")
+    parser.add_argument("--root", default=None, help="[default: BENCH_CACHE/distributed_extract]")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the 1-process run "
                         "(a rank on the CPU sets its own share of the cores)")
-    args = parser.parse_args()
-    (run_extract if args.what == "extract" else run_stitch)(args)
+    args = parser.parse_args(argv)
+    args.root = args.root or str(cache_dir("distributed_extract"))
+    (run_extract if args.what == "extract" else run_stitch)(args, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ the cores; on a loaded machine this oversubscribes it badly, hence opt-in). The 
 for bit with the 1-process run at 1 thread (torch's CPU results change in the last bits with the thread
 count, so only equal thread counts can be equal).
 
-    PYTHONPATH=. python bench/bench_distributed_train.py --n 2000 --folds 5 --epochs 2 --models mlp,linear,vlad
+    python -m bench distributed_train --n 2000 --folds 5 --epochs 2 --models mlp,linear,vlad
 """
 import argparse
 import os
@@ -21,14 +21,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import REPO as ROOT, Table, cache_dir, child_env, write_record
+
+BENCHMARK = {"kind": "speed", "summary": "train-neural at 1 and 2 processes (torchrun): wall, speed-up, peak RSS per rank, equal outputs"}
 
 
 def make_cache(folder, n, n_classes, frames, frame_dim, text_dim, tokens):
-    """labeled.h5 of n generated videos, with aggregates and a codebook (for vlad and mlp)."""
-    from bench.bench_neural import write_generated_store
+    """labeled.h5 of n synthetic videos over n_classes, with aggregates and a codebook (for vlad and mlp)."""
     from features.aggregates import run_aggregates
-    write_generated_store(Path(folder) / "labeled.h5", n, n_classes, frames, frame_dim, text_dim, tokens)
+    from features.synthetic_store import write_synthetic_store
+    write_synthetic_store(folder, n, frames, frame_dim, tokens, text_dim, signal=0.5, n_classes=n_classes)
     run_aggregates(folder, ["labeled"])
 
 
@@ -70,7 +72,7 @@ def timed_run(argv, log):
     """Run argv, polling each rank's peak RSS. -> (wall seconds, {rank: peak RSS MB})."""
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=out,
+        proc = subprocess.Popen(argv, cwd=ROOT, env=child_env(), stdout=out,
                                 stderr=subprocess.STDOUT)
         peaks = {}
         while proc.poll() is None:
@@ -96,7 +98,7 @@ def same_outputs(run_a, run_b, models):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench distributed_train", description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=3000, help="generated labelled videos")
     p.add_argument("--classes", type=int, default=50)
     p.add_argument("--frames", type=int, default=8)
@@ -108,9 +110,10 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--default-threads", action="store_true",
                    help="also time 1 process with torch's default threads (all the cores)")
-    p.add_argument("--dir", help="keep the store and runs here (default: a temporary directory)")
+    p.add_argument("--dir", help="keep the store and runs here (default: a temporary directory in BENCH_CACHE)")
     args = p.parse_args(argv)
-    folder = Path(args.dir or tempfile.mkdtemp(prefix="bench_dist_"))
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    folder = Path(args.dir or tempfile.mkdtemp(prefix="distributed_train_", dir=cache_dir()))
     folder.mkdir(parents=True, exist_ok=True)
     cache = folder / "cache"
     if not (cache / "labeled.h5").exists():
@@ -123,12 +126,9 @@ def main(argv=None):
               ("torchrun 2 processes (1 thread each)", torchrun, [])]
     if args.default_threads:        # on a loaded machine torch's threads oversubscribe it badly: opt-in
         setups.append(("1 process, torch default threads", [sys.executable], []))
-    load = os.getloadavg()
-    print(f"## train-neural, {args.n} generated videos ({args.classes} classes, F={args.frames} x "
-          f"D={args.frame_dim}, T={args.tokens} x Dt={args.text_dim}), models {args.models}, {args.folds} folds, "
-          f"{args.epochs} epochs; {os.cpu_count()} CPUs, load average {load[0]:.1f} at the start")
-    print("| run | wall s | speed-up vs 1 process at 1 thread | peak RSS MB per rank |")
-    print("|---|---|---|---|")
+    table = Table(f"train-neural, {args.n:,} synthetic videos ({args.classes} classes, F={args.frames} x "
+                  f"D={args.frame_dim}, T={args.tokens} x Dt={args.text_dim}), models {args.models}, {args.folds} folds, "
+                  f"{args.epochs} epochs", ["run", "wall s", "speed-up vs 1 process at 1 thread", "peak RSS MB per rank"])
     walls, runs = [], []
     for i, (name, launcher, extra) in enumerate(setups):
         run = folder / f"run{i}"
@@ -136,11 +136,13 @@ def main(argv=None):
         walls.append(seconds)
         runs.append(run)
         rss = ", ".join(f"rank {r}: {mb:.0f}" for r, mb in sorted(peaks.items()))
-        print(f"| {name} | {seconds:.1f} | {walls[0] / seconds:.2f}x | {rss} |", flush=True)
+        table.add(name, f"{seconds:.1f}", f"{walls[0] / seconds:.2f}x", rss)
     models = args.models.split(",")
-    print(f"\n2 processes equal 1 process at 1 thread, oof_proba bit for bit: {same_outputs(runs[0], runs[1], models)}"
-          + (f"; equal 1 process at default threads: {same_outputs(runs[2], runs[1], models)}" if args.default_threads
-             else "") + f"; load average {os.getloadavg()[0]:.1f} at the end")
+    note = (f"2 processes equal 1 process at 1 thread, oof_proba bit for bit: {same_outputs(runs[0], runs[1], models)}"
+            + (f"; equal 1 process at default threads: {same_outputs(runs[2], runs[1], models)}" if args.default_threads
+               else "") + f"; load average {os.getloadavg()[0]:.1f} at the end")
+    print(note)
+    write_record("distributed_train", argv, [table], {"speed-up, 2 processes / 1 at 1 thread": walls[0] / walls[1]}, [note])
     if not args.dir:
         shutil.rmtree(folder)
 

@@ -1,7 +1,7 @@
 """End-to-end `extract` throughput against the bare encoder forward pass, on the same items.
 
-    python bench/bench_extract.py [--data ../shared/data/fashion --split labeled] [--n 256]
-    python bench/bench_extract.py --data DATA --split labeled --n 400 --frames 8 --max-tokens 64 --rss
+    python -m bench extract [--data ../shared/data/fashion --split labeled] [--n 256]
+    python -m bench extract --data DATA --split labeled --n 400 --frames 8 --max-tokens 64 --rss
 
 The bare pass times only the encoders (frames, the three text fields, the joined tokens) on inputs
 decoded and tokenised beforehand, with the same batch size; the end-to-end run is `extract` itself
@@ -11,22 +11,21 @@ decoded and tokenised beforehand, with the same batch size; the end-to-end run i
 (first, middle, last and the largest step between batches): a streaming stage's memory must stay flat.
 """
 import argparse
-import resource
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from features.annotations import annotations_path, read_annotations  # noqa: E402
-from features.categories import load_category_map  # noqa: E402
-from features.device import keep_freed_memory_mapped  # noqa: E402
-from features.encoders import build_frame_encoder, build_text_encoder  # noqa: E402
-import features.extract as extract_module  # noqa: E402
-from features.extract import ExtractOptions, VideoItems, encode_batch, extract_split  # noqa: E402
-from features.frames import detect_source, open_source  # noqa: E402
+import features.extract as extract_module
+from bench.common import Table, data_dir, measured, peak_rss_mib, write_record
+from features.annotations import annotations_path, read_annotations
+from features.categories import load_category_map
+from features.device import keep_freed_memory_mapped
+from features.encoders import build_frame_encoder, build_text_encoder
+from features.extract import ExtractOptions, VideoItems, encode_batch, extract_split
+from features.frames import detect_source, open_source
+
+BENCHMARK = {"kind": "speed", "summary": "extract end to end against the bare encoder forward on the same items (target >= 0.85)"}
 
 
 def bare_forward_seconds(data_dir, split, videos, opts, frame_encoder, text_encoder):
@@ -35,10 +34,10 @@ def bare_forward_seconds(data_dir, split, videos, opts, frame_encoder, text_enco
     items = VideoItems(videos, source, frame_encoder.preprocess, text_encoder.tokenizer, opts.max_tokens)
     batches = [[items[i] for i in range(s, min(s + opts.batch_size, len(videos)))]
                for s in range(0, len(videos), opts.batch_size)]
-    start = time.perf_counter()
-    for batch in batches:
-        encode_batch(batch, frame_encoder, text_encoder, opts, frame_encoder.dim, "cpu", [])
-    return time.perf_counter() - start
+    with measured() as m:
+        for batch in batches:
+            encode_batch(batch, frame_encoder, text_encoder, opts, frame_encoder.dim, "cpu", [])
+    return m.wall_s
 
 
 def rss_mib():
@@ -67,13 +66,13 @@ def extract_rss(args, opts, cmap, frame_encoder, text_encoder):
     mid = len(rss) // 2
     print(f"RSS MiB after batch 1: {rss[0]}, batch {mid + 1}: {rss[mid]}, batch {len(rss)}: {rss[-1]} "
           f"(largest step {max(b - a for a, b in zip(rss, rss[1:])) if len(rss) > 1 else 0}); "
-          f"peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+          f"peak {peak_rss_mib():.0f} MiB")
     print("per batch: " + " ".join(map(str, rss)))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/fashion"))
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench extract", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(data_dir("fashion")), help="[default: BENCH_DATA/fashion]")
     parser.add_argument("--split", default="labeled")
     parser.add_argument("--category-map", default=None)
     parser.add_argument("--n", type=int, default=256)
@@ -83,7 +82,7 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--rss", action="store_true", help="only the end-to-end extract, RSS after each batch")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cmap = args.category_map or str(Path(args.data) / "category_map.csv")
@@ -99,17 +98,19 @@ def main():
         extract_rss(args, opts, cmap, frame_encoder, text_encoder)
         return
     bare = bare_forward_seconds(args.data, args.split, videos, opts, frame_encoder, text_encoder)
-    with tempfile.TemporaryDirectory() as cache:
-        start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cache, measured() as end_to_end:
         extract_split(args.data, args.split, cache, opts, detect_source(args.data, args.split),
                       load_category_map(cmap), frame_encoder, text_encoder, "cpu")
-        end_to_end = time.perf_counter() - start
     n = len(videos)
-    print(f"bare encoder forward : {n / bare:8.1f} videos/s ({bare:.1f} s)")
-    print(f"end-to-end extract   : {n / end_to_end:8.1f} videos/s ({end_to_end:.1f} s, models loaded beforehand)")
-    print(f"ratio end-to-end / bare: {bare / end_to_end:.2f} (target >= 0.85)")
-    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    print("reproduce: python bench/bench_extract.py " + " ".join(sys.argv[1:]))
+    table = Table(f"{n} items of {Path(args.data).name}/{args.split}, <= {args.frames} frame(s) each, batch "
+                  f"{args.batch_size}, {args.workers} worker(s), torch threads {torch.get_num_threads()}",
+                  ["pass", "videos/s", "seconds"])
+    table.add("bare encoder forward (inputs decoded beforehand)", f"{n / bare:.1f}", f"{bare:.1f}")
+    table.add("end-to-end extract (decode, tokenise, encode, write HDF5; models loaded beforehand)",
+              f"{n / end_to_end.wall_s:.1f}", f"{end_to_end.wall_s:.1f}")
+    print(f"ratio end-to-end / bare: {bare / end_to_end.wall_s:.2f} (target >= 0.85); peak RSS {peak_rss_mib():.0f} MiB")
+    write_record("extract", argv, [table], {"end-to-end / bare forward (target >= 0.85)": bare / end_to_end.wall_s},
+                 [f"peak RSS {peak_rss_mib():,.0f} MiB (both passes, one process)"])
 
 
 if __name__ == "__main__":

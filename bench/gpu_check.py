@@ -24,7 +24,7 @@ Stages (each subprocess is the real CLI, `python run.py ...`, timed by its wall 
      torchrun support yet.
 Everything runs under a deadline (--budget, default 540 s): a stage that cannot start in time is skipped.
 Writes OUT/gpu_check.json, OUT/gpu_check.txt (the table) and OUT/logs/*.log (each subprocess's output);
-OUT is --out, else $OUT, else /tmp/gpu_check. Bulky stores go to --work (deleted at the end unless
+OUT is --out, else $OUT, else ./bench_out/gpu_check. Bulky stores go to --work (deleted at the end unless
 --keep-work). Exit 0: every stage that ran passed; 1: a stage failed; 2: cannot run here.
 """
 import argparse
@@ -39,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+BENCHMARK = {"kind": "gpu", "summary": "extract / train-neural / stack / predict on one GPU against the bare forward, bf16 vs fp32, 2 processes (< 10 min)"}
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion"
 NEEDS = ("needs: this repository installed (`pip install -e .`), torch with CUDA seeing a GPU (or --device cpu), "
@@ -429,12 +430,13 @@ def store_differences(path_a, path_b):
 # ----------------------------------------------------------------------------- the check
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m bench gpu_check", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=NEEDS)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="fashion data root (default %(default)s)")
-    parser.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu_check",
-                        help="gpu_check.json, gpu_check.txt, logs/ (default $OUT, else /tmp/gpu_check)")
-    parser.add_argument("--work", default=None, help="stores, runs (default /tmp/gpu_check_work)")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "bench_out/gpu_check",
+                        help="gpu_check.json, gpu_check.txt, logs/ (default $OUT, else ./bench_out/gpu_check)")
+    parser.add_argument("--work", default=None, help="stores, runs (default BENCH_CACHE/gpu_check_work, "
+                        "BENCH_CACHE defaulting to ./bench_cache)")
     parser.add_argument("--keep-work", action="store_true", help="keep --work at the end")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--items", type=int, default=2000, help="labelled items extracted and trained on")
@@ -454,7 +456,7 @@ def main(argv=None):
                         help="stage 4: auto = when 2+ GPUs; force = also on the CPU (gloo)")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole check")
     args = parser.parse_args(argv)
-    args.work = args.work or "/tmp/gpu_check_work"
+    args.work = args.work or str(Path(os.environ.get("BENCH_CACHE") or "bench_cache", "gpu_check_work"))
     if args.workers is None:
         args.workers = 1 if args.device == "cpu" else max(1, min(8, (os.cpu_count() or 2) // 2))
     if args.threads is None:

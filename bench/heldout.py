@@ -1,8 +1,8 @@
 """Held-out protocol (issue 13): run the real commands on the labelled part of a protocol cache, score
 everything on its hidden test split beside its out-of-fold (CV) figure, with bootstrap bands.
 
-    python bench/protocols.py fashion --protocol heldout --titles masked --out /work/cache/heldout_masked
-    python bench/heldout.py --cache /work/cache/heldout_masked --work /work/cache/ho/masked
+    python -m bench protocols fashion --protocol heldout --titles masked --out bench_cache/heldout_masked
+    python -m bench heldout --cache bench_cache/heldout_masked [--work bench_cache/heldout/heldout_masked]
 
 Steps (each skipped when its output is already there, so a rerun only scores):
 1. `python run.py train-neural --cache CACHE --out WORK/run --threads 1` (default models; resumable).
@@ -17,7 +17,8 @@ Steps (each skipped when its output is already there, so a rerun only scores):
    the LR. Metric: neural.metrics.challenge_metric (mean of l2/l1 micro/macro F1). 90% bootstrap bands
    over the test items (1,000 seeded resamples) for each score and, paired (the same resample), for
    each difference against the LR and against the submission.
-Prints a markdown table and writes WORK/heldout.json.
+Prints the table, writes WORK/heldout.json (every figure, the commands, the load) and the record
+bench/results/heldout.<cache name>.json.
 """
 import argparse
 import json
@@ -30,19 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from bench.bench_neural import mean_frame_and_title  # noqa: E402
-from bench.protocols import data_dir_of, read_answers  # noqa: E402
-from features import schema  # noqa: E402
-from features.records import read_json, write_json  # noqa: E402
-from features.store import StoreReader, rows_of  # noqa: E402
-from neural.metrics import METRIC_KEYS, PairedBootstrap, band, challenge_metric, metric_from_proba  # noqa: E402
-from stacking.reweight import PriorReweighter  # noqa: E402
-from stacking.rundir import load_run, split_predictions  # noqa: E402
-from stacking.signals import build_input  # noqa: E402
-from stacking.stackers import load_stacker  # noqa: E402
-from stacking.submission import read_predictions  # noqa: E402
+from bench.common import REPO, Table, cache_dir, write_record
+from bench.protocols import data_dir_of, read_answers
+from bench.train_neural import mean_frame_and_title
+from features import schema
+from features.records import read_json, write_json
+from features.store import StoreReader, rows_of
+from neural.metrics import METRIC_KEYS, PairedBootstrap, band, challenge_metric, metric_from_proba
+from stacking.reweight import PriorReweighter
+from stacking.rundir import load_run, split_predictions
+from stacking.signals import build_input
+from stacking.stackers import load_stacker
+from stacking.submission import read_predictions
+
+BENCHMARK = {"kind": "quality", "summary": "the held-out protocol: the real commands on a labelled part, every model and stacker scored on a hidden test split with 90% bands"}
 
 TEST = "test"
 SUBMISSION = "submission"          # the stack variant made by the default `stack` command
@@ -257,20 +259,25 @@ def score(rows, true, f2c, n_resamples, seed):
     return out
 
 
-def markdown(entries):
-    lines = ["| method | CV mean-F1 | held-out mean-F1 | 90% band | l2 micro | l2 macro | l1 micro | l1 macro "
-             "| vs LR | 90% band | vs submission | 90% band |", "|" + "---|" * 12]
+def markdown(entries, title):
+    table = Table(title, ["method", "CV mean-F1", "held-out mean-F1", "90% band", "l2 micro", "l2 macro", "l1 micro",
+                          "l1 macro", "vs LR", "90% band", "vs submission", "90% band"], echo=False)
     for e in entries:
         cv = f"{e['cv']['mean']:.4f}" if e["cv"] else ""
         t = e["test"]
-        lr = (f"{e['diff_vs_lr']:+.4f} | {e['diff_vs_lr_band'][0]:+.3f}..{e['diff_vs_lr_band'][1]:+.3f}"
-              if "diff_vs_lr" in e else " | ")
-        sub = (f"{e['diff_vs_submission']:+.4f} | {e['diff_vs_submission_band'][0]:+.3f}..{e['diff_vs_submission_band'][1]:+.3f}"
-               if "diff_vs_submission" in e else " | ")
-        lines.append(f"| {e['name']} | {cv} | {t['mean']:.4f} | {e['test_band'][0]:.3f}..{e['test_band'][1]:.3f} | "
-                     + " | ".join(f"{t[k]:.4f}" for k in METRIC_KEYS[1:])
-                     + f" | {lr} | {sub} |")
-    return "\n".join(lines)
+        lr = ([f"{e['diff_vs_lr']:+.4f}", f"{e['diff_vs_lr_band'][0]:+.3f}..{e['diff_vs_lr_band'][1]:+.3f}"]
+              if "diff_vs_lr" in e else ["", ""])
+        sub = ([f"{e['diff_vs_submission']:+.4f}",
+                f"{e['diff_vs_submission_band'][0]:+.3f}..{e['diff_vs_submission_band'][1]:+.3f}"]
+               if "diff_vs_submission" in e else ["", ""])
+        table.add(e["name"], cv, f"{t['mean']:.4f}", f"{e['test_band'][0]:.3f}..{e['test_band'][1]:.3f}",
+                  *(f"{t[k]:.4f}" for k in METRIC_KEYS[1:]), *lr, *sub)
+    return table
+
+
+def table_text(table):
+    return "\n".join(["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+                     + ["| " + " | ".join(row) + " |" for row in table.rows])
 
 
 def parse_variants(pairs, only):
@@ -285,10 +292,11 @@ def parse_variants(pairs, only):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench heldout", description=__doc__.splitlines()[0])
     parser.add_argument("--cache", required=True, help="protocol cache (labeled.h5 and test.h5)")
     parser.add_argument("--data", help="its data directory (answers/test.csv); default CACHE_data")
-    parser.add_argument("--work", required=True, help="run, stacks and heldout.json go here")
+    parser.add_argument("--work", default=None,
+                        help="run, stacks and heldout.json go here [default: BENCH_CACHE/heldout/<cache name>]")
     parser.add_argument("--run", help="an existing run directory instead of WORK/run (not trained here)")
     parser.add_argument("--train-args", default="", help="extra train-neural options, e.g. '--epochs 4'")
     parser.add_argument("--train-groups", default="",
@@ -313,7 +321,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     global CODE
     CODE = Path(args.code) if args.code else REPO
-    cache, work = Path(args.cache), Path(args.work)
+    cache = Path(args.cache)
+    work = Path(args.work or cache_dir("heldout", cache.name))
     work.mkdir(parents=True, exist_ok=True)
     run_dir = Path(args.run) if args.run else work / "run"
     variants = parse_variants(args.variant, args.stacks)
@@ -342,14 +351,17 @@ def main(argv=None):
     lr = {scale: logistic_baseline(run, cache, test_ids, grid, work, scale) for scale in args.lr.split(",") if scale}
     entries = score(collect(run, cache, work, variants, true, lr, test_ids, probas), true,
                     run.fine_to_coarse, args.resamples, args.seed)
-    table = markdown(entries)
-    print(table)
+    table = markdown(entries, f"{cache.name}: {len(run.ids):,} labelled, {len(test_ids):,} held-out items, "
+                              f"{run.n_classes} classes; bands 90%, {args.resamples:,} paired resamples of the test items")
+    print(table_text(table))
     write_json(work / "heldout.json", {
         "cache": str(cache), "run": str(run_dir), "n_labelled": len(run.ids), "n_test": len(test_ids),
         "n_classes": run.n_classes, "models": run.models, "code": str(CODE), "variants": variants, "lr_c_scores": {k: v[3] for k, v in lr.items()},
         "resamples": args.resamples, "seed": args.seed, "band": 0.90, "entries": entries, "commands": log,
         "load": {"start": load_start, "end": load()}, "scoring_started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started))})
-    (work / "heldout.md").write_text(table + "\n")
+    (work / "heldout.md").write_text(table_text(table) + "\n")
+    write_record("heldout", argv, [table], variant=cache.name,
+                 notes=["vs LR: against the stronger of the logistic-regression probes on the test items (the bar)"])
 
 
 if __name__ == "__main__":

@@ -9,15 +9,14 @@
             CSV): linear and knn (and knn variants) scored out-of-fold and on the hidden test split,
             and the stack (`run.py stack`, defaults) with and without knn scored on the test split.
 
-    PYTHONPATH=. python bench/bench_knn.py search --dim 128 --dim 512
-    PYTHONPATH=. python bench/bench_knn.py choose --cache /tmp/knn/ucf14 --out /tmp/knn/runs
-    PYTHONPATH=. python bench/bench_knn.py heldout --cache /work/cache/heldout_ucf14 \
-        --answers /work/cache/heldout_ucf14_data/answers/test.csv --out /tmp/knn/ho
+    python -m bench knn search --dim 128 --dim 512
+    python -m bench knn choose --cache CACHE --out OUT
+    python -m bench knn heldout --cache CACHE --answers CACHE_data/answers/test.csv --out OUT
+(CACHE: a store, e.g. `python -m bench protocols ucf14 --out bench_cache/heldout_ucf14`.)
 """
 import argparse
 import csv
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import h5py
 import torch
 
+from bench.common import REPO, Table, peak_rss_mib, write_record
 from features import schema
 from features.store import StoreReader
 from neural.metrics import challenge_metric
@@ -35,6 +35,7 @@ from neural.options import NeuralOptions
 from neural.pipeline import train_neural
 
 COLUMNS = ("mean", "l2_micro", "l2_macro", "l1_micro", "l1_macro")
+BENCHMARK = {"kind": "quality", "summary": "the knn base model: search cost against the bank (search), its options by OOF (choose) and on a hidden test split (heldout)"}
 
 
 # ------------------------------------------------------------------ search: time and memory
@@ -47,7 +48,7 @@ def one_search(n_bank, n_queries, dim, batch, threads):
     g = torch.Generator().manual_seed(0)
     bank = torch.nn.functional.normalize(torch.randn(n_bank, dim, generator=g), dim=1).half()   # (N, d)
     labels = torch.randint(0, 200, (n_bank,), generator=g)
-    rss_bank = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_bank = peak_rss_mib()
     start = time.perf_counter()
     for first in range(0, n_queries, batch):
         q = torch.nn.functional.normalize(torch.randn(min(batch, n_queries - first), dim, generator=g), dim=1)
@@ -55,20 +56,23 @@ def one_search(n_bank, n_queries, dim, batch, threads):
         labels[idx]                                                  # the votes' gather
     seconds = time.perf_counter() - start
     return {"bank": n_bank, "queries": n_queries, "dim": dim, "s_per_1k": 1000 * seconds / n_queries,
-            "rss_after_bank_mib": rss_bank, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "rss_after_bank_mib": rss_bank, "peak_rss_mib": peak_rss_mib()}
 
 
-def search(args):
-    print("| width d | bank rows | queries | s per 1k queries | peak RSS MiB (after the bank alone) |")
-    print("|---|---|---|---|---|")
+def search(args, argv):
+    table = Table(f"top_k search, k=10, {args.batch} queries per call, random unit vectors, float16 bank, "
+                  f"{args.threads} thread(s); each case its own process",
+                  ["width d", "bank rows", "queries", "s per 1k queries", "peak RSS MiB (after the bank alone)"])
     for dim in args.dim:
         for n_bank in args.bank:
             for n_queries in args.queries:
-                out = subprocess.run([sys.executable, __file__, "one", str(n_bank), str(n_queries), str(dim),
-                                      str(args.batch), str(args.threads)], capture_output=True, text=True, check=True)
-                r = json.loads(out.stdout)
-                print(f"| {dim} | {n_bank} | {n_queries} | {r['s_per_1k']:.3f} | "
-                      f"{r['peak_rss_mib']:.0f} ({r['rss_after_bank_mib']:.0f}) |", flush=True)
+                out = subprocess.run([sys.executable, "-m", "bench", "knn", "one", str(n_bank), str(n_queries), str(dim),
+                                      str(args.batch), str(args.threads)], capture_output=True, text=True, check=True,
+                                     cwd=REPO)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                table.add(dim, f"{n_bank:,}", f"{n_queries:,}", f"{r['s_per_1k']:.3f}",
+                          f"{r['peak_rss_mib']:.0f} ({r['rss_after_bank_mib']:.0f})")
+    write_record("knn", argv, [table], variant="search")
 
 
 # ------------------------------------------------------------------ choose: representation by OOF mean-F1
@@ -92,18 +96,17 @@ def variants(base, extra=(), grid=True):
     return out + [parse_variant(v, base) for v in extra]
 
 
-def choose(args):
+def choose(args, argv):
     base = NeuralOptions(n_folds=args.folds, threads=args.threads, batch_size=args.batch_size)
     out = Path(args.out)
-    print("| knn variant | " + " | ".join(COLUMNS) + " | s per fold |\n|" + "---|" * (len(COLUMNS) + 2))
+    table = Table(f"knn out of fold on {Path(args.cache).name} ({args.folds} folds)", ["knn variant", *COLUMNS, "s per fold"])
     for name, options in variants(base, args.variant, args.grid):
         m = train_neural(args.cache, out / name.replace("=", "_"), ["knn"], options, overwrite=True)["knn"]
-        print(f"| {name} | " + " | ".join(f"{m['oof'][c]:.4f}" for c in COLUMNS)
-              + f" | {sum(m['seconds_per_epoch']) / len(m['seconds_per_epoch']):.2f} |", flush=True)
+        table.add(name, *(m["oof"][c] for c in COLUMNS), f"{sum(m['seconds_per_epoch']) / len(m['seconds_per_epoch']):.2f}")
     if args.linear:
         m = train_neural(args.cache, out / "linear", ["linear"], base, overwrite=True)["linear"]
-        print("| (linear, same folds) | " + " | ".join(f"{m['oof'][c]:.4f}" for c in COLUMNS)
-              + f" | {sum(m['seconds_per_epoch']):.2f} (all epochs) |", flush=True)
+        table.add("(linear, same folds)", *(m["oof"][c] for c in COLUMNS), f"{sum(m['seconds_per_epoch']):.2f} (all epochs)")
+    write_record("knn", argv, [table], variant="choose")
 
 
 # ------------------------------------------------------------------ heldout: OOF against a hidden test split
@@ -126,7 +129,7 @@ def test_score(run_dir, model, answers, fine_to_coarse):
 def stack_score(run_dir, out, models, answers, fine_classes, fine_to_coarse):
     """`run.py stack` (its defaults) on `models`; its submission.csv scored on the answers."""
     if not (Path(out) / "submission.csv").exists():                # a rerun only scores
-        subprocess.run([sys.executable, "run.py", "stack", "--model", str(run_dir), "--out", str(out), "--models",
+        subprocess.run([sys.executable, str(REPO / "run.py"), "stack", "--model", str(run_dir), "--out", str(out), "--models",
                         ",".join(models), "--threads", "1"], check=True, capture_output=True)
     with open(Path(out) / "submission.csv", newline="", encoding="utf-8") as fh:
         pred = {r[0]: fine_classes.index(r[1]) for r in csv.reader(fh) if r}
@@ -134,17 +137,17 @@ def stack_score(run_dir, out, models, answers, fine_classes, fine_to_coarse):
     return challenge_metric([answers[i] for i in ids], [pred[i] for i in ids], fine_to_coarse)
 
 
-def heldout(args):
+def heldout(args, argv):
     base = NeuralOptions(n_folds=args.folds, threads=args.threads, batch_size=args.batch_size)
     out = Path(args.out)
     with StoreReader(schema.store_path(args.cache, schema.LABELLED_SPLIT)) as r:
         fine_classes, fine_to_coarse = list(r.fine_classes), r.fine_to_coarse
     answers = read_answers(args.answers, fine_classes)
-    print("| model | OOF mean-F1 | test mean-F1 | test l2 micro | test l2 macro |\n|---|---|---|---|---|")
+    table = Table(f"{Path(args.cache).name}: out of fold on the labelled split, scored on the hidden test split",
+                  ["model", "OOF mean-F1", "test mean-F1", "test l2 micro", "test l2 macro"])
 
     def line(name, oof, test):
-        print(f"| {name} | {oof if isinstance(oof, str) else f'{oof:.4f}'} | {test['mean']:.4f} | "
-              f"{test['l2_micro']:.4f} | {test['l2_macro']:.4f} |", flush=True)
+        table.add(name, oof, test["mean"], test["l2_micro"], test["l2_macro"])
 
     run = out / "run"
     metrics = train_neural(args.cache, run, ["linear", "knn"], base)
@@ -156,13 +159,16 @@ def heldout(args):
     for models in (["linear"], ["linear", "knn"]):
         line(f"stack of {'+'.join(models)}", "-",
              stack_score(run, out / f"stack_{'_'.join(models)}", models, answers, fine_classes, fine_to_coarse))
+    write_record("knn", argv, [table], variant="heldout")
 
 
-def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "one":                   # one case, in its own process
-        print(json.dumps(one_search(*(int(v) for v in sys.argv[2:7]))))
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "one":                                    # one case, in its own process
+        print(json.dumps(one_search(*(int(v) for v in argv[1:6]))))
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench knn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("search")
     s.add_argument("--dim", type=int, action="append", help="bank width (repeatable; default 128)")
@@ -188,12 +194,12 @@ def main():
         p.add_argument("--variant", action="append", default=[],
                        help="knn options, e.g. knn_k=20,knn_temperature=0.1 (repeatable)")
         p.add_argument("--no-grid", dest="grid", action="store_false", help="only the defaults and each --variant")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.command == "search":
         args.dim = args.dim or [128]
-        search(args)
+        search(args, argv)
     else:
-        {"choose": choose, "heldout": heldout}[args.command](args)
+        {"choose": choose, "heldout": heldout}[args.command](args, argv)
 
 
 if __name__ == "__main__":

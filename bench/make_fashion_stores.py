@@ -1,6 +1,6 @@
 """Build the two fashion feature stores the quality benchmarks read (full and masked titles).
 
-    python bench/make_fashion_stores.py [--data ../shared/data/fashion] [--out /work/cache]
+    python -m bench make_fashion_stores [--data ../shared/data/fashion] [--out bench_cache]
 
 The images are the same in both variants, so the full-title store is extracted from the JPEG zips
 and the masked-title store reuses its frame embeddings through the preliminary layout (one zip of
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from features.store import StoreReader  # noqa: E402
+from bench.common import REPO, cache_dir, data_dir
+from features.store import StoreReader
+
+BENCHMARK = {"kind": "data", "summary": "the fashion full- and masked-title stores (and the photos' embeddings for the protocols)"}
 
 
 def run(args):
@@ -44,12 +45,13 @@ def export_frames(store_path, feats_root, annotations):
                 zf.writestr(f"{vid}.npy", buf.getvalue())
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default=str(REPO.parent / "shared/data/fashion"))
-    parser.add_argument("--out", default="/work/cache")
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench make_fashion_stores", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, help="[default: BENCH_DATA/fashion]")
+    parser.add_argument("--out", default=None, help="[default: BENCH_CACHE]")
     parser.add_argument("--workers", default="1")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.data, args.out = args.data or str(data_dir("fashion")), args.out or str(cache_dir())
     data, out = Path(args.data), Path(args.out)
     cmap = str(data / "category_map.csv")
     common = ["--split", "labeled", "--category-map", cmap, "--frames", "1", "--workers", args.workers]

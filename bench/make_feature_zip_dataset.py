@@ -1,20 +1,20 @@
 """Generate a preliminary-layout dataset (zip of float16 <id>.npy frame features) for the scale runs.
 
-    PYTHONPATH=. python bench/make_feature_zip_dataset.py --out /tmp/scale100k --n 100000 --split labeled
+    python -m bench make_feature_zip_dataset --out bench_cache/scale100k --n 100000 --split labeled
 
 Prints the files written, their size, the wall time and the peak resident memory of this process,
 so the run itself shows that memory stays flat as N grows.
 """
 import argparse
-import resource
-import sys
-import time
 
+from bench.common import measured
 from demo.synthetic import generate_feature_zip_dataset
+
+BENCHMARK = {"kind": "data", "summary": "a preliminary-layout dataset of generated frame features (zip of <id>.npy), any size"}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench make_feature_zip_dataset", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="dataset directory (zip_feats/, annotations/ go here)")
     parser.add_argument("--n", type=int, required=True, help="number of videos")
     parser.add_argument("--frames", type=int, default=32, help="most frames per video")
@@ -25,13 +25,11 @@ def main(argv=None):
     parser.add_argument("--no-labels", action="store_true",
                         help="leave category_id out of the annotations (hidden labels go to answers/)")
     args = parser.parse_args(argv)
-    started = time.perf_counter()
-    summary = generate_feature_zip_dataset(args.out, args.n, n_frames=args.frames, dim=args.dim,
-                                           split=args.split, n_classes=args.classes, seed=args.seed,
-                                           with_labels=not args.no_labels)
-    seconds = time.perf_counter() - started
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux reports KiB
-    print(f"command: PYTHONPATH=. python {' '.join(sys.argv)}")
+    with measured() as m:
+        summary = generate_feature_zip_dataset(args.out, args.n, n_frames=args.frames, dim=args.dim,
+                                               split=args.split, n_classes=args.classes, seed=args.seed,
+                                               with_labels=not args.no_labels)
+    seconds, peak_mib = m.wall_s, m.peak_rss_mib
     print(f"wrote {args.out}/zip_feats/{args.split}.zip and annotations/{args.split}.json")
     print(f"videos {summary['n_videos']:,}  frames {summary['n_frames']:,}  "
           f"zip {summary['zip_bytes'] / 2**30:.2f} GiB  classes {args.classes} "

@@ -1,12 +1,12 @@
 """`predict` latency per video against the encoder forward alone, on the same videos.
 
-    PYTHONPATH=. python bench/bench_predict.py --demo demo_out [--split test]
+    python -m bench predict --demo demo_out [--split test]
 
 Takes a finished `python run.py demo --out DIR` (DIR/data, DIR/run, DIR/stack), packages DIR/stack/model
 when the demo did not (inference.package.package_model with DIR/data/category_map.csv), and labels
 DIR/data's split twice, side by side in one process, reading only the model directory:
     bare     the frozen encoders' forward pass alone (frames, text fields, joined tokens) on inputs
-             decoded and tokenised beforehand (bench/bench_extract.py's measure), the run's extract options;
+             decoded and tokenised beforehand (bench.extract's measure), the run's extract options;
     predict  inference.predict.predict end to end: verify the model directory (sha256 of every file),
              build the encoders, decode, encode, write a fresh store, aggregates with the model's
              codebook, every fold model of every base model, the stacker and the reweighting, the CSV.
@@ -16,23 +16,22 @@ Prints seconds per video of each and the ratio; the difference is what the tool 
 import argparse
 import cProfile
 import pstats
-import resource
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import bare_forward_seconds  # noqa: E402
-from features.annotations import annotations_path, read_annotations  # noqa: E402
-from features.categories import load_category_map  # noqa: E402
-from features.device import keep_freed_memory_mapped  # noqa: E402
-from features.encoders import build_frame_encoder, build_text_encoder  # noqa: E402
-from inference.model_dir import open_model_dir  # noqa: E402
-from inference.package import package_model  # noqa: E402
-from inference.predict import extract_options, predict, source_kind  # noqa: E402
+from bench.common import Table, measured, peak_rss_mib, write_record
+from bench.extract import bare_forward_seconds
+from features.annotations import annotations_path, read_annotations
+from features.categories import load_category_map
+from features.device import keep_freed_memory_mapped
+from features.encoders import build_frame_encoder, build_text_encoder
+from inference.model_dir import open_model_dir
+from inference.package import package_model
+from inference.predict import extract_options, predict, source_kind
+
+BENCHMARK = {"kind": "speed", "summary": "predict from a model directory, ms per video against the encoder forward alone (target <= 1.2)"}
 
 
 def model_dir_of(demo):
@@ -46,23 +45,22 @@ def model_dir_of(demo):
 def timed_predict(data, split, model_dir, profile):
     """Seconds of one predict end to end (its own fresh cache), and the profiler when asked."""
     profiler = cProfile.Profile() if profile else None
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, measured() as m:
         if profiler:
             profiler.enable()
         predict(data, split, model_dir, Path(tmp) / "pred.csv", Path(tmp) / "cache")
         if profiler:
             profiler.disable()
-        return time.perf_counter() - start, profiler
+    return m.wall_s, profiler
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench predict", description=__doc__.splitlines()[0])
     parser.add_argument("--demo", default="demo_out", help="output directory of `python run.py demo`")
     parser.add_argument("--split", default="test")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", type=int, default=0, help="print predict's N costliest functions")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     demo = Path(args.demo)
     data, model_dir = demo / "data", model_dir_of(demo)
@@ -77,16 +75,15 @@ def main():
     text_encoder = build_text_encoder(opts.text_encoder, "cpu")
     bare = bare_forward_seconds(data, args.split, videos, opts, frame_encoder, text_encoder)
     end_to_end, profiler = timed_predict(data, args.split, model_dir, args.profile)
-    print(f"{n} videos of {data}/{args.split}, <= {opts.frames} frames each, torch threads {args.threads}, "
-          f"model directory {model_dir}")
-    print(f"encoder forward alone : {1000 * bare / n:8.1f} ms/video ({bare:.1f} s)")
-    print(f"predict end to end    : {1000 * end_to_end / n:8.1f} ms/video ({end_to_end:.1f} s, "
-          "encoders loaded inside)")
-    print(f"ratio predict / encoder forward: {end_to_end / bare:.2f} (target <= 1.2)")
-    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    table = Table(f"{n} videos of the demo's {args.split} split, <= {opts.frames} frames each, torch threads "
+                  f"{args.threads}, from the model directory alone", ["pass", "ms per video", "seconds"])
+    table.add("encoder forward alone (inputs decoded beforehand)", f"{1000 * bare / n:.1f}", f"{bare:.1f}")
+    table.add("predict end to end (encoders loaded inside)", f"{1000 * end_to_end / n:.1f}", f"{end_to_end:.1f}")
+    print(f"ratio predict / encoder forward: {end_to_end / bare:.2f} (target <= 1.2); peak RSS {peak_rss_mib():.0f} MiB")
     if profiler:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.profile)
-    print("reproduce: PYTHONPATH=. python bench/bench_predict.py " + " ".join(sys.argv[1:]))
+    write_record("predict", argv, [table], {"predict / encoder forward (target <= 1.2)": end_to_end / bare},
+                 [f"peak RSS {peak_rss_mib():,.0f} MiB (both passes, one process)"], variant=args.split)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Data directories for the quality protocols: a split of labelled items laid out as the challenge's
 preliminary round (frame features in a zip of <id>.npy), with the hidden labels kept aside.
 
-    python bench/protocols.py fashion --protocol heldout --titles masked --out /work/cache/heldout_masked
-    python bench/protocols.py fashion --protocol semi --titles full --out /work/cache/semi_full
-    python bench/protocols.py ucf14 --out /work/cache/heldout_ucf14
+    python -m bench protocols fashion --protocol heldout --titles masked --out bench_cache/heldout_masked
+    python -m bench protocols fashion --protocol semi --titles full --out bench_cache/semi_full
+    python -m bench protocols ucf14 --out bench_cache/heldout_ucf14
 
 Each writes OUT_data/ (annotations/<split>.json, zip_feats/<split>.zip, category_map.csv,
 answers/<split>.csv for the splits whose labels are hidden, protocol.json) and then runs the real
@@ -36,11 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-FASHION = SHARED / "fashion"
-UCF14 = SHARED / "ucf14"
-FASHION_FEATS = Path("/work/cache/fashion_masked_data/zip_feats/labeled.zip")
+from bench.common import REPO, cache_dir as bench_cache, data_dir as shared_data
+
+BENCHMARK = {"kind": "data", "summary": "protocol data (held-out, semi-supervised, ucf14 unseen actors): the split laid out as the challenge's, hidden labels aside, then extract"}
 TITLE_FILES = {"full": "labeled.json", "masked": "labeled_masked.json"}
 
 
@@ -154,8 +152,15 @@ def read_answers(path):
         return {row[0]: row[1] for row in csv.reader(fh) if row}
 
 
-def fashion_dataset(out, protocol, titles, seed=0, data=FASHION, feats_zip=FASHION_FEATS):
-    """Fashion items split by `protocol` ('heldout' or 'semi') with `titles` ('full' or 'masked')."""
+def fashion_feats():
+    """make_fashion_stores' export of the photos' embeddings, under BENCH_CACHE."""
+    return bench_cache("fashion_masked_data", "zip_feats", "labeled.zip")
+
+
+def fashion_dataset(out, protocol, titles, seed=0, data=None, feats_zip=None):
+    """Fashion items split by `protocol` ('heldout' or 'semi') with `titles` ('full' or 'masked');
+    data: the fashion data (default BENCH_DATA/fashion), feats_zip: its frame features (fashion_feats())."""
+    data, feats_zip = data or shared_data("fashion"), feats_zip or fashion_feats()
     records = read_records(Path(data) / "annotations" / TITLE_FILES[titles])
     labels = [r["category_id"] for r in records]
     if protocol == "heldout":
@@ -181,9 +186,9 @@ def mean_frames_of(feats_zip, ids):
         return np.stack([np.load(io.BytesIO(zf.read(f"{v}.npy"))).astype(np.float32).mean(axis=0) for v in ids])
 
 
-def ucf14_dataset(out, seed=0, frac=0.25, data=UCF14):
-    """ucf14 with one run of whole actors per class held out as split `test`."""
-    data = Path(data)
+def ucf14_dataset(out, seed=0, frac=0.25, data=None):
+    """ucf14 (default BENCH_DATA/ucf14) with one run of whole actors per class held out as split `test`."""
+    data = Path(data or shared_data("ucf14"))
     feats_zip = data / "zip_feats" / "labeled.zip"
     records = read_records(data / "annotations" / "labeled.json")
     ids, labels = [r["id"] for r in records], [r["category_id"] for r in records]
@@ -195,9 +200,9 @@ def ucf14_dataset(out, seed=0, frac=0.25, data=UCF14):
     return write_dataset(out, splits, {"test"}, feats_zip, data / "category_map.csv", meta)
 
 
-def extract(data_dir, cache_dir, frames=None, workers=1):
-    """The real `python run.py extract` of every split of data_dir into cache_dir."""
-    cmd = [sys.executable, str(REPO / "run.py"), "extract", "--data", str(data_dir), "--out", str(cache_dir),
+def extract(data_dir, cache, frames=None, workers=1):
+    """The real `python run.py extract` of every split of data_dir into cache."""
+    cmd = [sys.executable, str(REPO / "run.py"), "extract", "--data", str(data_dir), "--out", str(cache),
            "--category-map", str(Path(data_dir) / "category_map.csv"), "--workers", str(workers)]
     if frames:
         cmd += ["--frames", str(frames)]
@@ -211,22 +216,25 @@ def data_dir_of(cache_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench protocols", description=__doc__.splitlines()[0])
     parser.add_argument("dataset", choices=["fashion", "ucf14"])
     parser.add_argument("--protocol", choices=["heldout", "semi"], default="heldout")
     parser.add_argument("--titles", choices=["full", "masked"], default="masked")
     parser.add_argument("--out", required=True, help="cache directory; the data goes to OUT_data")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--feats-zip", default=str(FASHION_FEATS), help="fashion frame features (<id>.npy zip)")
+    parser.add_argument("--data", default=None, help="the dataset's directory [default: BENCH_DATA/<dataset>]")
+    parser.add_argument("--feats-zip", default=None, help="fashion frame features (<id>.npy zip) [default: "
+                        "BENCH_CACHE/fashion_masked_data/zip_feats/labeled.zip, from make_fashion_stores]")
     parser.add_argument("--frames", type=int, help="frames kept per item by extract (default: 1 for fashion, "
-                                                   "every frame for ucf14); e.g. the views of make_fashion_views")
+                                                   "every frame for ucf14)")
     parser.add_argument("--no-extract", action="store_true")
     args = parser.parse_args(argv)
     data_dir = data_dir_of(args.out)
     if args.dataset == "fashion":
-        counts = fashion_dataset(data_dir, args.protocol, args.titles, args.seed, feats_zip=Path(args.feats_zip))
+        counts = fashion_dataset(data_dir, args.protocol, args.titles, args.seed, data=args.data,
+                                 feats_zip=args.feats_zip and Path(args.feats_zip))
     else:
-        counts = ucf14_dataset(data_dir, args.seed)
+        counts = ucf14_dataset(data_dir, args.seed, data=args.data)
     print(json.dumps({"data": str(data_dir), "splits": counts}), flush=True)
     if not args.no_extract:
         extract(data_dir, args.out, frames=args.frames or (1 if args.dataset == "fashion" else None))

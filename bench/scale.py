@@ -1,6 +1,6 @@
 """How cost grows with N: a generated preliminary-layout dataset through the whole pipeline at several sizes.
 
-    PYTHONPATH=. python bench/bench_scale.py --sizes 10000,30000,100000 --root /tmp/scale
+    python -m bench scale --sizes 10000,30000,100000 [--root bench_cache/scale]
 
 For each size N: generate N labelled videos (demo.synthetic.generate_feature_zip_dataset: one zip of
 float16 <id>.npy frames, F<=32 x 768, 200 classes), then run each stage as its own subprocess, exactly
@@ -22,11 +22,10 @@ Two more stages, not in the default list (name them in --stages):
                 the fine-tuning folds; the record's seconds_per_epoch is kept as pretrain_epoch_seconds
     knn         run.py train-neural --models knn --folds 3 (PCA + bank per fold, blocked search, predicting)
 
-    PYTHONPATH=. python bench/bench_scale.py --store synthetic --sizes 10000,30000,100000 --root /tmp/scale3
+    python -m bench scale --store synthetic --sizes 10000,30000,100000
 
 --store synthetic replaces generate + extract (MiniLM: ~18 s per 1k videos on 2 CPU cores) by the stage
-`synthetic`: ROOT/n<N>/cache/labeled.h5 written directly through features.store (create_store,
-StoreWriter), with random but well-formed features of the extract's shapes (frames F x D float16 with
+`synthetic`: ROOT/n<N>/cache/labeled.h5 written by features.synthetic_store, with random but well-formed features of the extract's shapes (frames F x D float16 with
 a frame mask, pooled text 3 x 384 and text token states T x 384 float16 with their masks, labels over
 the 200 classes of the challenge's map with the generator's Zipf long tail). Its features mean nothing:
 it measures cost only (time and memory of the stages that read the store), never a score. With it the
@@ -36,72 +35,18 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.common import REPO, Table, cache_dir, child_env, run_child, write_record
+
+BENCHMARK = {"kind": "speed", "summary": "cost against N: each pipeline stage's wall time and peak RSS at 10k-100k videos"}
 STAGES = ("generate", "extract", "aggregates", "neural", "stack")          # the default list
 SYNTHETIC_STAGES = ("synthetic", "pretrain", "knn")                         # the default with --store synthetic
 ALL_STAGES = ("generate", "extract", "synthetic", "aggregates", "neural", "pretrain", "knn", "stack")
-TEXT_DIM = 384                  # MiniLM's width: the text of a real extract
 STAGE_DIRS = {"extract": "cache", "synthetic": "cache", "neural": "run", "pretrain": "run_pretrain",
               "knn": "run_knn", "stack": "stack"}      # what each stage writes; removed before it runs
-
-
-def write_synthetic_store(cache_dir, n, n_frames=32, frame_dim=768, n_tokens=32, text_dim=TEXT_DIM, seed=0,
-                          signal=0.1, tail_ratio=100.0, block=1024):
-    """CACHE_DIR/labeled.h5 of n labelled videos with random features of the extract's shapes, written
-    through the project's store writer in blocks of rows (memory does not grow with n). For measuring
-    cost only: the features are class centroid * signal + N(0, 1) noise, like the generator's frames."""
-    import numpy as np
-    from demo.synthetic import long_tail_counts
-    from features import schema
-    from features.categories import load_category_map
-    from features.store import StoreDims, StoreWriter, create_store
-
-    cmap = load_category_map()
-    rng = np.random.default_rng(seed)
-    label = np.repeat(np.arange(cmap.n_fine), long_tail_counts(n, cmap.n_fine, tail_ratio))
-    rng.shuffle(label)                                                                       # (N,)
-    frame_centres = rng.standard_normal((cmap.n_fine, frame_dim), dtype=np.float32) * signal
-    text_centres = rng.standard_normal((cmap.n_fine, text_dim), dtype=np.float32) * signal
-    path = schema.store_path(cache_dir, schema.LABELLED_SPLIT)
-    config = {"synthetic": "bench/bench_scale.py: random features, for measuring cost only",
-              "options": {"frames": n_frames, "max_tokens": n_tokens, "seed": seed}}
-    create_store(path, schema.LABELLED_SPLIT, [f"s{i:07d}" for i in range(n)], label, cmap.fine_to_coarse[label],
-                 StoreDims(n_frames, frame_dim, text_dim, n_tokens), config, cmap)
-    writer = StoreWriter(path)
-    for start in range(0, n, block):
-        r = np.random.default_rng([seed, start])
-        y = label[start:start + block]
-        b = len(y)
-        full = r.random(b) < 0.75                          # like the generator: 3 in 4 videos full length
-        n_valid = np.where(full, n_frames, r.integers(1, max(n_frames, 2), size=b))
-        frame_mask = np.arange(n_frames)[None, :] < n_valid[:, None]                      # (B, F)
-        frames = r.standard_normal((b, n_frames, frame_dim), dtype=np.float32)
-        frames += frame_centres[y][:, None, :]
-        frames *= frame_mask[..., None]
-        token_mask = np.arange(n_tokens)[None, :] < r.integers(4, n_tokens + 1, size=b)[:, None]   # (B, T)
-        tokens = r.standard_normal((b, n_tokens, text_dim), dtype=np.float32)
-        tokens += text_centres[y][:, None, :]
-        tokens *= token_mask[..., None]
-        field_mask = np.column_stack([np.ones(b, bool), r.random(b) < 0.7, r.random(b) < 0.5])      # (B, 3)
-        pooled = (r.standard_normal((b, 3, text_dim), dtype=np.float32) + text_centres[y][:, None, :]) \
-            * field_mask[..., None]
-        writer.write_rows(start, {
-            schema.FRAME_EMB: frames.astype(np.float16),
-            schema.FRAME_MASK: frame_mask,
-            schema.TEXT_POOLED: pooled.astype(np.float16),
-            schema.TEXT_FIELD_MASK: field_mask,
-            schema.TEXT_LEN: (r.integers(1, 200, size=(b, 3)) * field_mask).astype(np.int32),
-            schema.TEXT_TOKENS: tokens.astype(np.float16),
-            schema.TEXT_TOKEN_MASK: token_mask,
-        })
-    writer.mark_complete()
-    writer.close()
-    return path
 
 
 def stage_commands(folder, n, args):
@@ -110,9 +55,8 @@ def stage_commands(folder, n, args):
     cache, run_dir, stack_dir = folder / "cache", folder / "run", folder / "stack"
     generate = ("from demo.synthetic import generate_feature_zip_dataset as g; "
                 f"g({str(folder)!r}, {n}, n_frames={args.frames}, dim={args.dim}, split='labeled', progress=False)")
-    synthetic = ("import sys; sys.path.insert(0, %r); from bench_scale import write_synthetic_store as w; "
-                 "w(%r, %d, n_frames=%d, frame_dim=%d, n_tokens=%d)"
-                 % (str(REPO / "bench"), str(cache), n, args.frames, args.dim, args.max_tokens))
+    synthetic = ("from features.synthetic_store import write_synthetic_store as w; "
+                 "w(%r, %d, n_frames=%d, frame_dim=%d, n_tokens=%d)" % (str(cache), n, args.frames, args.dim, args.max_tokens))
     aggregates = ("import torch; torch.set_num_threads(%d); from features.aggregates import run_aggregates; "
                   "run_aggregates(%r, ['labeled'], overwrite=True)" % (args.threads, str(cache)))
     return {
@@ -134,31 +78,6 @@ def stage_commands(folder, n, args):
     }
 
 
-def measure(argv, env, log, stop_when=None):
-    """(wall seconds, peak RSS MiB) of one child process; its output goes to `log`. With `stop_when` (a
-    path) the child is terminated as soon as that file exists, and the time is taken then."""
-    started = time.perf_counter()
-    stopped = False
-    with open(log, "w") as out:
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, 0 if stop_when is None else os.WNOHANG)
-            if pid:                                   # it ended (reaped here, so its rusage is its own)
-                break
-            if not stopped and Path(stop_when).exists():
-                seconds, stopped = time.perf_counter() - started, True
-                proc.terminate()
-            time.sleep(0.5)
-        proc.returncode = os.waitstatus_to_exitcode(status)     # so Popen does not wait for it again
-    if not stopped:
-        seconds = time.perf_counter() - started
-    code = 0 if stopped else proc.returncode
-    if code:
-        tail = Path(log).read_text(errors="replace").strip().splitlines()[-3:]
-        raise SystemExit(f"stage failed (exit {code}); see {log}:\n" + "\n".join(tail))
-    return seconds, usage.ru_maxrss / 1024          # Linux reports KiB
-
-
 def run_size(n, args, env):
     folder = Path(args.root) / f"n{n}"
     have_data = (folder / "summary_labeled.json").exists() and \
@@ -172,8 +91,8 @@ def run_size(n, args, env):
             continue
         print(f"N={n:,} {stage} ...", flush=True)
         pretrain_record = folder / "run_pretrain" / "pretrain" / "single.json"
-        seconds, peak = measure(argv, env, folder / f"{stage}.log",
-                                stop_when=pretrain_record if stage == "pretrain" else None)
+        m = run_child(argv, env, folder / f"{stage}.log", stop_when=pretrain_record if stage == "pretrain" else None)
+        seconds, peak = m.wall_s, m.peak_rss_mib
         record = {"n": n, "stage": stage, "seconds": round(seconds, 1), "peak_rss_mib": round(peak),
                   "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   "load": round(os.getloadavg()[0], 2), "store": args.store, "command": " ".join(argv)}
@@ -199,15 +118,16 @@ def latest_records(root):
     return out
 
 
-def report(root):
+def report(root, argv, store):
+    """The table of every size in ROOT/results.jsonl, printed and written as this benchmark's record."""
     records = latest_records(root)
     sizes = sorted({n for n, _ in records})
     if not sizes:
-        print(f"no results in {root}/results.jsonl yet")
-        return
-    print("| stage | " + " | ".join(f"N={n:,}: s (s per 1k videos), peak MiB" for n in sizes)
-          + f" | time ratio N={sizes[-1]:,} / N={sizes[0]:,} (N ratio {sizes[-1] / sizes[0]:.1f}) |")
-    print("|---|" + "---|" * (len(sizes) + 1))
+        raise SystemExit(f"no results in {root}/results.jsonl yet")
+    table = Table(f"Cost against N ({store} store; each stage its own process, 1 thread unless [kt])",
+                  ["stage", *(f"N={n:,}: s (s per 1k videos), peak MiB" for n in sizes),
+                   f"time ratio N={sizes[-1]:,} / N={sizes[0]:,} (N ratio {sizes[-1] / sizes[0]:.1f})"])
+    ratios = {}
     for stage in (s for s in ALL_STAGES if any((n, s) in records for n in sizes)):
         cells, first, last = [], None, None
         for n in sizes:
@@ -215,24 +135,26 @@ def report(root):
             if r is None:
                 cells.append("not run")
                 continue
-            cell = f"{r['seconds']:.0f} ({1000 * r['seconds'] / n:.2f}), {r['peak_rss_mib']} [{r['threads']}t]"
+            cell = f"{r['seconds']:.0f} ({1000 * r['seconds'] / n:.2f}), {r['peak_rss_mib']}"
+            cell += f" [{r['threads']}t]" if r["threads"] != 1 else ""
             if "pretrain_epoch_seconds" in r:
                 cell += f" (epoch alone {r['pretrain_epoch_seconds']:.0f} s, {1000 * r['pretrain_epoch_seconds'] / n:.2f})"
             cells.append(cell)
             first = first or r
             last = r
-        ratio = f"{last['seconds'] / first['seconds']:.1f}" if first and last is not first else "-"
-        print(f"| {stage} | " + " | ".join(cells) + f" | {ratio} |")
+        if first and last is not first:
+            ratios[f"{stage}: time N={sizes[-1]:,} / N={sizes[0]:,}"] = last["seconds"] / first["seconds"]
+        table.add(stage, *cells, f"{last['seconds'] / first['seconds']:.1f}" if first and last is not first else "-")
     stores = {n: records[(n, s)].get("store_gib") for s in ("extract", "synthetic") for n in sizes if (n, s) in records}
-    print("[kt]: the stage ran with k threads")
-    print("store size (GiB): " + ", ".join(f"N={n:,}: {g}" for n, g in stores.items()))
-    print(f"source: {root}/results.jsonl; each stage's command is recorded there")
+    notes = ["store size (GiB): " + ", ".join(f"N={n:,}: {g}" for n, g in stores.items())] if stores else []
+    write_record("scale", argv, [table], ratios, notes, variant=store)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,30000,100000", help="comma-separated numbers of videos")
-    parser.add_argument("--root", default="/tmp/scale", help="where each size's data and outputs go (~9 GB at 100k)")
+    parser.add_argument("--root", default=None,
+                        help="where each size's data and outputs go (~9 GB at 100k) [default: BENCH_CACHE/scale_<store>]")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--frames", type=int, default=32, help="most frames per video (F)")
     parser.add_argument("--dim", type=int, default=768, help="frame feature dimension (D)")
@@ -253,13 +175,12 @@ def main(argv=None):
     clash = {"synthetic": {"generate", "extract"}, "extract": {"synthetic"}}[args.store] & set(args.stages)
     if clash:
         parser.error(f"--store {args.store} does not run stage(s) {', '.join(sorted(clash))}")
-    print(f"command: PYTHONPATH=. python {' '.join(sys.argv)}", flush=True)
+    args.root = args.root or str(cache_dir(f"scale_{args.store}"))
     if not args.report:
-        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(args.threads),
-                   MKL_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
+        env = child_env(args.threads)
         for n in (int(s) for s in args.sizes.split(",")):
             run_size(n, args, env)
-    report(args.root)
+    report(args.root, argv, args.store)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """The semi-supervised protocol of issue 10: runs with and without the unlabelled split, scored on its
 hidden answers beside their out-of-fold figures, with paired bootstrap bands against the first run.
 
-    python bench/protocols.py fashion --protocol semi --titles masked --out /work/cache/semi_masked
-    python run.py train-neural --cache /work/cache/semi_masked --out S/base --threads 1
+    python -m bench protocols fashion --protocol semi --titles masked --out bench_cache/semi_masked
+    python run.py train-neural --cache bench_cache/semi_masked --out S/base --threads 1
     python run.py stack --model S/base --out S/base_stack --split unlabeled --threads 1
-    python run.py train-neural --cache /work/cache/semi_masked --out S/pseudo --teacher S/base --threads 1
+    python run.py train-neural --cache bench_cache/semi_masked --out S/pseudo --teacher S/base --threads 1
     python run.py stack --model S/pseudo --out S/pseudo_stack --split unlabeled --threads 1
-    python bench/bench_semi.py --cache /work/cache/semi_masked --run base=S/base --run pseudo=S/pseudo
+    python -m bench semi --cache bench_cache/semi_masked --run base=S/base --run pseudo=S/pseudo
 
 A run NAME=DIR is stacked in DIR_stack (when there) for its submission row. The first run is the
 reference: each row of another run gets its paired difference to the same row of the first (the same
@@ -14,26 +14,25 @@ resamples of the unlabelled items). For a run with a teacher, its fold-k pseudo-
 (accuracy, and the share and accuracy of those above the run's confidence threshold).
 """
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from bench.protocols import data_dir_of, read_answers  # noqa: E402
-from features import schema  # noqa: E402
-from features.records import read_json, write_json  # noqa: E402
-from features.store import StoreReader, rows_of  # noqa: E402
-from neural.metrics import PairedBootstrap, band, challenge_metric, metric_from_proba  # noqa: E402
-from neural.outputs import read_run  # noqa: E402
-from stacking.reweight import PriorReweighter, class_weights  # noqa: E402
-from stacking.rundir import load_run, split_predictions  # noqa: E402
-from stacking.signals import build_input  # noqa: E402
-from stacking.stackers.base import load_stacker  # noqa: E402
-from stacking.submission import read_predictions  # noqa: E402
+from bench.common import Table, write_record
+from bench.protocols import data_dir_of, read_answers
+from features import schema
+from features.records import read_json, write_json
+from features.store import StoreReader, rows_of
+from neural.metrics import PairedBootstrap, band, challenge_metric, metric_from_proba
+from neural.outputs import read_run
+from stacking.reweight import PriorReweighter, class_weights
+from stacking.rundir import load_run, split_predictions
+from stacking.signals import build_input
+from stacking.stackers.base import load_stacker
+from stacking.submission import read_predictions
 
 SPLIT = "unlabeled"
+BENCHMARK = {"kind": "quality", "summary": "the semi-supervised protocol: runs with and without the unlabelled 80%, scored on its hidden answers with paired 90% bands"}
 
 
 def rows_of_run(run_dir, true_of):
@@ -82,7 +81,7 @@ def reweighting_rows(stack_dir, run, ids, true, metrics, submitted):
     oracle = preds[best[0], best[1]]
     before = metrics["table"].get(metrics["stacker"], {}).get("mean")
     return {"stack before reweighting": (before, proba.argmax(1)),
-            f"stack, reweighting best on the 80% (oracle)": (None, oracle)}
+            "stack, reweighting best on the 80% (oracle)": (None, oracle)}
 
 
 def pseudo_accuracy(run_dir, true_of, fine_classes):
@@ -102,7 +101,7 @@ def pseudo_accuracy(run_dir, true_of, fine_classes):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench semi", description=__doc__.splitlines()[0])
     parser.add_argument("--cache", required=True, help="semi protocol cache (labeled.h5, unlabeled.h5)")
     parser.add_argument("--run", action="append", required=True, metavar="NAME=RUN_DIR",
                         help="a run (the first is the reference); its stack is RUN_DIR_stack when there")
@@ -126,9 +125,11 @@ def main(argv=None):
         scored[name] = {row: (cv, pred, boot.means(pred)) for row, (cv, pred) in rows.items()}
         scored[name]["_pseudo"] = pseudo_accuracy(run_dir, true_of, run.fine_classes)
     ref_name = runs[0][0]
-    table, lines = {}, [f"| row | run | OOF mean-F1 (20%) | mean-F1 on the 80% | 90% band | vs {ref_name} | 90% band | "
-                        "macro over the 80%'s own classes (vs ref) | items in classes the 80% lacks |",
-                        "|---|---|---|---|---|---|---|---|---|"]
+    table = {}
+    shown = Table(f"{Path(args.cache).name}: out of fold on the labelled 20%, scored on the hidden 80%; bands 90%, "
+                  f"{args.resamples:,} paired resamples", ["row", "run", "OOF mean-F1 (20%)", "mean-F1 on the 80%",
+                  "90% band", f"vs {ref_name}", "90% band", "macro over the 80%'s own classes (vs ref)",
+                  "items in classes the 80% lacks"])
     for name, _ in runs:
         for row, (cv, pred, samples) in ((r, v) for r, v in scored[name].items() if r != "_pseudo"):
             score = float(challenge_metric(boot.true, pred, boot.f2c)["mean"])
@@ -137,29 +138,30 @@ def main(argv=None):
             own = float(challenge_metric(boot.true, pred, boot.f2c, truth_classes_only=True)["mean"])
             phantom = int(np.isin(pred, np.setdiff1d(pred, boot.true)).sum())
             entry = {"oof": cv, "score": score, "band": band(samples), "own_classes": own, "phantom_items": phantom}
-            diff = ""
+            diff = ["", ""]
             if name != ref_name and row in scored[ref_name]:
                 ref = scored[ref_name][row]
                 d = samples - ref[2]
                 entry["diff"] = score - float(challenge_metric(boot.true, ref[1], boot.f2c)["mean"])
                 entry["diff_band"] = band(d)
-                diff = f"{entry['diff']:+.4f} | {entry['diff_band'][0]:+.3f}..{entry['diff_band'][1]:+.3f}"
+                diff = [f"{entry['diff']:+.4f}", f"{entry['diff_band'][0]:+.3f}..{entry['diff_band'][1]:+.3f}"]
             table.setdefault(row, {})[name] = entry
             cv_text = f"{cv:.4f}" if cv is not None else ""
             ref_own = table.get(row, {}).get(ref_name, {}).get("own_classes")
             own_vs = f" ({own - ref_own:+.4f})" if name != ref_name and ref_own is not None else ""
-            lines.append(f"| {row} | {name} | {cv_text} | {score:.4f} | {entry['band'][0]:.3f}..{entry['band'][1]:.3f} | "
-                         + (diff or " | ") + f" | {own:.4f}{own_vs} | {phantom} |")
-    print("\n".join(lines))
+            shown.add(row, name, cv_text, f"{score:.4f}", f"{entry['band'][0]:.3f}..{entry['band'][1]:.3f}", *diff,
+                      f"{own:.4f}{own_vs}", phantom)
+    notes = []
     for name, _ in runs:
         if scored[name]["_pseudo"]:
             for k, p in scored[name]["_pseudo"].items():
-                print(f"{name} fold {k} pseudo-labels: {p['accuracy']:.3f} right; {p['kept']:.3f} of rows above the "
-                      f"threshold, {p['kept_accuracy']:.3f} of them right")
+                notes.append(f"{name} fold {k} pseudo-labels: {p['accuracy']:.3f} right; {p['kept']:.3f} of rows above "
+                             f"the threshold, {p['kept_accuracy']:.3f} of them right")
+    print("\n".join(notes))
     out = Path(args.out) if args.out else Path(runs[0][1]).parent / "semi.json"
     write_json(out, {"cache": args.cache, "runs": dict(runs), "table": table,
                      "pseudo": {n: scored[n]["_pseudo"] for n, _ in runs}, "resamples": args.resamples})
-    (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
+    write_record("semi", argv, [shown], notes=notes, variant=Path(args.cache).name)
 
 
 if __name__ == "__main__":

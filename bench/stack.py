@@ -1,7 +1,7 @@
 """Stacking benchmark: the cost of a plain multiclass LightGBM stacker at scale, and the comparison table.
 
-    PYTHONPATH=. python bench/bench_stack.py synthetic [--n 100000 --models 5 --classes 200 --threads 1]
-    PYTHONPATH=. python bench/bench_stack.py runs RUN_DIR [RUN_DIR ...] --out DIR [--models a,b] [--threads 1]
+    python -m bench stack synthetic [--n 100000 --models 5 --classes 200 --threads 1]
+    python -m bench stack runs RUN_DIR [RUN_DIR ...] --out DIR [--models a,b] [--threads 1]
 
 `synthetic`: out-of-fold-like probabilities of M models for N videos over C long-tailed classes.
 Times the multiclass LightGBM stacker (dataset construction, then boosting rounds: it grows C trees
@@ -19,9 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import Table, measured, write_record
 from neural.metrics import metric_from_proba
 from stacking.pipeline import StackOptions, stack
 from stacking.stackers import LGBMStacker, RerankStacker, StackInput
+
+BENCHMARK = {"kind": "speed", "summary": "the stackers' cost at scale (synthetic) and their table side by side on trained runs (runs)"}
+METRICS = ("mean", "l2_micro", "l2_macro", "l1_micro", "l1_macro")
 
 
 def synthetic_input(n, n_models, n_classes, seed=0, chunk=20000):
@@ -47,18 +51,7 @@ def f2c_for(n_classes):
     return np.arange(n_classes) // 10                                   # ten fine classes per coarse
 
 
-class Clock:
-    """Wall and process-CPU seconds of a block (the machine is shared: CPU time is the steadier figure)."""
-
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
-
-
-def bench_synthetic(args):
+def bench_synthetic(args, argv):
     t0 = time.perf_counter()
     X, y = synthetic_input(args.n, args.models, args.classes)
     print(f"synthetic input {args.n} x {args.models} models x {args.classes} classes: "
@@ -72,9 +65,9 @@ def bench_synthetic(args):
 
     # plain multiclass LightGBM: time a few rounds, extrapolate to its default round count
     for rounds in (args.lgbm_rounds, 2 * args.lgbm_rounds):
-        with Clock() as c:
+        with measured() as c:
             lgbm = LGBMStacker(n_rounds=rounds, threads=args.threads).fit(train_X, y[~held])
-        times[f"lgbm multiclass fit, {rounds} rounds"] = (c.wall, c.cpu)
+        times[f"lgbm multiclass fit, {rounds} rounds"] = (c.wall_s, c.cpu_s)
     (w1, c1), (w2, c2) = times[f"lgbm multiclass fit, {args.lgbm_rounds} rounds"], \
         times[f"lgbm multiclass fit, {2 * args.lgbm_rounds} rounds"]
     per_round = ((w2 - w1) / args.lgbm_rounds, (c2 - c1) / args.lgbm_rounds)
@@ -87,27 +80,30 @@ def bench_synthetic(args):
         y[held], lgbm.predict_proba(test_X), f2c)["mean"]
     del lgbm
 
-    with Clock() as c:
+    with measured() as c:
         rerank = RerankStacker(top_k=args.top_k, threads=args.threads, fine_to_coarse=f2c).fit(train_X, y[~held])
     rerank_fit = f"rerank fit (top-{args.top_k}, {rerank.params.n_rounds} rounds, in full)"
-    times[rerank_fit] = (c.wall, c.cpu)
-    with Clock() as c:
+    times[rerank_fit] = (c.wall_s, c.cpu_s)
+    with measured() as c:
         proba = rerank.predict_proba(test_X)
-    times[f"rerank predict {int(held.sum())} videos"] = (c.wall, c.cpu)
+    times[f"rerank predict {int(held.sum())} videos"] = (c.wall_s, c.cpu_s)
     rows[f"rerank top-{args.top_k}"] = metric_from_proba(y[held], proba, f2c)["mean"]
     print(f"rerank candidate recall@{args.top_k} on train: {rerank.train_recall_:.4f}")
 
-    print(f"\ntime (s), threads = {args.threads}: wall, process CPU")
+    cost = Table(f"Cost, {args.n:,} videos x {args.models} models x {args.classes} classes, {args.threads} thread(s)",
+                 ["step", "wall s", "process CPU s"])
     for k, (wall, cpu) in times.items():
-        print(f"  {k:60s} {wall:9.1f} {cpu:9.1f}")
-    print(f"  ratio lgbm multiclass (extrapolated) / rerank fit: wall {times[lgbm_full][0] / times[rerank_fit][0]:.1f}x, "
-          f"cpu {times[lgbm_full][1] / times[rerank_fit][1]:.1f}x")
-    print("\nhold-out challenge metric (mean of four F1s), 20% of videos")
+        cost.add(k, f"{wall:.1f}", f"{cpu:.1f}")
+    quality = Table("Hold-out challenge metric (mean of four F1s), 20% of the videos", ["method", "mean-F1"])
     for k, v in rows.items():
-        print(f"  {k:60s} {v:.4f}")
+        quality.add(k, v)
+    ratios = {"lgbm multiclass (extrapolated) / rerank fit, wall": times[lgbm_full][0] / times[rerank_fit][0],
+              "lgbm multiclass (extrapolated) / rerank fit, CPU": times[lgbm_full][1] / times[rerank_fit][1]}
+    write_record("stack", argv, [cost, quality], ratios, variant="synthetic")
 
 
-def bench_runs(args):
+def bench_runs(args, argv):
+    tables, ratios, notes = [], {}, []
     for run_dir in args.run_dirs:
         out = Path(args.out) / Path(run_dir).name
         options = StackOptions(threads=args.threads, split=args.split, compare=tuple(args.compare),
@@ -116,25 +112,26 @@ def bench_runs(args):
         metrics = stack(run_dir, out, options)
         total = time.perf_counter() - start
         table = metrics["table"]
-        print(f"\n== {run_dir} ({metrics['n_videos']} videos, {metrics['n_classes']} classes, "
-              f"{metrics['n_folds']} folds) -> {out}")
-        print(f"  {'method':62s} {'mean':>6s} {'l2mic':>6s} {'l2mac':>6s} {'l1mic':>6s} {'l1mac':>6s}")
+        t = Table(f"{Path(run_dir).name}: {metrics['n_videos']:,} videos, {metrics['n_classes']} classes, "
+                  f"{metrics['n_folds']} folds, out of fold", ["method", *METRICS])
         for name, m in table.items():
-            print(f"  {name:62s} " + " ".join(f"{m[k]:6.4f}" for k in ("mean", "l2_micro", "l2_macro", "l1_micro", "l1_macro")))
+            t.add(name, *(m[k] for k in METRICS))
+        tables.append(t)
         final = table[f"{options.stacker}+reweight"]["mean"]
         best_name, best = max(((k, v["mean"]) for k, v in table.items() if k.startswith("base:")), key=lambda t: t[1])
-        print(f"  stack+reweight {final:.4f} vs best base model {best_name} {best:.4f}: {final - best:+.4f}")
-        print(f"  stack+reweight {final:.4f} vs average {table['average']['mean']:.4f}: "
-              f"{final - table['average']['mean']:+.4f}")
         lq = metrics["low_quartile"]
-        print(f"  lowest-frequency quartile ({lq['n_classes']} classes, <= {lq['max_count']} videos): macro-F1 "
-              f"{lq['macro_f1_before']:.4f} -> {lq['macro_f1_after']:.4f} ({lq['change']:+.4f})")
-        print(f"  reweighting per outer fold: {[(r['kind'], r['param']) for r in metrics['reweight_per_fold']]}")
-        print("  stage times (s): " + json.dumps(metrics["times_s"]) + f"; total {total:.1f}")
+        ratios[f"{Path(run_dir).name}: stack+reweight - best base model ({best_name})"] = final - best
+        ratios[f"{Path(run_dir).name}: stack+reweight - average"] = final - table["average"]["mean"]
+        notes += [f"{Path(run_dir).name}: lowest-frequency quartile ({lq['n_classes']} classes, <= {lq['max_count']} "
+                  f"videos): macro-F1 {lq['macro_f1_before']:.4f} -> {lq['macro_f1_after']:.4f}",
+                  f"{Path(run_dir).name}: stage times (s) {json.dumps(metrics['times_s'])}; total {total:.1f}"]
+        print("\n".join(notes[-2:]))
+    write_record("stack", argv, tables, ratios, notes, variant="runs")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     syn = sub.add_parser("synthetic")
     syn.add_argument("--n", type=int, default=100_000)
@@ -150,8 +147,8 @@ def main():
     runs.add_argument("--models", default="", help="comma-separated base models; default: all of run.json")
     runs.add_argument("--compare", nargs="*", default=["logreg", "lgbm"])
     runs.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    bench_synthetic(args) if args.what == "synthetic" else bench_runs(args)
+    args = parser.parse_args(argv)
+    bench_synthetic(args, argv) if args.what == "synthetic" else bench_runs(args, argv)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,15 @@
     options  the regularisers (label smoothing, class-balanced weights, EMA, FGM, R-Drop), each
              switched on alone over an all-off baseline, and all of them together; OOF metric per model.
     scale    seconds per epoch and peak memory (RSS, each model in its own process) on N generated
-             videos written to a temporary store, streaming.
+             videos of a synthetic store (features.synthetic_store), streaming.
 
-    PYTHONPATH=. python bench/bench_neural.py fashion --cache /work/cache/fashion_masked \
-        --cache /work/cache/fashion_full
-    PYTHONPATH=. python bench/bench_neural.py options --cache /work/cache/fashion_masked --models mlp
-    PYTHONPATH=. python bench/bench_neural.py scale --n 100000
+    python -m bench train_neural fashion --cache bench_cache/fashion_masked --cache bench_cache/fashion_full
+    python -m bench train_neural options --cache bench_cache/fashion_masked --models mlp
+    python -m bench train_neural scale --n 100000
+(the fashion stores: `python -m bench make_fashion_stores`.)
 """
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,22 +25,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import REPO, Table, cache_dir, peak_rss_mib, write_record
 from features import schema
 from features.store import StoreReader
+from features.synthetic_store import write_synthetic_store
 from neural.folds import load_folds
 from neural.metrics import metric_from_proba
 from neural.options import NeuralOptions
 from neural.pipeline import labelled_rows, train_neural
 
 COLUMNS = ("mean", "l2_micro", "l2_macro", "l1_micro", "l1_macro")
+BENCHMARK = {"kind": "quality", "summary": "train-neural: OOF metric and s/epoch beside a logistic regression (fashion), the regularisers (options), s/epoch and RSS at scale (scale)"}
 
 
-def row(name, metrics, extra=""):
-    return f"| {name} | " + " | ".join(f"{metrics[k]:.4f}" for k in COLUMNS) + f" | {extra} |"
-
-
-def header(first):
-    return f"| {first} | " + " | ".join(COLUMNS) + " | s/epoch |\n|" + "---|" * (len(COLUMNS) + 2)
+def metric_table(title, first):
+    return Table(title, [first, *COLUMNS, "s/epoch"])
 
 
 # ------------------------------------------------------------------ logistic-regression reference
@@ -81,17 +79,21 @@ def logistic_oof(cache_dir, run_dir):
 # ------------------------------------------------------------------ fashion
 
 
-def bench_fashion(args):
+def bench_fashion(args, argv):
     opts = NeuralOptions(n_folds=args.folds, epochs=args.epochs, threads=args.threads)
+    tables = []
     for cache in args.cache:
         run_dir = Path(args.out) / Path(cache).name
-        print(f"\n## {cache} ({args.folds} folds, {args.epochs} epochs, {args.threads} thread(s)) -> {run_dir}")
         results = train_neural(cache, run_dir, args.models.split(","), opts)
         lr_metrics, lr_seconds = logistic_oof(cache, run_dir)
-        print(header("model"))
-        print(row("logistic regression, [mean frame, title]", lr_metrics, f"{lr_seconds / args.folds:.1f} per fold"))
+        table = metric_table(f"{Path(cache).name}: out of fold ({args.folds} folds, {args.epochs} epochs, "
+                             f"{args.threads} thread(s))", "model")
+        table.add("logistic regression, [mean frame, title]", *(lr_metrics[k] for k in COLUMNS),
+                  f"{lr_seconds / args.folds:.1f} per fold")
         for name, m in results.items():
-            print(row(name, m["oof"], f"{np.mean(m['seconds_per_epoch']):.1f}"), flush=True)
+            table.add(name, *(m["oof"][k] for k in COLUMNS), f"{np.mean(m['seconds_per_epoch']):.1f}")
+        tables.append(table)
+    write_record("train_neural", argv, tables, variant="fashion")
 
 
 # ------------------------------------------------------------------ options
@@ -102,62 +104,25 @@ REGULARISERS = {"label_smoothing": dict(label_smoothing=0.1), "class_balanced": 
 ALL_OFF = dict(label_smoothing=0.0, class_balanced=False, ema=False, fgm=False, rdrop=False)
 
 
-def bench_options(args):
+def bench_options(args, argv):
     base = NeuralOptions(n_folds=args.folds, epochs=args.epochs, threads=args.threads, **ALL_OFF)
     variants = {"all off": {}, **{f"+ {k}": v for k, v in REGULARISERS.items()}}
     variants["all on"] = {k: v for d in REGULARISERS.values() for k, v in d.items()}
     variants["defaults"] = {k: getattr(NeuralOptions(), k) for k in ALL_OFF}
+    tables = []
     for cache in args.cache:
-        print(f"\n## {cache}: regularisers ({args.folds} folds, {args.epochs} epochs)")
-        print(header("model, options"))
+        table = metric_table(f"{Path(cache).name}: regularisers, out of fold ({args.folds} folds, {args.epochs} epochs)",
+                             "model, options")
         for name, change in variants.items():
             out = Path(args.out) / "options" / Path(cache).name / name.replace(" ", "_").replace("+", "plus")
             results = train_neural(cache, out, args.models.split(","), replace(base, **change))
             for model, m in results.items():
-                print(row(f"{model}, {name}", m["oof"], f"{np.mean(m['seconds_per_epoch']):.1f}"), flush=True)
+                table.add(f"{model}, {name}", *(m["oof"][k] for k in COLUMNS), f"{np.mean(m['seconds_per_epoch']):.1f}")
+        tables.append(table)
+    write_record("train_neural", argv, tables, variant="options")
 
 
 # ------------------------------------------------------------------ scale
-
-
-def write_generated_store(path, n, n_classes, n_frames, frame_dim, text_dim, n_tokens, batch=2000, seed=0):
-    """A complete store of n generated videos with class signal, written batch by batch."""
-    from features.store import StoreDims, StoreWriter, create_store
-    from tests.fakes import fake_category_map
-    rng = np.random.default_rng(seed)
-    cmap = fake_category_map(n_classes, max(2, n_classes // 10))
-    label = rng.integers(0, n_classes, n)
-    create_store(path, "labeled", [f"v{i:07d}" for i in range(n)], label, cmap.fine_to_coarse[label],
-                 StoreDims(n_frames, frame_dim, text_dim, n_tokens), {"generated": True}, cmap)
-    frame_centres = rng.normal(size=(n_classes, frame_dim)).astype(np.float32)
-    text_centres = rng.normal(size=(n_classes, text_dim)).astype(np.float32)
-    writer = StoreWriter(path)
-    for start in range(0, n, batch):
-        y = label[start:start + batch]
-        b = len(y)
-        frame_mask = np.arange(n_frames)[None] < rng.integers(1, n_frames + 1, (b, 1))
-        token_mask = np.arange(n_tokens)[None] < rng.integers(4, n_tokens + 1, (b, 1))
-        frames = frame_centres[y][:, None] + rng.normal(size=(b, n_frames, frame_dim)).astype(np.float32) * 2
-        tokens = text_centres[y][:, None] + rng.normal(size=(b, n_tokens, text_dim)).astype(np.float32) * 2
-        writer.write_rows(start, {
-            schema.FRAME_EMB: (frames * frame_mask[..., None]).astype(np.float16),
-            schema.FRAME_MASK: frame_mask,
-            schema.TEXT_POOLED: (text_centres[y][:, None] + rng.normal(size=(b, 3, text_dim))).astype(np.float16),
-            schema.TEXT_FIELD_MASK: np.ones((b, 3), bool),
-            schema.TEXT_LEN: np.full((b, 3), 20, np.int32),
-            schema.TEXT_TOKENS: (tokens * token_mask[..., None]).astype(np.float16),
-            schema.TEXT_TOKEN_MASK: token_mask,
-        })
-    writer.mark_complete()
-    writer.close()
-
-
-def peak_rss_mb():
-    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def scale_worker(args):
@@ -169,7 +134,7 @@ def scale_worker(args):
     from neural.spec import spec_from_store
     from neural.train import fit_fold
     torch.set_num_threads(args.threads)
-    imports_mb = peak_rss_mb()                     # torch, sklearn, h5py: before any data is read
+    imports_mb = peak_rss_mib()                     # torch, sklearn, h5py: before any data is read
     reader = StoreReader(schema.store_path(args.cache[0], "labeled"))
     opts = NeuralOptions(epochs=1, threads=args.threads)
     names = model_inputs(args.models, reader)
@@ -180,59 +145,58 @@ def scale_worker(args):
     codebook = Codebook.load(Path(args.cache[0]) / "codebook.h5") if model_entry(args.models).needs_codebook else None
     spec = spec_from_store(args.models, reader, opts, names, codebook)
     _, info = fit_fold(spec, dataset, rows, opts, 0, resolve_device(), codebook)
-    peak_mb = peak_rss_mb()
+    peak_mb = peak_rss_mib()
     print(json.dumps({"seconds": info["seconds_per_epoch"][0], "rows": len(rows), "peak_rss_mb": peak_mb,
                       "imports_rss_mb": imports_mb}))
 
 
-def bench_scale(args):
+def bench_scale(args, argv):
     if args.dir:
         Path(args.dir).mkdir(parents=True, exist_ok=True)
-        run_scale(args, args.dir)
+        run_scale(args, argv, args.dir)
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            run_scale(args, tmp)
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            run_scale(args, argv, tmp)
 
 
-def run_scale(args, folder):
+def run_scale(args, argv, folder):
     """Generate (or reuse, when --dir holds a complete one of the same size) the store, then time."""
     path = Path(folder) / "labeled.h5"
-    start = time.perf_counter()
     reuse = path.exists() and StoreReader(path, require_complete=False).attrs.get("complete") \
         and len(StoreReader(path)) == args.n
     if not reuse:
-        write_generated_store(path, args.n, 200, args.frames, args.frame_dim, args.text_dim, args.tokens)
+        write_synthetic_store(folder, args.n, args.frames, args.frame_dim, args.tokens, args.text_dim, signal=0.5)
     if args.aggregates and not StoreReader(path).attrs.get("aggregates_complete"):
         from features.aggregates import run_aggregates
         run_aggregates(folder, ["labeled"])
     size_gb = path.stat().st_size / 1e9
-    print(f"\n## scale: {args.n} generated videos, F={args.frames} x D={args.frame_dim} frames, "
-          f"T={args.tokens} x Dt={args.text_dim} tokens; store {size_gb:.2f} GB "
-          f"{'reused' if reuse else 'written'} in {time.perf_counter() - start:.0f} s; {args.threads} thread(s)")
-    print("| model | rows trained | s/epoch measured | s/epoch for all N (x N/rows) | rows/s | peak RSS MB "
-          "| of which after imports |")
-    print("|---|---|---|---|---|---|---|")
+    table = Table(f"{args.n:,} synthetic videos, F={args.frames} x D={args.frame_dim} frames, T={args.tokens} x "
+                  f"Dt={args.text_dim} tokens; store {size_gb:.2f} GB; {args.threads} thread(s); each model its own process",
+                  ["model", "rows trained", "s/epoch measured", "s/epoch for all N (x N/rows)", "rows/s", "peak RSS MB",
+                   "of which after imports"])
     for model in args.models.split(","):
-        cmd = [sys.executable, __file__, "scale-worker", "--cache", str(folder), "--models", model,
+        cmd = [sys.executable, "-m", "bench", "train_neural", "scale-worker", "--cache", str(folder), "--models", model,
                "--threads", str(args.threads), "--rows", str(args.rows)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if out.returncode:
-            print(f"| {model} | failed: {out.stderr.strip().splitlines()[-1]} |")
-            continue
+            raise SystemExit(f"train_neural scale: {model} failed: {out.stderr.strip().splitlines()[-1]}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {model} | {r['rows']} | {r['seconds']:.1f} | {r['seconds'] * args.n / r['rows']:.0f} | "
-              f"{r['rows'] / r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | {r['imports_rss_mb']:.0f} |", flush=True)
+        table.add(model, r["rows"], f"{r['seconds']:.1f}", f"{r['seconds'] * args.n / r['rows']:.0f}",
+                  f"{r['rows'] / r['seconds']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['imports_rss_mb']:.0f}")
+    write_record("train_neural", argv, [table], variant="scale")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench train_neural", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["fashion", "options", "scale", "scale-worker"])
     p.add_argument("--cache", action="append", default=[], help="cache directory (repeatable)")
     p.add_argument("--models", default="single,dual,cross,vlad,mlp")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=NeuralOptions().epochs)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="/tmp/neural_bench", help="where run directories go")
+    p.add_argument("--out", default=None, help="where run directories go [default: BENCH_CACHE/train_neural]")
     p.add_argument("--n", type=int, default=100_000, help="scale: generated videos")
     p.add_argument("--rows", type=int, default=0, help="scale: train on ROWS random rows only (0: all)")
     p.add_argument("--aggregates", action="store_true", help="scale: run the aggregates stage (mlp, vlad)")
@@ -241,10 +205,13 @@ def main():
     p.add_argument("--text-dim", type=int, default=384)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--dir", default=None, help="scale: keep the generated store here (reused when complete)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    args.out = args.out or str(cache_dir("train_neural"))
     torch.set_num_threads(args.threads)
-    {"fashion": bench_fashion, "options": bench_options, "scale": bench_scale,
-     "scale-worker": scale_worker}[args.what](args)
+    if args.what == "scale-worker":
+        scale_worker(args)
+    else:
+        {"fashion": bench_fashion, "options": bench_options, "scale": bench_scale}[args.what](args, argv)
 
 
 if __name__ == "__main__":

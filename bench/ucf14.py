@@ -1,16 +1,16 @@
 """ucf14, unseen actors (issue 13 item 4): a run's base models and stacks on the held-out runs of ids,
 against logistic regressions on the mean frame, with paired 90% bootstrap bands.
 
-    python bench/protocols.py ucf14 --out /work/cache/heldout_ucf14
-    python run.py train-neural --cache /work/cache/heldout_ucf14 --out RUN --threads 1
+    python -m bench protocols ucf14 --out bench_cache/heldout_ucf14
+    python run.py train-neural --cache bench_cache/heldout_ucf14 --out RUN --threads 1
     python run.py stack --model RUN --out STACK --threads 1
-    python bench/bench_ucf14.py --cache /work/cache/heldout_ucf14 --run RUN --stack submission=STACK
+    python -m bench ucf14 --cache bench_cache/heldout_ucf14 --run RUN --stack submission=STACK
 
 Grouped folds (train-neural --groups): the groups file of the labelled split, ~5 runs of consecutive ids
 per class cut where the actor changes (bench.protocols.run_boundary, as the held-out runs were cut):
 
-    python bench/bench_ucf14.py groups --cache /work/cache/heldout_ucf14 --out GROUPS.csv
-    python run.py train-neural --cache /work/cache/heldout_ucf14 --groups GROUPS.csv --out RUN --threads 1
+    python -m bench ucf14 groups --cache bench_cache/heldout_ucf14 --out GROUPS.csv
+    python run.py train-neural --cache bench_cache/heldout_ucf14 --groups GROUPS.csv --out RUN --threads 1
 
 Baselines, fitted on the whole labelled split (no C chosen on the test): LR(mean frame) at C=0.01 on the
 raw features and standardised feature by feature. The second is the usual recipe and collapses on
@@ -26,16 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from bench.protocols import by_class, data_dir_of, read_answers, run_boundary  # noqa: E402
-from features import schema  # noqa: E402
-from features.store import StoreReader, rows_of  # noqa: E402
-from neural.metrics import PairedBootstrap, band, challenge_metric  # noqa: E402
-from stacking.rundir import load_run, split_predictions  # noqa: E402
-from stacking.submission import read_predictions  # noqa: E402
+from bench.common import Table, write_record
+from bench.protocols import by_class, data_dir_of, read_answers, run_boundary
+from features import schema
+from features.store import StoreReader, rows_of
+from neural.metrics import PairedBootstrap, band, challenge_metric
+from stacking.rundir import load_run, split_predictions
+from stacking.submission import read_predictions
 
 TEST = "test"
+BENCHMARK = {"kind": "quality", "summary": "ucf14, unseen actors: a run's models and stacks on held-out runs of ids against LRs on the mean frame (groups: grouped folds)"}
 
 
 def mean_frames(cache, split, ids=None):
@@ -81,7 +81,7 @@ def actor_groups(ids, labels, mean_frame, n_runs=5, window=4):
 
 
 def write_groups(argv):
-    parser = argparse.ArgumentParser(description="groups file (id,group) of the labelled split")
+    parser = argparse.ArgumentParser(prog="python -m bench ucf14 groups", description="groups file (id,group) of the labelled split")
     parser.add_argument("--cache", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", type=int, default=5, help="runs of consecutive ids per class")
@@ -99,7 +99,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["groups"]:
         return write_groups(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench ucf14", description=__doc__.splitlines()[0])
     parser.add_argument("--cache", required=True)
     parser.add_argument("--run", required=True, help="train-neural RUN_DIR on the cache")
     parser.add_argument("--models", default="", help="base models to score (default: run.json's)")
@@ -125,19 +125,19 @@ def main(argv=None):
     boot = PairedBootstrap(true, run.fine_to_coarse, args.resamples)
     samples = {name: boot.means(pred) for name, pred in preds.items()}
     entries = []
-    print(f"{len(true)} test videos; differences against {bar}, paired 90% bootstrap bands "
-          f"({args.resamples} resamples)\n")
-    print("| method | held-out mean-F1 | 90% band | vs LR(mean, raw) | 90% band |\n|---|---|---|---|---|")
+    table = Table(f"{len(true)} test videos of unseen actors; differences against {bar}, paired 90% bootstrap bands "
+                  f"({args.resamples:,} resamples)", ["method", "held-out mean-F1", "90% band", "vs LR(mean, raw)", "90% band"])
     for name, pred in preds.items():
         score = challenge_metric(true, pred, run.fine_to_coarse)["mean"]
         diff = score - challenge_metric(true, preds[bar], run.fine_to_coarse)["mean"]
         entry = {"name": name, "test": score, "band": band(samples[name]), "diff_vs_lr": diff,
                  "diff_band": band(samples[name] - samples[bar])}
         entries.append(entry)
-        print(f"| {name} | {score:.4f} | {entry['band'][0]:.3f}..{entry['band'][1]:.3f} | {diff:+.4f} | "
-              f"{entry['diff_band'][0]:+.3f}..{entry['diff_band'][1]:+.3f} |")
+        table.add(name, f"{score:.4f}", f"{entry['band'][0]:.3f}..{entry['band'][1]:.3f}", f"{diff:+.4f}",
+                  f"{entry['diff_band'][0]:+.3f}..{entry['diff_band'][1]:+.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps(entries, indent=1))
+    write_record("ucf14", argv, [table])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """bench/heldout.py's linear_probe, the one C-grid / fold / refit loop of the benches' logistic-regression
-probes (heldout's baseline, fashion_views_probe): small random data, checked against sklearn fitted by hand."""
+probes (heldout's baseline): small random data, checked against sklearn fitted by hand."""
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression

@@ -1,31 +1,20 @@
-"""bench/bench_scale.py: the synthetic store (--store synthetic) loads with the normal readers and has the
-extract's layout, and a stage stopped on a file (the pretrain stage) is timed when the file appears (fast)."""
-import importlib.util
+"""features.synthetic_store (`python -m bench scale --store synthetic`) loads with the normal readers and has
+the extract's layout, and bench.common.run_child times a stage stopped on a file (the pretrain stage) when the
+file appears (fast)."""
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from bench.common import run_child
 from features import schema
 from features.store import StoreReader
+from features.synthetic_store import write_synthetic_store
 from neural.models import model_inputs
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_scale", REPO / "bench" / "bench_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bs = _load()
 
 
 def test_synthetic_store_loads_with_the_store_reader_and_has_the_extract_layout(tmp_path):
-    path = bs.write_synthetic_store(tmp_path, 300, n_frames=4, frame_dim=16, n_tokens=6, text_dim=8, block=64)
+    path = write_synthetic_store(tmp_path, 300, n_frames=4, frame_dim=16, n_tokens=6, text_dim=8, block=64)
     assert path == tmp_path / "labeled.h5"
     with StoreReader(path) as store:                     # refuses an incomplete store
         assert len(store) == 300 and len(store.fine_classes) == 200
@@ -50,5 +39,5 @@ def test_a_stage_stopped_on_a_file_is_timed_when_the_file_appears(tmp_path):
     marker = tmp_path / "done.json"
     child = f"import pathlib, time; time.sleep(0.5); pathlib.Path({str(marker)!r}).touch(); time.sleep(60)"
     started = time.perf_counter()
-    seconds, peak = bs.measure([sys.executable, "-c", child], None, tmp_path / "log", stop_when=marker)
-    assert 0.5 <= seconds < 5 and time.perf_counter() - started < 10 and peak > 0
+    m = run_child([sys.executable, "-c", child], None, tmp_path / "log", stop_when=marker)
+    assert 0.5 <= m.wall_s < 5 and time.perf_counter() - started < 10 and m.peak_rss_mib > 0
