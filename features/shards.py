@@ -12,7 +12,7 @@ Stitching copies the shards' rows into CACHE/<split>.h5 (written as <split>.h5.t
 after checking that every shard exists and is complete. A copy rather than an h5py Virtual Dataset:
 the stitched store stays one self-contained file whose rows are single chunks, so readers keep their
 raw-chunk reads (a virtual dataset has no chunks of its own) and a deleted shard can never read back
-as fill values; its cost is one sequential pass (bench/bench_distributed.py stitch measures both).
+as fill values; its cost is one sequential pass (`python -m bench distributed_extract stitch` measures both).
 
     CACHE/<split>.shards/plan.json                 {"n_rows", "shard_rows", "unit"}
     CACHE/<split>.shards/<split>-00003.h5          rows [3 * shard_rows, 4 * shard_rows) of the split

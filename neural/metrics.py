@@ -10,7 +10,7 @@ def challenge_metric(fine_true, fine_pred, fine_to_coarse, truth_classes_only=Fa
 
     Macro-F1 averages over the labels present in truth or prediction, as sklearn does by default (the
     challenge's score); with truth_classes_only over the labels of the truth alone, so a prediction of a
-    class the items lack costs no class of F1 0 (a diagnostic: bench/bench_semi.py).
+    class the items lack costs no class of F1 0 (a diagnostic: bench/semi.py).
     """
     fine_true, fine_pred = np.asarray(fine_true), np.asarray(fine_pred)
     fine_to_coarse = np.asarray(fine_to_coarse)

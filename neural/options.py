@@ -25,10 +25,10 @@ class NeuralOptions:
     max_tokens: int = 64              # text tokens kept (T is also trimmed per batch to the longest)
     coarse_weight: float = 0.5        # auxiliary coarse-head loss weight (multi-task)
     vlad_pooling: str = "nextvlad"    # "nextvlad" or "netvlad", initialised from CACHE_DIR/codebook.h5
-    knn_k: int = 20                   # knn: neighbours that vote (k, temperature: bench/bench_knn.py heldout)
+    knn_k: int = 20                   # knn: neighbours that vote (k, temperature: python -m bench knn heldout)
     knn_temperature: float = 0.1      # knn: a neighbour's vote weighs exp(cosine / temperature)
     knn_dim: int = 128                # knn: PCA width of the bank of training vectors (0: no projection)
-    # regularisers, each measured by `bench/bench_neural.py options` (fashion, masked titles): only
+    # regularisers, each measured by `python -m bench train_neural options` (fashion, masked titles): only
     # class-balanced weights helped clearly (+0.008..+0.026 OOF mean-F1, via macro-F1); the others moved
     # it by less than the fold noise (about 0.005) or hurt, so they are off by default
     label_smoothing: float = 0.0

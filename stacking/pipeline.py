@@ -14,7 +14,7 @@ on unseen items (ucf14: lgbm +0.0015 OOF, -0.054 held out). The chosen score is 
 choice was made on the predictions it is scored on), so (unless nested_choice is off) auto is also
 chosen inside each outer fold by the same rule on inner OOF passes over the other folds only, as the
 reweighting is tuned, and that honest score is reported. It is not the default: where it departed
-from rerank it lost on held-out items three times in four (bench/README.md, "auto with a noise band").
+from rerank it lost on held-out items three times in four (the held-out protocol, bench/README.md).
 """
 import time
 from dataclasses import asdict, dataclass, field, replace

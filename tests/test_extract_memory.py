@@ -1,7 +1,7 @@
 """extract's CPU frame-encoder forwards all have one shape, so per-shape caches (oneDNN's convolution
 primitives) stop growing after the first batch; the padding images never reach the store.
 
-RSS itself is measured in bench/bench_extract.py --rss, not here."""
+RSS itself is measured by `python -m bench extract --rss`, not here."""
 import numpy as np
 import torch
 

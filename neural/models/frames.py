@@ -1,7 +1,7 @@
 """frames: softmax regression on every frame (each frame an instance), the frame probabilities averaged
 over a video's real frames; fitted exactly when the fold starts, not by the training loop.
 
-Why: on real video of actors a model never saw (ucf14, bench/README.md "Real video, unseen actors"),
+Why: on real video of actors a model never saw (ucf14, docs/results.md: heldout and ucf14),
 what generalises is a strongly L2-regularised linear probe, and training it on frames rather than on
 the mean frame gives it 25 views of each video (grouped-CV mean-F1 0.967 against 0.963 for the
 mean-frame logistic regression). The training loop's few AdamW epochs without an L2 term reach neither
