@@ -71,8 +71,8 @@ def extract(data_dir, splits, cache_dir, options):
     from features.encoders import build_frame_encoder, build_text_encoder
     if options.annotations and len(splits) != 1:
         raise ExtractError("--annotations names one file, so give exactly one --split")
-    for name, least in (("frames", 1), ("batch_size", 1), ("frame_batch", 0), ("threads", 0)):
-        if getattr(options, name) < least:
+    for name, least in (("frames", 1), ("batch_size", 1), ("frame_batch", 0), ("threads", 0), ("limit", 1)):
+        if getattr(options, name) is not None and getattr(options, name) < least:
             raise ExtractError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(options, name)}")
     kinds = frame_sources(data_dir, splits, options)          # before any encoder is loaded
     world = current_world(options.device)                         # rank 0 of 1 without torchrun
@@ -119,6 +119,8 @@ def frame_sources(data_dir, splits, options):
                                f"in {Path(data_dir) / 'annotations'}: {', '.join(present) or 'none'}")
         auto = options.frames_from == "auto"
         kinds[split] = detect_source(data_dir, split) if auto else check_source(data_dir, split, options.frames_from)
+        if kinds[split] == "npy":          # a feature zip that is not one is refused before any encoder loads
+            open_source("npy", data_dir, split, options.frames).probe_dim()
     return kinds
 
 
@@ -136,6 +138,9 @@ class SplitInput:
 def split_input(data_dir, split, options, kind, category_map, frame_encoder, text_encoder):
     ann_path = Path(options.annotations) if options.annotations else annotations_path(data_dir, split)
     videos = read_annotations(ann_path, category_map)[: options.limit]
+    if not videos:
+        raise ExtractError(f"{ann_path}: split '{split}' lists no videos (an empty list); give a split with "
+                           "at least one video")
     source = open_source(kind, data_dir, split, options.frames)
     if kind == "npy":
         source.dim = source.probe_dim()
@@ -180,7 +185,7 @@ def fill_store(path, job, start, end, frame_encoder, text_encoder, options, devi
         bar = tqdm(total=n, initial=int(done.sum()), unit="video", desc=desc)
         with _BatchWriter(writer, faults_path, tokens_path, bar) as sink:
             for batch in loader:
-                faults = [dict(id=it["id"], file=f, reason=r) for it in batch for f, r in it["faults"]]
+                faults = [dict(id=it["id"], file=f, reason=r, kind=k) for it in batch for f, r, k in it["faults"]]
                 arrays = encode_batch(batch, frame_encoder, text_encoder, options, job.frame_dim, device, faults)
                 if faults and options.on_error == "fail":
                     first = faults[0]
@@ -280,12 +285,12 @@ class VideoItems(Dataset):
         frames, faults = None, []
         try:
             loaded = self.source.load(video.id)
-            faults = [(loaded.file, reason) for reason in loaded.faults]
+            faults = [(loaded.file, fault.reason, fault.kind) for fault in loaded.faults]
             frames = loaded.frames
             if self.preprocess is not None:
                 frames = torch.stack([self.preprocess(image) for image in frames])   # (n, 3, H, W)
         except MediaFault as fault:
-            faults.append((fault.file, fault.reason))
+            faults.append((fault.file, fault.reason, fault.kind))
         tok = dict(truncation=True, max_length=self.max_tokens)
         sep = f" {self.tokenizer.sep_token or '|'} "
         field_ids = [self.tokenizer(t, **tok)["input_ids"] if t else None for t in video.texts]
@@ -327,7 +332,8 @@ def _encode_frames(batch, frame_encoder, options, frame_dim, device, faults):
         vectors = np.split(flat, cuts)
     for (b, _), vec in zip(present, vectors):
         if not np.isfinite(vec).all():
-            faults.append(dict(id=batch[b]["id"], file="(encoder output)", reason="NaN or inf in frame embedding"))
+            faults.append(dict(id=batch[b]["id"], file="(encoder output)", reason="NaN or inf in frame embedding",
+                               kind="NaN or inf in frame embedding"))
             continue
         frame_emb[b, : len(vec)] = vec
         frame_mask[b, : len(vec)] = True
@@ -453,8 +459,8 @@ def _write_report(path, split, n_videos, faults_path, text_unk):
                 seen.add(key)
                 faults.append(fault)
     counts = {}
-    for fault in faults:
-        kind = fault["reason"].split(":")[0]
+    for fault in faults:                       # records of older runs have no kind: the reason's head
+        kind = fault.get("kind") or fault["reason"].split(":")[0]
         counts[kind] = counts.get(kind, 0) + 1
     report = {"split": split, "store": str(path), "n_videos": n_videos,
               "n_videos_with_faults": len({f["id"] for f in faults}), "fault_counts": counts,

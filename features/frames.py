@@ -7,11 +7,12 @@ one video raises MediaFault; the caller masks that video's frames and reports it
 import io
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".flv", ".m4v")
 
@@ -24,19 +25,26 @@ class FrameSourceError(ValueError):
     """A split's frames cannot be found or read as a whole (no layout, several layouts, no readable member)."""
 
 
-class MediaFault(Exception):
-    """The media of one video cannot be used; `file` and `reason` go into the extract report."""
+# what reading one zip member can raise besides OSError: a damaged archive or compressed stream, a
+# compression method or an encryption zipfile cannot read (NotImplementedError, RuntimeError), a short file
+ZIP_MEMBER_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
 
-    def __init__(self, file, reason):
+
+class MediaFault(Exception):
+    """The media of one video cannot be used; `file`, `reason` and `kind` go into the extract report.
+
+    kind: a short fixed phrase (the report's fault_counts key), the reason itself when it has no details."""
+
+    def __init__(self, file, reason, kind=None):
         super().__init__(f"{file}: {reason}")
-        self.file, self.reason = str(file), reason
+        self.file, self.reason, self.kind = str(file), reason, kind or reason
 
 
 @dataclass
 class LoadedFrames:
     frames: object                     # list of PIL images, or (n, D) float16 array of features
     file: str
-    faults: list = field(default_factory=list)   # per-frame faults that left other frames usable
+    faults: list = field(default_factory=list)   # MediaFault per frame lost while other frames were usable
 
 
 def uniform_indices(n_available, n_frames):
@@ -60,7 +68,7 @@ class JpegZipFrames:
         self.n_frames = n_frames
 
     def path(self, video_id):
-        return self.root / video_id[-3:] / f"{video_id}.zip"
+        return self.root / _name(video_id)[-3:] / f"{video_id}.zip"
 
     def load(self, video_id):
         path = self.path(video_id)
@@ -76,19 +84,39 @@ class JpegZipFrames:
                 for name in chosen:
                     try:
                         frames.append(_decode_jpeg(zf.read(name)))
-                    except (OSError, ValueError, zipfile.BadZipFile) as err:
-                        faults.append(f"corrupt JPEG {name}: {err}")
-        except (zipfile.BadZipFile, OSError) as err:
-            raise MediaFault(path, f"unreadable zip: {err}") from err
+                    except (ValueError, Image.DecompressionBombError, *ZIP_MEMBER_ERRORS) as err:
+                        faults.append(MediaFault(path, f"corrupt JPEG {name}: {_image_error(err)}", "corrupt JPEG"))
+        except (ValueError, *ZIP_MEMBER_ERRORS) as err:
+            raise MediaFault(path, f"unreadable zip: {err}", "unreadable zip") from err
         if not frames:
-            raise MediaFault(path, "no decodable frame (" + "; ".join(faults) + ")")
+            raise MediaFault(path, "no decodable frame (" + "; ".join(f.reason for f in faults) + ")",
+                             "no decodable frame")
         return LoadedFrames(frames, str(path), faults)
+
+
+def _name(video_id):
+    """The id itself; one that is a path (features.annotations refuses those where ids enter) never
+    reaches a file name."""
+    from features.annotations import id_problem
+    problem = id_problem(video_id) if video_id else "it is empty"
+    if problem:
+        raise MediaFault(repr(video_id), f"video id is not a name: {problem}", "video id is not a name")
+    return video_id
 
 
 def _decode_jpeg(data):
     image = Image.open(io.BytesIO(data))
     image.load()                      # decode now, so a truncated file fails here
     return image.convert("RGB")
+
+
+def _image_error(err):
+    """A decoding error for people: PIL names an unknown format by the in-memory buffer's repr."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image (no JPEG or other known image header)"
+    if isinstance(err, Image.DecompressionBombError):
+        return "image too large to decode safely"
+    return str(err) or type(err).__name__
 
 
 class NpyZipFrames:
@@ -109,49 +137,71 @@ class NpyZipFrames:
         if self._zip is None or self._pid != os.getpid():
             if not self.path.exists():
                 raise FileNotFoundError(f"{self.path}: feature zip not found")
-            self._zip, self._pid = zipfile.ZipFile(self.path), os.getpid()
-            self._members = {Path(n).stem: n for n in self._zip.namelist() if n.endswith(".npy")}
+            try:
+                zf = zipfile.ZipFile(self.path)
+            except (ValueError, *ZIP_MEMBER_ERRORS) as err:
+                raise FrameSourceError(f"{self.path}: not a readable zip of <id>.npy members: {err}") from err
+            self._members = _npy_members(self.path, zf.namelist())
+            self._zip, self._pid = zf, os.getpid()
         return self._zip
 
     def probe_dim(self):
-        """D of the first readable member, so the store can be sized before extraction."""
+        """D of the first usable member, so the store can be sized before extraction."""
         zf = self._open()
-        for name in list(self._members.values())[:100]:
+        for video_id, name in list(self._members.items())[:100]:
             try:
-                arr = np.load(io.BytesIO(zf.read(name)), allow_pickle=False)
-            except ValueError:
+                return int(_check_features(video_id, _read_npy(zf, name, video_id), None).shape[1])
+            except MediaFault:
                 continue
-            if arr.ndim == 2:
-                return int(arr.shape[1])
-        raise FrameSourceError(f"{self.path}: no readable [n_frames, D] .npy member among the first 100")
+        raise FrameSourceError(f"{self.path}: no readable [n_frames, D] float .npy member among the first 100")
 
     def load(self, video_id):
         zf = self._open()
         where = f"{self.path}:{video_id}.npy"
         if video_id not in self._members:
             raise MediaFault(where, "missing npy member")
-        try:
-            arr = np.load(io.BytesIO(zf.read(self._members[video_id])), allow_pickle=False)
-        except (ValueError, OSError, zipfile.BadZipFile) as err:
-            raise MediaFault(where, f"unreadable npy: {err}") from err
+        arr = _read_npy(zf, self._members[video_id], where)
         arr = _check_features(where, arr, self.dim)                   # (n, D) float16
         return LoadedFrames(arr[uniform_indices(len(arr), self.n_frames)], where)
 
 
+def _npy_members(path, names):
+    """{video id: member name} of the zip's .npy members (any folder inside the zip); refuses an id
+    that two members would give, which one was meant cannot be told."""
+    members = {}
+    for name in names:
+        if name.endswith(".npy"):
+            video_id = name.rsplit("/", 1)[-1][: -len(".npy")]
+            if video_id in members:
+                raise FrameSourceError(f"{path}: members {members[video_id]!r} and {name!r} are both the "
+                                       f"features of video {video_id!r}")
+            members[video_id] = name
+    return members
+
+
+def _read_npy(zf, name, where):
+    """The array of one .npy member; never a pickle, never an .npz, never a guess at a short file."""
+    try:
+        return np.lib.format.read_array(io.BytesIO(zf.read(name)), allow_pickle=False)
+    except (ValueError, MemoryError, *ZIP_MEMBER_ERRORS) as err:
+        raise MediaFault(where, f"unreadable npy: {str(err) or type(err).__name__}", "unreadable npy") from err
+
+
 def _check_features(where, arr, dim):
     """(n, D) features as float16: float32/float64 are cast, refusing values float16 cannot hold."""
-    if arr.ndim != 2 or (dim is not None and arr.shape[1] != dim):
-        raise MediaFault(where, f"shape {arr.shape}, expected [n_frames, {dim}]")
+    if arr.ndim != 2 or (dim is not None and arr.shape[1] != dim) or arr.shape[1] == 0:
+        raise MediaFault(where, f"shape {arr.shape}, expected [n_frames, {dim or 'D > 0'}]", "wrong shape")
     if arr.shape[0] == 0:
         raise MediaFault(where, "zero frames")
     if arr.dtype not in (np.float16, np.float32, np.float64):
-        raise MediaFault(where, f"dtype {arr.dtype}, expected float16 (or float32/float64 within its range)")
+        raise MediaFault(where, f"dtype {arr.dtype}, expected float16 (or float32/float64 within its range)",
+                         "wrong dtype")
     if not np.isfinite(arr).all():
         raise MediaFault(where, "NaN or inf values")
     peak = float(np.abs(arr).max())
     if peak > FLOAT16_MAX:
         raise MediaFault(where, f"float16 overflow: |x| up to {peak:.6g} in {arr.dtype}, float16 holds "
-                                f"at most {FLOAT16_MAX:.0f}")
+                                f"at most {FLOAT16_MAX:.0f}", "float16 overflow")
     return arr.astype(np.float16, copy=False)
 
 
@@ -165,7 +215,7 @@ class VideoFileFrames:
 
     def path(self, video_id):
         for suffix in VIDEO_SUFFIXES:
-            candidate = self.root / f"{video_id}{suffix}"
+            candidate = self.root / f"{_name(video_id)}{suffix}"
             if candidate.exists():
                 return candidate
         return None
@@ -183,7 +233,7 @@ class VideoFileFrames:
             with av.open(str(path)) as container:   # keep only the sampled frames in memory
                 frames = [f.to_image() for i, f in enumerate(container.decode(video=0)) if i in wanted]
         except (av.error.FFmpegError, OSError, ValueError, IndexError) as err:
-            raise MediaFault(path, f"undecodable video: {err}") from err
+            raise MediaFault(path, f"undecodable video: {err}", "undecodable video") from err
         if not frames:
             raise MediaFault(path, "zero frames")
         return LoadedFrames(frames, str(path))

@@ -118,6 +118,9 @@ def test_media_faults_are_counted_and_listed(extracted):
     assert "corrupt JPEG 9.jpg" in by_id["v006"]["reason"]
     assert by_id["v007"]["reason"] == "zero frames"
     assert report["n_videos_with_faults"] == 3
+    # counted under short fixed kinds, never a key cut from a reason ("corrupt JPEG 9.jpg")
+    assert report["fault_counts"] == {"missing zip": 1, "corrupt JPEG": 1, "zero frames": 1}
+    assert by_id["v006"]["kind"] == "corrupt JPEG"
 
 
 def test_tokens_are_masked_hidden_states(extracted):
@@ -205,7 +208,8 @@ def test_feature_zip_layout_needs_no_frame_encoder_and_reports_each_bad_npy(tmp_
     assert all(f["file"].endswith(f"test.zip:{f['id']}.npy") for f in report["faults"])
     on_disk = json.loads((tmp_path / "c" / "test.report.json").read_text())
     assert on_disk["n_videos_with_faults"] == 6 and sum(on_disk["fault_counts"].values()) == 6
-    assert on_disk["fault_counts"]["float16 overflow"] == 1
+    assert on_disk["fault_counts"] == {"NaN or inf values": 1, "float16 overflow": 1, "wrong shape": 1,
+                                       "zero frames": 1, "wrong dtype": 1, "missing npy member": 1}
 
 
 def test_text_the_tokenizer_cannot_read_is_measured_per_field_and_warned_about(tmp_path, capsys):

@@ -24,7 +24,8 @@ def test_corrupt_jpeg_is_dropped_and_reported(tmp_path):
     write_jpeg_zip(tmp_path, "test", "v001", [(0, 0, 0)] * 2, extra={"2.jpg": jpeg_bytes((1, 1, 1))[:40]})
     loaded = JpegZipFrames(tmp_path, "test", n_frames=32).load("v001")
     assert len(loaded.frames) == 2
-    assert len(loaded.faults) == 1 and "corrupt JPEG 2.jpg" in loaded.faults[0]
+    assert len(loaded.faults) == 1 and "corrupt JPEG 2.jpg" in loaded.faults[0].reason
+    assert loaded.faults[0].kind == "corrupt JPEG" and loaded.faults[0].file.endswith("v001.zip")
 
 
 @pytest.mark.parametrize("make, reason", [

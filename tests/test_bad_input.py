@@ -1,0 +1,159 @@
+"""Hostile input: one line naming the file, the id and the field, exit 1; or a counted skip, reported.
+
+docs/bad-input.md lists every kind with what the user sees; these tests hold the ones it added."""
+import io
+import struct
+import zipfile
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from features.frames import FrameSourceError, JpegZipFrames, MediaFault, NpyZipFrames
+from run import cli
+from tests.media import jpeg_bytes, write_annotations, write_feature_zip, write_jpeg_zip
+
+EXTRACT = ["--device", "cpu", "--workers", "0", "--frames", "2", "--max-tokens", "8", "--no-aggregates"]
+
+
+def one_line_error(result, *words):
+    """The command failed with exit 1 and a single 'Error: ...' line holding every word."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.fixture
+def stand_in_encoders(monkeypatch):
+    """Stand-ins for the encoders (the refusals come before either encodes anything); returns the list of
+    encoders built, to show which refusals come before any loads."""
+    built = []
+
+    def build(kind):
+        def builder(*args, **kwargs):
+            built.append(kind)
+            return SimpleNamespace(max_tokens=512, dim=8)
+        return builder
+    monkeypatch.setattr("features.encoders.build_frame_encoder", build("frame"))
+    monkeypatch.setattr("features.encoders.build_text_encoder", build("text"))
+    return built
+
+
+# --- frames: reported for people, counted under whole keys -------------------------------------
+
+def test_a_non_image_member_is_named_by_zip_and_member_not_by_a_memory_buffer(tmp_path):
+    write_jpeg_zip(tmp_path, "test", "v001", [(0, 0, 0)], extra={"1.txt": b"release notes"})
+    loaded = JpegZipFrames(tmp_path, "test", 8).load("v001")
+    (fault,) = loaded.faults
+    assert fault.file.endswith("v001.zip") and fault.kind == "corrupt JPEG"
+    assert fault.reason.startswith("corrupt JPEG 1.txt: not an image")
+    assert "BytesIO" not in fault.reason and " at 0x" not in fault.reason
+
+
+def test_a_zip_without_a_decodable_frame_counts_under_a_whole_key(tmp_path):
+    write_jpeg_zip(tmp_path, "test", "v001", [], extra={"0.jpg": b"not a jpeg", "1.jpg": b"nor this"})
+    with pytest.raises(MediaFault) as err:
+        JpegZipFrames(tmp_path, "test", 8).load("v001")
+    assert err.value.kind == "no decodable frame"
+    assert "0.jpg" in err.value.reason and "1.jpg" in err.value.reason and "BytesIO" not in err.value.reason
+
+
+def _damage(path, how):
+    """Damage the zip's only member: 'stream' makes its deflate stream invalid (zlib.error), 'encrypted'
+    marks it encrypted (RuntimeError without a password)."""
+    data = bytearray(path.read_bytes())
+    if how == "stream":
+        name_len, extra_len = struct.unpack("<HH", data[26:30])
+        data[30 + name_len + extra_len] = 0xFF            # BTYPE 11: a reserved deflate block type
+    else:
+        central = data.index(b"PK\x01\x02")
+        data[central + 8] |= 0x01                         # general purpose flag bit 0: encrypted
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["stream", "encrypted"])
+def test_a_damaged_or_encrypted_member_is_a_counted_fault(tmp_path, how):
+    jpeg_zip = tmp_path / "zip_frames" / "test" / "001" / "v001.zip"
+    jpeg_zip.parent.mkdir(parents=True)
+    with zipfile.ZipFile(jpeg_zip, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("0.jpg", jpeg_bytes((9, 9, 9)))
+    _damage(jpeg_zip, how)
+    with pytest.raises(MediaFault) as err:
+        JpegZipFrames(tmp_path, "test", 8).load("v001")
+    assert err.value.kind == "no decodable frame" and "corrupt JPEG 0.jpg" in err.value.reason
+
+    buf = io.BytesIO()
+    np.save(buf, np.ones((2, 4), np.float16))
+    feature_zip = tmp_path / "zip_feats" / "test.zip"
+    feature_zip.parent.mkdir(parents=True)
+    with zipfile.ZipFile(feature_zip, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("v001.npy", buf.getvalue())
+    _damage(feature_zip, how)
+    with pytest.raises(MediaFault) as err:
+        NpyZipFrames(tmp_path, "test", 2).load("v001")
+    assert err.value.kind == "unreadable npy" and err.value.file.endswith("test.zip:v001.npy")
+
+
+def test_an_npz_or_a_pickle_under_an_npy_name_is_unreadable_not_loaded(tmp_path):
+    npz, pickled = io.BytesIO(), io.BytesIO()
+    np.savez(npz, x=np.ones((2, 4), np.float16))
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    path = tmp_path / "zip_feats" / "test.zip"
+    path.parent.mkdir(parents=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("z.npy", npz.getvalue())
+        zf.writestr("p.npy", pickled.getvalue())
+    source = NpyZipFrames(tmp_path, "test", 2)
+    for vid in ("z", "p"):
+        with pytest.raises(MediaFault) as err:
+            source.load(vid)
+        assert err.value.kind == "unreadable npy"
+
+
+def test_two_members_for_one_video_are_refused_naming_both(tmp_path):
+    path = write_feature_zip(tmp_path, "test", {"v1": np.ones((2, 4), np.float16)})
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("old/v1.npy", b"")
+    with pytest.raises(FrameSourceError, match=r"test\.zip: members 'v1.npy' and 'old/v1.npy'.*'v1'"):
+        NpyZipFrames(tmp_path, "test", 2).load("v1")
+
+
+def test_a_frame_source_never_builds_a_path_from_an_id_that_is_a_path(tmp_path):
+    write_jpeg_zip(tmp_path, "other", "x001", [(0, 0, 0)])
+    with pytest.raises(MediaFault, match="not a name"):
+        JpegZipFrames(tmp_path, "test", 8).load("../other/001/x001")
+
+
+# --- extract: refused in one line ------------------------------------------------------------------
+
+def test_a_feature_zip_that_is_not_a_zip_is_refused_before_any_encoder_loads(tmp_path, stand_in_encoders):
+    (tmp_path / "zip_feats").mkdir()
+    (tmp_path / "zip_feats" / "test.zip").write_bytes(b"features, honestly")
+    write_annotations(tmp_path, "test", [{"id": "a", "title": "x"}])
+    result = CliRunner().invoke(cli, ["extract", "--data", str(tmp_path), "--out", str(tmp_path / "c"), *EXTRACT])
+    one_line_error(result, "test.zip", "not a readable zip")
+    assert stand_in_encoders == []
+    assert not (tmp_path / "c" / "test.h5").exists()
+
+
+@pytest.mark.parametrize("extra, words", [([], ["test.json", "split 'test' lists no videos"]),
+                                          (["--limit", "0"], ["--limit", "at least 1"])])
+def test_a_split_without_videos_is_refused_naming_its_file(tmp_path, stand_in_encoders, extra, words):
+    write_feature_zip(tmp_path, "test", {"a": np.ones((2, 4), np.float16)})
+    write_annotations(tmp_path, "test", [] if not extra else [{"id": "a", "title": "x"}])
+    result = CliRunner().invoke(cli, ["extract", "--data", str(tmp_path), "--out", str(tmp_path / "c"),
+                                      *EXTRACT, *extra])
+    one_line_error(result, *words)
+    assert not (tmp_path / "c" / "test.h5").exists()
+
+
+def test_an_id_that_is_a_path_stops_extract_naming_file_entry_and_id(tmp_path, stand_in_encoders):
+    write_jpeg_zip(tmp_path, "test", "v001", [(0, 0, 0)])
+    write_jpeg_zip(tmp_path, "outside", "x001", [(0, 0, 0)])
+    write_annotations(tmp_path, "test", [{"id": "v001"}, {"id": "../../outside/001/x001"}])
+    result = CliRunner().invoke(cli, ["extract", "--data", str(tmp_path), "--out", str(tmp_path / "c"), *EXTRACT])
+    one_line_error(result, "test.json", "entry 1", "'../../outside/001/x001'", "not paths")
