@@ -102,12 +102,15 @@ class _ModelsOption(click.Option):
               help="Other split to predict (repeatable); default: every other store in the cache.")
 @click.option("--folds", "n_folds", default=_NEURAL.n_folds, show_default=True)
 @click.option("--seed", default=_NEURAL.seed, show_default=True)
-@click.option("--groups", default=_NEURAL.groups, metavar="FILE", type=click.Path(dir_okay=False),
-              help="CSV id,group (header allowed; every labelled id needs a group): folds never split a group "
-                   "(StratifiedGroupKFold), so out-of-fold scores and the stack measure unseen groups (several "
-                   "clips per uploader or actor). Stratified as far as whole groups allow: a class with fewer "
-                   "groups than folds is missing from some folds' training data, and those fold models never "
-                   "predict it. Recorded (path, sha256) in run.json and folds.h5; a resume must give the same file.")
+@click.option("--groups", default=_NEURAL.groups, show_default=True, metavar="auto|none|FILE",
+              help="Folds never split a group (StratifiedGroupKFold), so out-of-fold scores and the stack measure "
+                   "unseen groups. auto: near-duplicate groups (clips of one video or actor, a product in other "
+                   "colours, re-uploads) found in the cached features: mutual nearest neighbours much closer than "
+                   "their neighbourhood, the threshold set from the data's own intrinsic dimension "
+                   "(neural/neardup.py); used when at least 2% of the labelled videos are grouped, else the "
+                   "folds stay stratified. FILE: a CSV id,group (header allowed; every labelled id needs a "
+                   "group). Stratified as far as whole groups allow. Recorded in run.json and folds.h5 (auto: the "
+                   "rule, its threshold, how many videos were grouped); a resume must give the same value.")
 @click.option("--epochs", default=_NEURAL.epochs, show_default=True)
 @click.option("--batch-size", default=_NEURAL.batch_size, show_default=True)
 @click.option("--lr", default=_NEURAL.lr, show_default=True)

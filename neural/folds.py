@@ -11,11 +11,13 @@ dropped: every labelled item is in exactly one fold.
 With groups (`train-neural --groups FILE`, a CSV `id,group`: several clips of one uploader or actor,
 near-duplicate re-uploads) the folds are sklearn's StratifiedGroupKFold(shuffle=True, random_state=seed):
 no group is split across folds, so out-of-fold scores (and the stacker fitted on them) measure unseen
-groups. Stratification is as close as whole groups allow; a class whose groups are fewer than n_folds is
+groups. `--groups auto` (the default) finds near-duplicate groups in the cached features
+(neural/neardup.py) and uses them the same way when the data has enough of them. Stratification is as close as whole groups allow; a class whose groups are fewer than n_folds is
 absent from the training data of the folds that hold all of it out, and is then never predicted there.
 """
 import csv
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -84,8 +86,9 @@ def read_groups(path, ids):
     return np.array([group_of[str(v)] for v in ids], dtype=object), file_sha256(path)
 
 
-def save_folds(path, ids, fold, n_folds, seed, groups_sha256=""):
-    """groups_sha256: the --groups file the folds were drawn with ("" = not grouped)."""
+def save_folds(path, ids, fold, n_folds, seed, groups_sha256="", auto=None, group=None):
+    """groups_sha256: the --groups file the folds were drawn with ("" = not grouped); auto: the record of
+    --groups auto (neural/neardup.py), with group (N,) the near-duplicate group of each id when it was used."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as h5:
@@ -96,6 +99,11 @@ def save_folds(path, ids, fold, n_folds, seed, groups_sha256=""):
         if groups_sha256:
             h5.attrs["grouped"] = True
             h5.attrs["groups_sha256"] = groups_sha256
+        if auto is not None:
+            h5.attrs["grouped"] = bool(auto["used"])
+            h5.attrs["groups_auto"] = json.dumps(auto)
+            if group is not None:
+                h5.create_dataset("group", data=np.asarray(group, np.int64))
     os.replace(tmp, path)
 
 
@@ -103,6 +111,12 @@ def folds_groups_sha256(path):
     """The sha256 of the groups file folds.h5 was drawn with, "" when its folds are not grouped."""
     with h5py.File(path, "r") as h5:
         return str(h5.attrs.get("groups_sha256", ""))
+
+
+def folds_groups_auto(path):
+    """The --groups auto record folds.h5 was drawn with (neural/neardup.py), None when it was not."""
+    with h5py.File(path, "r") as h5:
+        return json.loads(h5.attrs["groups_auto"]) if "groups_auto" in h5.attrs else None
 
 
 def load_folds(path):

@@ -57,7 +57,9 @@ class NeuralOptions:
     pseudo_ratio: float = 1.0         # unlabelled rows per step, as a multiple of batch_size
     pseudo_finetune_epochs: int = 1   # then epochs on labelled rows only (on top of epochs)
     pseudo_modality_drop: float = 0.0 # share of pseudo-labelled rows that lose their text or frames (consistency)
-    groups: str = ""                  # CSV id,group: folds never split a group (neural/folds.py); "" = none
+    groups: str = "auto"              # CSV id,group: folds never split a group (neural/folds.py); "auto":
+                                      # near-duplicate groups found in the features (neural/neardup.py),
+                                      # used when the data has them; "none" (or ""): stratified folds
     num_workers: int = 0              # DataLoader workers; each opens its own store handle
     threads: int = 0                  # torch CPU threads; 0 leaves torch's default
     splits: tuple = ()                # other splits to predict; () = every other store in CACHE_DIR

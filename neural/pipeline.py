@@ -28,9 +28,10 @@ from neural import outputs
 from neural.checkpoint import fold_paths, fold_saved, load_fold, read_record, save_fold
 from neural.data import StoreBatches
 from neural.distributed import on_main, owner, rank_jobs, set_threads
-from neural.folds import (GroupsError, file_sha256, folds_groups_sha256, load_folds, make_folds,
-                          make_group_folds, read_groups, save_folds)
+from neural.folds import (GroupsError, file_sha256, folds_groups_auto, folds_groups_sha256, load_folds,
+                          make_folds, make_group_folds, read_groups, save_folds)
 from neural.metrics import challenge_metric
+from neural.neardup import AUTO, NONE, NearDupRule, store_groups
 from neural.models import REGISTRY, model_entry, model_inputs
 from neural.options import NeuralOptions
 from neural.outputs import RunError
@@ -86,27 +87,46 @@ def labelled_rows(reader):
     return rows, reader.ids[rows], label
 
 
-def draw_folds(ids, labels, options):
-    """-> (fold (N,), sha256 of the groups file or ""): grouped folds with options.groups, else stratified."""
-    if not options.groups:
-        return make_folds(labels, options.n_folds, options.seed), ""
+def groups_mode(options):
+    """'none', 'auto' (near-duplicate groups found in the features, neural/neardup.py) or 'file'."""
+    return {"": NONE, NONE: NONE, AUTO: AUTO}.get(options.groups, "file")
+
+
+def draw_folds(ids, labels, options, reader=None, rows=None):
+    """-> (fold (N,), groups info: {} without groups, {"sha256"} of a groups file, {"auto": record,
+    "group": (N,)} with --groups auto, which reads the features of the store rows `rows` of `reader`)."""
+    mode = groups_mode(options)
+    if mode == NONE:
+        return make_folds(labels, options.n_folds, options.seed), {}
+    if mode == AUTO:
+        if reader is None:
+            raise RunError("--groups auto needs the labelled store to find near-duplicates in")
+        group, record = store_groups(reader, rows, NearDupRule(seed=options.seed))
+        fold = (make_group_folds(labels, group.astype(str), options.n_folds, options.seed) if record["used"]
+                else make_folds(labels, options.n_folds, options.seed))
+        return fold, {"auto": record, "group": group if record["used"] else None}
     try:
         groups, sha256 = read_groups(options.groups, ids)
-        return make_group_folds(labels, groups, options.n_folds, options.seed), sha256
+        return make_group_folds(labels, groups, options.n_folds, options.seed), {"sha256": sha256}
     except GroupsError as err:
         raise RunError(str(err)) from err
 
 
-def describe_groups(sha256):
-    return f"groups file sha256 {sha256[:12]}" if sha256 else "no groups"
+def describe_groups(source):
+    return {"": "no groups", AUTO: "--groups auto"}.get(source, f"groups file sha256 {source[:12]}")
 
 
-def folds_to_draw(run_dir, ids, labels, options, overwrite):
-    """(fold (N,), groups sha256) this run will save, when it has no folds yet or --overwrite discards
+def groups_source(path):
+    """How RUN_DIR/folds.h5 was grouped: a groups file's sha256, 'auto', or '' (no groups)."""
+    return AUTO if folds_groups_auto(path) is not None else folds_groups_sha256(path)
+
+
+def folds_to_draw(run_dir, ids, labels, options, overwrite, reader=None, rows=None):
+    """(fold (N,), groups info) this run will save, when it has no folds yet or --overwrite discards
     them; None when it will reuse RUN_DIR/folds.h5. Drawn once, for the teacher's check and for saving."""
     if (Path(run_dir) / "folds.h5").exists() and not overwrite:
         return None
-    return draw_folds(ids, labels, options)
+    return draw_folds(ids, labels, options, reader, rows)
 
 
 def prepare_folds(run_dir, ids, labels, options, drawn=None):
@@ -118,14 +138,17 @@ def prepare_folds(run_dir, ids, labels, options, drawn=None):
         if n_folds != options.n_folds or seed != options.seed or not np.array_equal(stored_ids, ids):
             raise RunError(f"{path}: folds were drawn for other ids, n_folds or seed "
                            f"({n_folds} folds, seed {seed}); use another --out or --overwrite")
-        stored, wanted = folds_groups_sha256(path), file_sha256(options.groups) if options.groups else ""
+        mode = groups_mode(options)
+        wanted = {NONE: "", AUTO: AUTO}[mode] if mode in (NONE, AUTO) else file_sha256(options.groups)
+        stored = groups_source(path)
         if stored != wanted:
             raise RunError(f"{path}: folds were drawn with {describe_groups(stored)}, this run has "
-                           f"{describe_groups(wanted)} (--groups {options.groups or 'not given'}); "
+                           f"{describe_groups(wanted)} (--groups {options.groups or NONE}); "
                            "use another --out or --overwrite")
         return fold
-    fold, sha256 = drawn or draw_folds(ids, labels, options)
-    save_folds(path, ids, fold, options.n_folds, options.seed, sha256)
+    fold, info = drawn or draw_folds(ids, labels, options)
+    save_folds(path, ids, fold, options.n_folds, options.seed, info.get("sha256", ""), info.get("auto"),
+               info.get("group"))
     return fold
 
 
@@ -139,8 +162,11 @@ def write_run_json(run_dir, cache_dir, reader, models, options, pseudo=None):
            "seed": options.seed, "n_folds": options.n_folds, "models": list(models)}
     if pseudo is not None:
         run["pseudo"] = {"teacher": pseudo[0].record(), "unlabelled": pseudo[1].record()}
-    if options.groups:
+    mode = groups_mode(options)
+    if mode == "file":
         run["groups"] = {"path": options.groups, "sha256": file_sha256(options.groups)}
+    elif mode == AUTO:                  # the rule, its data-chosen values and counts, as folds.h5 holds them
+        run["groups"] = {"auto": folds_groups_auto(Path(run_dir) / "folds.h5")}
     return outputs.write_run(run_dir, run, options.result_dict())
 
 
@@ -321,9 +347,11 @@ def train_neural(cache_dir, out_dir, models, options=None, overwrite=False, worl
     for r in split_readers.values():
         check_classes(r, {"fine_classes": reader.fine_classes})
     rows, ids, labels = labelled_rows(reader)
-    if options.groups:                  # recorded resolved, like the teacher
+    if groups_mode(options) == "file":  # recorded resolved, like the teacher
         options = replace(options, groups=str(Path(options.groups).resolve()))
-    drawn = folds_to_draw(run_dir, ids, labels[rows], options, overwrite) if options.teacher else None
+    # drawn before anything is written (the teacher's check needs them; auto reads the store once)
+    drawn = folds_to_draw(run_dir, ids, labels[rows], options, overwrite, reader, rows) \
+        if options.teacher or world.is_main else None
     pseudo = prepare_teacher(cache_dir, run_dir, reader, ids, drawn, options)
     if pseudo is not None:
         options = replace(options, teacher=str(pseudo[0].path))     # recorded resolved

@@ -57,8 +57,8 @@ def run_opts(groups_file="", **extra):
 
 def test_no_group_is_split_across_folds_and_every_class_is_in_every_fold(cache):
     _, ids, labels, groups, groups_file = cache
-    fold, sha256 = draw_folds(ids, labels, run_opts(groups_file))
-    assert len(sha256) == 64 and fold.min() == 0 and fold.max() == 2
+    fold, info = draw_folds(ids, labels, run_opts(groups_file))
+    assert len(info["sha256"]) == 64 and fold.min() == 0 and fold.max() == 2
     for g in np.unique(groups):
         assert len(np.unique(fold[groups == g])) == 1, g
     # 5 groups of 2 per class over 3 folds: each fold holds 1 or 2 of them, so 2 or 4 videos of each class
@@ -68,8 +68,8 @@ def test_no_group_is_split_across_folds_and_every_class_is_in_every_fold(cache):
 
 def test_without_groups_the_folds_are_the_stratified_ones_of_before(cache, tmp_path):
     d, ids, labels, _, _ = cache
-    fold, sha256 = draw_folds(ids, labels, run_opts())
-    assert sha256 == "" and np.array_equal(fold, make_folds(labels, 3, 0))
+    fold, info = draw_folds(ids, labels, run_opts())
+    assert info == {} and np.array_equal(fold, make_folds(labels, 3, 0))
     train_neural(d, tmp_path / "run", ["linear"], run_opts(epochs=1))
     assert np.array_equal(load_folds(tmp_path / "run" / "folds.h5")[1], make_folds(labels, 3, 0))
     with h5py.File(tmp_path / "run" / "folds.h5", "r") as h5:
