@@ -50,6 +50,19 @@ def make_folds(labels, n_folds, seed):
     return fold
 
 
+def rare_classes_warning(labels, n_folds, class_ids, where, shown=10):
+    """One warning line naming the classes with fewer labelled videos than folds, and what the folds do with
+    them (the module docstring); None when there are none. labels (N,) int index into class_ids."""
+    classes, counts = np.unique(labels, return_counts=True)
+    rare = [(class_ids[c], n) for c, n in zip(classes, counts) if n < n_folds]
+    if not rare:
+        return None
+    named = ", ".join(f"{c!r} ({n})" for c, n in rare[:shown]) + (f" and {len(rare) - shown} more" if len(rare) > shown else "")
+    return (f"WARNING: {where}: {len(rare)} classes have fewer labelled videos than the {n_folds} folds: {named}; "
+            "each of their videos is held out in a fold of its own, so those folds' models train without it, "
+            "and a class of one video is never predicted out-of-fold (its out-of-fold F1 is 0)")
+
+
 def make_group_folds(labels, groups, n_folds, seed):
     """labels (N,) int, groups (N,) str -> fold (N,) int8 in [0, n_folds); no group in two folds."""
     n_groups = len(np.unique(groups))

@@ -11,6 +11,7 @@ after a barrier each model's owner rank merges those rows, predicts the other sp
 metrics. The result equals a one-process run.
 """
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from neural.checkpoint import fold_paths, fold_saved, load_fold, read_record, sa
 from neural.data import StoreBatches
 from neural.distributed import on_main, owner, rank_jobs, set_threads
 from neural.folds import (GroupsError, file_sha256, folds_groups_auto, folds_groups_sha256, load_folds,
-                          make_folds, make_group_folds, read_groups, save_folds)
+                          make_folds, make_group_folds, rare_classes_warning, read_groups, save_folds)
 from neural.metrics import challenge_metric
 from neural.neardup import AUTO, NONE, NearDupRule, store_groups
 from neural.models import REGISTRY, model_entry, model_inputs
@@ -84,6 +85,10 @@ def labelled_rows(reader):
     rows = np.flatnonzero(label >= 0)
     if not len(rows):
         raise RunError(f"{reader.path}: no labelled rows (label_fine is -1 everywhere)")
+    classes = np.unique(label[rows])
+    if len(classes) < 2:
+        raise RunError(f"{reader.path}: the labelled videos hold one class ({reader.fine_classes[classes[0]]!r}, "
+                       f"{len(rows)} videos); a classifier needs at least two classes")
     return rows, reader.ids[rows], label
 
 
@@ -347,6 +352,9 @@ def train_neural(cache_dir, out_dir, models, options=None, overwrite=False, worl
     for r in split_readers.values():
         check_classes(r, {"fine_classes": reader.fine_classes})
     rows, ids, labels = labelled_rows(reader)
+    rare = rare_classes_warning(labels[rows], options.n_folds, reader.fine_classes, reader.path.name)
+    if rare and world.is_main:
+        print(rare, file=sys.stderr, flush=True)
     if groups_mode(options) == "file":  # recorded resolved, like the teacher
         options = replace(options, groups=str(Path(options.groups).resolve()))
     # drawn before anything is written (the teacher's check needs them; auto reads the store once)

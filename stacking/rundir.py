@@ -146,6 +146,9 @@ def load_run(run_dir, models=None):
         row = int(np.where((label < 0) | (label >= len(fine_classes)))[0][0])
         raise RunDirError(f"{predictions_path(run_dir, models[0])}: label_fine of video {ids[row]} is "
                           f"{label[row]}, outside 0..{len(fine_classes) - 1}")
+    if len(np.unique(label)) < 2:
+        raise RunDirError(f"{predictions_path(run_dir, models[0])}: the labelled videos hold one class "
+                          f"({fine_classes[label[0]]!r}); stacking needs at least two classes")
     store_path, store_config = check_store(config, ids, label, fine_classes)
     run = RunData(run_dir, config, models, ids, label, fold, oof, fine_classes,
                   [str(c) for c in config.get("coarse_classes", [])],
