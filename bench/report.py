@@ -37,7 +37,7 @@ def machine_line(m):
         parts.append(f"OMP_NUM_THREADS={m['omp_num_threads']}")
     parts.append(f"GPU {m['gpu']}" if m.get("gpu") else "no GPU")
     if m.get("load_average_1min") is not None:
-        parts.append(f"load {m['load_average_1min']} at the start")
+        parts.append(f"load average {m['load_average_1min']} at the end")
     if m.get("note"):
         parts.append(m["note"])
     return ", ".join(parts)
@@ -60,7 +60,7 @@ def section(name, summary, records):
 
 def record_block(record, titled):
     out = [f"#### {record['name']}", ""] if titled else []
-    out += [f"- command: `{record['command']}`", f"- date: {record['date']}, commit {record.get('commit') or '?'}",
+    out += [f"- command: `{record['command']}`", f"- date: {record['date']}, commit {record.get('commit') or 'not recorded'}",
             f"- machine: {machine_line(record.get('machine', {}))}"]
     if record.get("source"):
         out.append(f"- figures carried over from {record['source']} (not re-measured since)")
