@@ -3,12 +3,20 @@
 import click
 
 
+INTERRUPTED = ("Interrupted (SIGINT): stopped; run the same command again to go on (extract and train-neural "
+               "resume from the batches and folds they finished)")
+
+
 class PipelineGroup(click.Group):
-    """Shows the project's own errors (bad file, id, field; wrong store) as one line, not a traceback."""
+    """Shows the project's own errors (bad file, id, field; wrong store) as one line, not a traceback, and
+    Ctrl-C as one line with exit status 130 (128 + SIGINT), as shells expect (click's own: 1, 'Aborted!')."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt as err:
+            click.echo(INTERRUPTED, err=True)
+            raise click.exceptions.Exit(130) from err
         except (FileNotFoundError, NotADirectoryError) as err:
             raise click.ClickException(str(err)) from err
         except Exception as err:

@@ -2,8 +2,14 @@
 
 docs/bad-input.md lists every kind with what the user sees; these tests hold the ones it added."""
 import io
+import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,13 +18,14 @@ from click.testing import CliRunner
 
 from features.frames import FrameSourceError, JpegZipFrames, MediaFault, NpyZipFrames
 from neural.folds import rare_classes_warning
-from run import cli
+from run import INTERRUPTED, cli
 from stacking.pipeline import StackOptions, stack
 from stacking.rundir import RunDirError
 from tests.fakes import write_fake_store
 from tests.media import jpeg_bytes, write_annotations, write_feature_zip, write_jpeg_zip
 from tests.test_stack_fakes import write_fake_run
 
+REPO = Path(__file__).resolve().parents[1]
 EXTRACT = ["--device", "cpu", "--workers", "0", "--frames", "2", "--max-tokens", "8", "--no-aggregates"]
 
 
@@ -204,3 +211,40 @@ def test_stack_refuses_a_run_whose_labelled_videos_hold_one_class(tmp_path):
     assert "predictions.h5" in str(err.value) and "one class ('0000')" in str(err.value)
     assert "at least two" in str(err.value)
     assert not (tmp_path / "stack" / "submission.csv").exists()
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------------
+
+def test_an_interrupted_command_exits_130_with_one_line(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("features.extract.extract", interrupted)
+    write_annotations(tmp_path, "test", [{"id": "a"}])
+    result = CliRunner().invoke(cli, ["extract", "--data", str(tmp_path), "--out", str(tmp_path / "c")])
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines() == [INTERRUPTED] and "Aborted" not in result.output
+
+
+def test_sigint_during_a_real_command_exits_130_and_writes_nothing(tmp_path):
+    """A real SIGINT to `python run.py extract` while it waits, early, on a category map that is a FIFO."""
+    write_feature_zip(tmp_path, "test", {"a": np.ones((2, 4), np.float16)})
+    write_annotations(tmp_path, "test", [{"id": "a"}])
+    fifo = tmp_path / "map.csv"
+    os.mkfifo(fifo)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), "extract", "--data", str(tmp_path), "--out",
+                             str(tmp_path / "c"), "--category-map", str(fifo), *EXTRACT], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer, deadline = None, time.time() + 120
+    while writer is None and time.time() < deadline and proc.poll() is None:
+        try:                                    # succeeds once extract has the FIFO open to read the map
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            time.sleep(0.05)
+    assert writer is not None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    os.close(writer)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == INTERRUPTED and "Traceback" not in err
+    assert not (tmp_path / "c" / "test.h5").exists()
