@@ -57,6 +57,9 @@ def cli():
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Encoders' precision, part of each store's identity: auto = fp32 on the CPU, bf16 on a GPU "
                    "that supports it, else fp16.")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx", "openvino"]), default="auto", show_default=True,
+              help="Encoders' runtime: auto = onnx (ONNX Runtime, exported once and cached) on the CPU in fp32, else "
+                   "torch. torch, onnx and openvino in fp32 make interchangeable features (features/runtime.py).")
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="skip: mask a video's bad media, count and report it; fail: stop at the first.")
 @click.option("--overwrite", is_flag=True, help="Rebuild stores made with other encoders or options.")
@@ -276,10 +279,13 @@ def stack(run_dir, out_dir, models, compare, **options):
               help="Output CSV: id,category_id lines, no header.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
               help="Where the new split's features are cached; default: OUT.cache/.")
-def predict(data_dir, split, model_dir, out_file, cache_dir):
+@click.option("--runtime", type=click.Choice(["torch", "onnx", "openvino"]), default=None,
+              help="Encoders' runtime [default: the one model.json records]; another must make interchangeable "
+                   "features (torch, onnx, openvino in fp32).")
+def predict(data_dir, split, model_dir, out_file, cache_dir, runtime):
     """Label new videos: recorded encoders -> aggregates -> fold models -> stacker, one CSV line per video."""
     from inference.predict import predict as run_predict
-    pred = run_predict(data_dir, split, model_dir, out_file, cache_dir)
+    pred = run_predict(data_dir, split, model_dir, out_file, cache_dir, runtime)
     click.echo(f"{len(pred)} videos -> {out_file}")
 
 

@@ -73,6 +73,7 @@ class FrameEncoder:
         self.checksum = checksum
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
+        self.runtime = "torch"              # features/runtime.py swaps `net` for an exported graph's session
         self.net = _freeze(net).to(self.device)
 
     def encode(self, images):
@@ -91,6 +92,7 @@ class TextEncoder:
         self.max_tokens = model.config.max_position_embeddings   # longest T the model accepts
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
+        self.runtime = "torch"              # features/runtime.py swaps `model` for an exported graph's session
         self.model = _freeze(model).to(self.device)
 
     def encode(self, input_ids, attention_mask):
@@ -111,20 +113,29 @@ def masked_mean_hidden(hidden, attention_mask):
 
 # ----------------------------------------------------------------------------- the factory
 
-def build_frame_encoder(spec: str, device: str = "cpu", precision: str = "auto") -> FrameEncoder:
-    """A frozen frame encoder for `spec` (see the module docstring) on `device`, run in `precision`."""
+def build_frame_encoder(spec: str, device: str = "cpu", precision: str = "auto",
+                        runtime: str = "torch") -> FrameEncoder:
+    """A frozen frame encoder for `spec` (see the module docstring) on `device`, run in `precision` by
+    `runtime` (torch | onnx | openvino | auto: features/runtime.py)."""
     family, rest = _split_spec(spec, FRAME_EMBEDDED, FRAME_LOADERS, "frame")
     encoder = FRAME_LOADERS[family](spec, rest, device)
-    encoder.precision = resolve_precision(precision, encoder.device)
-    return encoder
+    return _on_runtime(encoder, "frame", precision, runtime)
 
 
-def build_text_encoder(spec: str, device: str = "cpu", precision: str = "auto") -> TextEncoder:
-    """A frozen text encoder for `spec` (see the module docstring) on `device`, run in `precision`."""
+def build_text_encoder(spec: str, device: str = "cpu", precision: str = "auto",
+                       runtime: str = "torch") -> TextEncoder:
+    """A frozen text encoder for `spec` (see the module docstring) on `device`, run in `precision` by
+    `runtime` (torch | onnx | openvino | auto: features/runtime.py)."""
     family, rest = _split_spec(spec, TEXT_EMBEDDED, TEXT_LOADERS, "text")
     encoder = TEXT_LOADERS[family](spec, rest, device)
+    return _on_runtime(encoder, "text", precision, runtime)
+
+
+def _on_runtime(encoder, kind, precision, runtime):
+    from features.runtime import on_runtime, resolve_runtime
     encoder.precision = resolve_precision(precision, encoder.device)
-    return encoder
+    encoder.runtime = resolve_runtime(runtime, encoder.device, encoder.precision)
+    return encoder if encoder.runtime == "torch" else on_runtime(encoder, kind, encoder.runtime)
 
 
 def _split_spec(spec, embedded, loaders, kind):

@@ -52,6 +52,7 @@ class ExtractOptions:
                                                 # torchrun: each rank's share of the cores)
     device: str = "auto"                        # auto | cpu | cuda
     precision: str = "auto"                     # auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16/fp16 on CUDA)
+    runtime: str = "auto"                       # auto | torch | onnx | openvino (auto: onnx on CPU fp32, else torch)
     on_error: str = "skip"                      # skip (mask, count, report) | fail
     overwrite: bool = False
     aggregates: AggregateOptions | None = field(default_factory=AggregateOptions)   # None: skip agg/*
@@ -85,7 +86,7 @@ def extract(data_dir, splits, cache_dir, options):
         elif world.distributed:
             torch.set_num_threads(world.cpu_threads())           # the ranks of a node share its cores
     category_map = load_category_map(options.category_map)
-    text_encoder = build_text_encoder(options.text_encoder, device, precision)
+    text_encoder = build_text_encoder(options.text_encoder, device, precision, options.runtime)
     if options.max_tokens > text_encoder.max_tokens:
         raise ExtractError(f"--max-tokens {options.max_tokens} is more than {options.text_encoder} "
                            f"accepts ({text_encoder.max_tokens})")
@@ -96,7 +97,7 @@ def extract(data_dir, splits, cache_dir, options):
     reports = {}
     for split, kind in kinds.items():
         if kind != "npy" and frame_encoder is None:
-            frame_encoder = build_frame_encoder(options.frame_encoder, device, precision)
+            frame_encoder = build_frame_encoder(options.frame_encoder, device, precision, text_encoder.runtime)
         reports[split] = extract_split(data_dir, split, cache_dir, options, kind, category_map,
                                        frame_encoder if kind != "npy" else None, text_encoder, device)
     # after the stores: a store refusing this encoder must not leave class names from it beside them
@@ -205,6 +206,7 @@ def _store_config(options, kind, category_map, frame_encoder, text_encoder):
     map_file = Path(options.category_map) if options.category_map else BUILTIN_MAP
     return {
         "precision": text_encoder.precision,            # the frame encoder runs in the same one
+        "runtime": text_encoder.runtime,                # and on the same runtime (features/runtime.py)
         "frame_encoder": frame_encoder.name if frame_encoder else "precomputed",
         "frame_encoder_checksum": frame_encoder.checksum if frame_encoder else None,
         "text_encoder": text_encoder.name,

@@ -37,7 +37,8 @@ def extract_sharded(world, data_dir, kinds, cache_dir, options, category_map, te
     frame_encoder, stores, reports = None, {}, {}
     for split, kind in kinds.items():
         if kind != "npy" and frame_encoder is None:
-            frame_encoder = build_frame_encoder(options.frame_encoder, device, text_encoder.precision)
+            frame_encoder = build_frame_encoder(options.frame_encoder, device, text_encoder.precision,
+                                                text_encoder.runtime)
         encoder = frame_encoder if kind != "npy" else None
         job = split_input(data_dir, split, options, kind, category_map, encoder, text_encoder)
         plan = world.broadcast(_prepare_split(cache_dir, split, job, options) if world.is_main else None)

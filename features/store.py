@@ -16,6 +16,7 @@ import numpy as np
 
 from features import schema
 from features.records import atomic_path, options_diff
+from features.runtime import comparable_config
 
 
 class StoreError(RuntimeError):
@@ -68,9 +69,10 @@ NOT_FEATURES = ("frames_from", "limit")     # extract options saying where frame
 
 def feature_identity(config):
     """A store's config less the options that do not change its features (NOT_FEATURES): two stores whose
-    feature identities are equal hold comparable embeddings (same encoders, weights, options, precision, map)."""
+    feature identities are equal hold comparable embeddings (same encoders, weights, options, precision, map;
+    runtimes whose features are interchangeable, torch and onnx in fp32 say, compare equal: features/runtime.py)."""
     options = {k: v for k, v in config.get("options", {}).items() if k not in NOT_FEATURES}
-    return {**config, "options": options}
+    return comparable_config({**config, "options": options})
 
 
 def create_store(path, split, ids, label_fine, label_coarse, dims, config, category_map, environment=None):
@@ -95,15 +97,16 @@ def create_store(path, split, ids, label_fine, label_coarse, dims, config, categ
 
 
 def check_config(path, config):
-    """Refuse to resume into a store made with other encoders or options."""
+    """Refuse to resume into a store made with other encoders or options (a runtime interchangeable with the
+    store's, features/runtime.py, is not another option: its rows agree below the store's float16 rounding)."""
     with h5py.File(path, "r") as h5:
         stored = h5.attrs.get("config")
         version = h5.attrs.get("schema_version")
     if version != schema.SCHEMA_VERSION:
         raise StoreError(f"{path}: schema version {version}, this code writes {schema.SCHEMA_VERSION}; "
                          "use --overwrite to rebuild it")
-    if stored != config_json(config):
-        diff = options_diff(json.loads(stored), config)
+    if comparable_config(json.loads(stored)) != comparable_config(json.loads(config_json(config))):
+        diff = options_diff(comparable_config(json.loads(stored)), comparable_config(config))
         raise StoreError(f"{path} was made with other encoders or options ({diff}); "
                          "use --overwrite to rebuild it or --out for a new cache directory")
 

@@ -87,6 +87,7 @@ def model_record(reader, stack_json):
         "format": FORMAT, "version": VERSION,
         "store_identity": config,
         "precision": config["precision"],
+        "runtime": config.get("runtime", "torch"),       # predict's default runtime (features/runtime.py)
         "device": environment.get("device"),
         "environment": environment,
         "aggregates": aggregates,

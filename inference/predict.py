@@ -25,13 +25,15 @@ class PredictError(ValueError):
     pass
 
 
-def predict(data_dir, split, model_dir, out_file, cache_dir=None):
+def predict(data_dir, split, model_dir, out_file, cache_dir=None, runtime=None):
     """Label the videos of DATA_DIR's split `split` into out_file (`id,category_id`, no header);
-    returns (N,) fine class indices. The new store goes to cache_dir (default OUT_FILE.cache/)."""
+    returns (N,) fine class indices. The new store goes to cache_dir (default OUT_FILE.cache/). `runtime`:
+    the encoders' runtime, default the recorded one; another must be interchangeable with it."""
     from features.extract import extract
     from neural.predict import predict_store
     from stacking.submission import write_predictions
     model = open_model_dir(model_dir)
+    model.runtime = choose_runtime(model.model_json, runtime)
     cache_dir = _own_cache(cache_dir, out_file, model.path)
     kind = source_kind(data_dir, split, model.model_json)
     extract(data_dir, [split], cache_dir, extract_options(model, kind))
@@ -81,7 +83,23 @@ def extract_options(model, kind):
     identity = model.model_json["store_identity"]
     recorded = {k: v for k, v in identity.get("options", {}).items() if k in known and k not in NOT_FEATURES}
     recorded["precision"] = identity["precision"]
+    recorded["runtime"] = getattr(model, "runtime", None) or identity.get("runtime", "torch")
     return ExtractOptions(**recorded, frames_from=kind, category_map=str(model.category_map_path), aggregates=None)
+
+
+def choose_runtime(model_json, runtime=None):
+    """The encoders' runtime for predict: the one the model's features were made with (a model recording none:
+    torch), or `runtime` when its features are interchangeable with those (features/runtime.py)."""
+    from features.runtime import RUNTIMES, interchange_class
+    identity = model_json["store_identity"]
+    recorded, precision = identity.get("runtime", "torch"), identity["precision"]
+    if runtime is None:
+        return recorded
+    if runtime not in RUNTIMES or interchange_class(runtime, precision) != interchange_class(recorded, precision):
+        raise PredictError(f"--runtime {runtime}: the model's features were made by {recorded} in {precision} "
+                           f"(model.json field store_identity.runtime), and {runtime}'s are not interchangeable with "
+                           f"those; interchangeable there: {interchange_class(recorded, precision).split(':')[1]}")
+    return runtime
 
 
 def check_identity(reader, model_json):

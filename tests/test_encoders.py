@@ -274,3 +274,136 @@ def test_a_precision_the_device_cannot_run_is_refused():
     with pytest.raises(DeviceError, match="fp64.*auto, fp32, bf16, fp16"):
         resolve_precision("fp64", "cpu")
     assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+
+
+# ----------------------------------------------------------------------------- inference runtimes
+
+RUNTIME_COSINE = 0.9999        # per item, against torch fp32 (measured: ~1 - 1e-7; bench/runtime.py)
+
+
+@pytest.fixture(scope="module")
+def export_cache(tmp_path_factory):
+    """Exported graphs go to a directory of this module's tests (each encoder exported once), not the user's."""
+    from features.runtime import ENV_CACHE
+    path = tmp_path_factory.mktemp("exported")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ENV_CACHE, str(path))
+        yield path
+
+
+@pytest.fixture
+def fresh_export_cache(tmp_path, monkeypatch):
+    from features.runtime import ENV_CACHE
+    monkeypatch.setenv(ENV_CACHE, str(tmp_path / "exported"))
+    return tmp_path / "exported"
+
+
+def _assert_close_per_item(a, b):
+    """(N, D) against (N, D): every item's cosine >= RUNTIME_COSINE and the values near."""
+    assert a.shape == b.shape
+    assert torch.nn.functional.cosine_similarity(a, b).min() >= RUNTIME_COSINE
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def _frame_spec(kind, tiny_clip):
+    return {"efficientnet": "efficientnet-lite0", "clip": f"clip:{tiny_clip[0]}@{tiny_clip[2]}"}[kind]
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+@pytest.mark.parametrize("kind", ["efficientnet", "clip"])
+def test_a_frame_encoder_on_a_runtime_gives_torchs_features(kind, runtime, tiny_clip, export_cache):
+    spec = _frame_spec(kind, tiny_clip)
+    torch_enc, enc = build_frame_encoder(spec), build_frame_encoder(spec, runtime=runtime)
+    assert (torch_enc.runtime, enc.runtime, enc.dim) == ("torch", runtime, torch_enc.dim)
+    size = enc.image_size
+    images = torch.stack([enc.preprocess(im) for im in _random_images(3, size)])   # (3, 3, S, S): not the
+    _assert_close_per_item(enc.encode(images), torch_enc.encode(images))            # export's batch of 2
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+@pytest.mark.parametrize("kind", ["minilm", "bert"])
+def test_a_text_encoder_on_a_runtime_gives_torchs_features(kind, runtime, tiny_bert, export_cache):
+    spec = "minilm" if kind == "minilm" else f"bert:{tiny_bert[0]}"
+    torch_enc, enc = build_text_encoder(spec), build_text_encoder(spec, runtime=runtime)
+    batch = enc.tokenizer(TEXTS, padding=True, return_tensors="pt")      # (4, T), padded rows, an empty text
+    hidden, pooled = enc.encode(batch["input_ids"], batch["attention_mask"])
+    want_hidden, want_pooled = torch_enc.encode(batch["input_ids"], batch["attention_mask"])
+    _assert_close_per_item(pooled, want_pooled)
+    mask = batch["attention_mask"].bool()
+    _assert_close_per_item(hidden[mask], want_hidden[mask])
+    assert not hidden[~mask].any()                                       # padding still zero
+
+
+def test_an_exported_encoder_is_reused_and_keyed_by_the_weights_checksum(tiny_clip, tiny_bert, fresh_export_cache,
+                                                                           monkeypatch):
+    export_cache = fresh_export_cache
+    arch, _, ckpt = tiny_clip
+    first = build_text_encoder(f"bert:{tiny_bert[0]}", runtime="onnx")
+    assert first.exported.parent == export_cache and first.exported.is_file()
+    recorded = json.loads(first.exported.with_suffix(".json").read_text())
+    assert recorded["weights_sha256"] == first.checksum == _sha256(tiny_bert[0] / "model.safetensors")
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although the cache holds this encoder")
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    again = build_text_encoder(f"bert:{tiny_bert[0]}", runtime="openvino")
+    assert again.exported == first.exported
+    # other weights of the same architecture are another entry (export refused here: the cache has none)
+    with pytest.raises(AssertionError, match="exported again"):
+        build_frame_encoder(f"clip:{arch}@random", runtime="onnx")
+    assert sorted(p.suffix for p in export_cache.iterdir()) == [".json", ".onnx"]   # no temporary left
+
+
+def test_a_runtime_on_a_gpu_or_in_reduced_precision_is_refused():
+    from features.runtime import RuntimeChoiceError, resolve_runtime
+    assert resolve_runtime("auto", "cpu", "fp32") == "onnx"
+    assert resolve_runtime("auto", "cpu", "bf16") == "torch" and resolve_runtime("auto", "cuda", "bf16") == "torch"
+    with pytest.raises(RuntimeChoiceError, match="--runtime onnx runs the encoders on the CPU in fp32 only"):
+        resolve_runtime("onnx", "cpu", "bf16")
+    with pytest.raises(RuntimeChoiceError, match="expected one of auto, torch, onnx, openvino"):
+        resolve_runtime("tensorrt", "cpu", "fp32")
+
+
+def _store_with_runtime(path, runtime, precision="fp32"):
+    from features.categories import load_category_map
+    from features.store import StoreDims, create_store
+    config = {"precision": precision, "frame_encoder": "efficientnet-lite0", "text_encoder": "minilm",
+              "options": {"frames": 2}}
+    if runtime is not None:
+        config["runtime"] = runtime
+    create_store(path, "test", ["a", "b"], [-1, -1], [-1, -1], StoreDims(2, 4, 3, 5), config,
+                 load_category_map(None))
+    return config
+
+
+@pytest.mark.parametrize("stored", ["torch", None, "openvino"])
+def test_a_store_accepts_rows_from_an_interchangeable_runtime(tmp_path, stored):
+    """torch, onnx and openvino in fp32 agree far below the store's float16 rounding; a store that records no
+    runtime was made by torch."""
+    from features.store import check_config, feature_identity
+    config = _store_with_runtime(tmp_path / "test.h5", stored)
+    check_config(tmp_path / "test.h5", {**config, "runtime": "onnx"})
+    assert feature_identity({**config, "runtime": "onnx"}) == feature_identity(config)
+
+
+def test_a_store_refuses_a_runtime_whose_features_are_not_interchangeable(tmp_path):
+    """A runtime outside the measured table (here a quantised one a later version might write) or another
+    precision is a feature identity of its own: resume, predict and the neural stages refuse to mix it."""
+    from features.store import StoreMismatch, check_config, feature_identity
+    config = _store_with_runtime(tmp_path / "test.h5", "onnx-int8")
+    with pytest.raises(StoreMismatch, match="runtime"):
+        check_config(tmp_path / "test.h5", {**config, "runtime": "onnx"})
+    assert feature_identity(config) != feature_identity({**config, "runtime": "torch"})
+    bf16 = _store_with_runtime(tmp_path / "half.h5", "torch", "bf16")
+    with pytest.raises(StoreMismatch, match="precision"):
+        check_config(tmp_path / "half.h5", {**bf16, "precision": "fp32", "runtime": "onnx"})
+
+
+def test_predict_uses_the_recorded_runtime_and_allows_only_an_interchangeable_one():
+    from inference.predict import PredictError, choose_runtime
+    model_json = {"store_identity": {"precision": "fp32", "runtime": "onnx"}}
+    assert choose_runtime(model_json) == "onnx"
+    assert choose_runtime(model_json, "torch") == "torch" and choose_runtime(model_json, "openvino") == "openvino"
+    assert choose_runtime({"store_identity": {"precision": "fp32"}}) == "torch"     # recorded before runtimes
+    with pytest.raises(PredictError, match="made by torch in bf16.*not interchangeable"):
+        choose_runtime({"store_identity": {"precision": "bf16", "runtime": "torch"}}, "onnx")
