@@ -29,6 +29,8 @@ from features import schema
 from features.records import write_json
 from features.store import StoreReader, rows_of
 from neural.metrics import PairedBootstrap, band, metric_from_proba
+from stacking.decode import decode
+from stacking.labelshift import ShiftAdapter
 from stacking.plots import plot_per_class_f1
 from stacking.reweight import PriorReweighter
 from stacking.rundir import RunDirError, available_splits, load_run, split_predictions
@@ -63,6 +65,10 @@ class StackOptions:
     seed: int = 0
     compare: tuple = ("logreg",)    # extra stackers scored side by side (not saved); auto's candidates too
     nested_choice: bool = True      # auto only: also choose inside each outer fold (the honest score of auto)
+    label_shift: str = "auto"       # a predicted split's priors by EM on its calibrated probabilities
+                                    # (stacking/labelshift.py): "auto" adjusts when the shift is beyond the
+                                    # estimator's no-shift noise on the folds, "em" always, "none" never
+    decode: bool = True             # metric-aware decoding of each predicted split (stacking/decode.py)
 
     @property
     def kinds(self):
@@ -244,9 +250,13 @@ def stack(run_dir, out_dir, options=None):
         table, chosen, stack_oof, reweighted, extra = evaluate(run, X, options, timings)
         # auto fits exactly what --stacker <chosen> fits (same parameters, same OOF for the reweighting)
         stacker, reweighter = _timed(timings, "refit", refit, run, X, stack_oof, replace(options, stacker=chosen))
-        save_stack(out_dir, run, stacker, reweighter, names, options)
+        adapter = _timed(timings, "label_shift_fit", ShiftAdapter().fit, stack_oof, run.label, run.fold,
+                         run.n_classes)
+        extra["decode_oof_per_fold"] = _timed(timings, "decode_oof", decode_per_fold, run, stack_oof, reweighted,
+                                              adapter, options)
+        save_stack(out_dir, run, stacker, reweighter, names, options, adapter)
         written = _timed(timings, "predict_splits", predict_splits, run, splits, stacker, reweighter,
-                         names, out_dir, options)
+                         names, out_dir, options, adapter)
     counts = np.bincount(run.label, minlength=run.n_classes)
     plot_per_class_f1(out_dir / "per_class_f1.png", run.label, stack_oof.argmax(1), reweighted.argmax(1),
                       counts, chosen)
@@ -289,26 +299,63 @@ def refit(run, X, stack_oof, options):
     return stacker, reweighter
 
 
-def save_stack(out_dir, run, stacker, reweighter, signal_names, options):
-    """stacker/, reweight.json, then stack.json: a stack directory with stack.json is whole."""
+def save_stack(out_dir, run, stacker, reweighter, signal_names, options, adapter):
+    """stacker/, reweight.json, then stack.json (with the label-shift adapter: its calibration, the training
+    priors and the folds' no-shift noise): a stack directory with stack.json is whole."""
     stacker.save(out_dir / "stacker")
     reweighter.save(out_dir / "reweight.json")
     write_json(out_dir / "stack.json",
                {"run_dir": str(run.run_dir), "fingerprint": run.fingerprint, "models": run.models,
                 "signals": signal_names, "fine_classes": run.fine_classes,
                 "fine_to_coarse": run.fine_to_coarse.tolist(), "store_config": run.store_config,
-                "stacker": stacker.kind, "options": _options_json(options)})
+                "stacker": stacker.kind, "options": _options_json(options),
+                "label_shift_adapter": adapter.to_dict()})
 
 
-def predict_splits(run, splits, stacker, reweighter, names, out_dir, options):
+def decide(proba, reweighter, adapter, fine_to_coarse, options):
+    """The labels of one predicted split from the stacker's probabilities (N, C): label shift estimated (and
+    applied per options.label_shift as a prior ratio per class), the tuned reweighting, then metric-aware
+    decoding (options.decode) weighing the calibrated, shift-adjusted probabilities.
+    -> (pred (N,), record: label shift, decoding decisions, labels changed from the reweighted arg-max)."""
+    record, weights = {}, 1.0
+    calibrated = adapter.calibrator_.transform(proba)
+    if options.label_shift != "none":
+        weights, calibrated, record["label_shift"] = adapter.adapt(proba, force=options.label_shift == "em")
+    scores = reweighter.transform(proba * weights)                  # (N, C) today's scores, shift-corrected
+    pred = scores.argmax(axis=1)
+    if options.decode:
+        decoded, record["decoding"] = decode(scores, calibrated, fine_to_coarse, seed=options.seed)
+        record["decoding_changed"] = int((decoded != pred).sum())
+        pred = decoded
+    return pred, record
+
+
+def decode_per_fold(run, stack_oof, reweighted, adapter, options):
+    """Decoding scored on each outer fold as a split of its own (the metric's classes are the fold's truth or
+    predictions): the mean over folds of mean-F1 before and after. The calibration was fitted on all OOF rows."""
+    if not options.decode:
+        return None
+    from stacking.reweight import challenge_mean
+    before, after = [], []
+    for k in np.unique(run.fold):
+        held = run.fold == k
+        y, scores = run.label[held], reweighted[held]
+        pred, _ = decode(scores, adapter.calibrator_.transform(stack_oof[held]), run.fine_to_coarse, seed=options.seed)
+        before.append(challenge_mean(y, scores.argmax(1), run.fine_to_coarse, run.n_classes))
+        after.append(challenge_mean(y, pred, run.fine_to_coarse, run.n_classes))
+    return {"mean_before": float(np.mean(before)), "mean_after": float(np.mean(after)),
+            "per_fold_gain": [float(a - b) for a, b in zip(after, before)]}
+
+
+def predict_splits(run, splits, stacker, reweighter, names, out_dir, options, adapter):
     """Final predictions of every split the run has; the submission split goes to submission.csv."""
     written = {}
     for split in splits:
         ids, probas = split_predictions(run, split)
         with StoreReader(schema.store_path(run.config["cache_dir"], split)) as reader:   # opened once
             X = build_input(run.models, probas, reader, rows_of(reader.ids, ids, reader.path), names)
-            pred = reweighter.transform(stacker.predict_proba(X)).argmax(axis=1)
+            pred, record = decide(stacker.predict_proba(X), reweighter, adapter, run.fine_to_coarse, options)
             name = "submission.csv" if split == options.split else f"predictions_{split}.csv"
             write_predictions(out_dir / name, ids, pred, run.fine_classes, reader)
-        written[split] = {"file": name, "rows": int(len(ids))}
+        written[split] = {"file": name, "rows": int(len(ids)), **record}
     return written

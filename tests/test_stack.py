@@ -9,7 +9,8 @@ from PIL import Image
 from features.store import StoreError
 from neural.metrics import metric_from_proba
 from stacking import pipeline
-from stacking.pipeline import StackOptions, stack
+from stacking.labelshift import ShiftAdapter
+from stacking.pipeline import StackOptions, decide, stack
 from features.store import StoreReader, rows_of
 from stacking.reweight import PriorReweighter
 from stacking.rundir import RunDirError, load_run, split_predictions
@@ -86,7 +87,9 @@ def test_submission_covers_the_test_split_and_is_right(stacked):
     predicted = np.array([run.fine_classes.index(ln.split(",")[1]) for ln in lines])
     average = np.mean([probas[m] for m in run.models], axis=0).argmax(axis=1)
     assert (predicted == test_label).mean() > (average == test_label).mean()
-    assert metrics["predictions"]["test"] == {"file": "submission.csv", "rows": len(ids)}
+    written = metrics["predictions"]["test"]
+    assert (written["file"], written["rows"]) == ("submission.csv", len(ids))
+    assert len(written["label_shift"]["estimated_priors"]) == run.n_classes and "decoding_changed" in written
 
 
 def test_saved_stack_reproduces_the_submission(stacked):
@@ -97,9 +100,13 @@ def test_saved_stack_reproduces_the_submission(stacked):
     # only what the stack directory holds: stack.json's models and signals, stacker/, reweight.json
     with StoreReader(run_dir.parent / "cache" / "test.h5") as reader:
         X = build_input(meta["models"], probas, reader, rows_of(reader.ids, ids, reader.path), meta["signals"])
-    pred = PriorReweighter.load(out / "reweight.json").transform(load_stacker(out / "stacker").predict_proba(X))
+    # ... and stack.json's label-shift adapter and options, decided on the split as a whole
+    adapter = ShiftAdapter.from_dict(meta["label_shift_adapter"])
+    options = StackOptions(**{k: meta["options"][k] for k in ("label_shift", "decode", "seed")})
+    pred, _ = decide(load_stacker(out / "stacker").predict_proba(X), PriorReweighter.load(out / "reweight.json"),
+                     adapter, np.asarray(meta["fine_to_coarse"]), options)
     expected = [ln.split(",")[1] for ln in (out / "submission.csv").read_text().splitlines()]
-    assert [run.fine_classes[c] for c in pred.argmax(axis=1)] == expected
+    assert [run.fine_classes[c] for c in pred] == expected
 
 
 def test_plot_and_low_quartile_report(stacked):
@@ -198,6 +205,7 @@ def test_cli_stack_and_its_one_line_errors(tmp_path, monkeypatch):
     # the fake run has predictions but no fold models to package; packaging is tested on a real run
     # (tests/test_stack_e2e.py), here only the stack's options and errors
     monkeypatch.setattr(inference.package, "package_model", lambda run_dir, stack_dir: f"{stack_dir}/model")
+    monkeypatch.setattr(inference.package, "check_packable", lambda run_dir, models, out_dir: None)
     runner = CliRunner()
     result = runner.invoke(cli, ["stack", "--model", str(run_dir), "--out", str(tmp_path / "out"),
                                  "--param", "n_rounds=5", "--param", "rerank.top_k=3", "--compare", "",
