@@ -17,7 +17,7 @@ from inference.model_dir import ModelDirError, verify
 from inference.package import PackageError, package_model
 from inference.predict import PredictError, check_identity
 from run import cli
-from tests.media import write_jpeg_zip
+from tests.media import write_annotations, write_jpeg_zip
 
 EXTRACT = ["--frames", "4", "--max-tokens", "16", "--batch-size", "16", "--workers", "0", "--device", "cpu",
            "--pca-dim", "8", "--clusters", "4", "--gmm-components", "2", "--codebook-sample", "400"]
@@ -116,6 +116,17 @@ def test_predict_from_a_moved_model_directory_reproduces_the_submission_without_
                     "--out", out, "--cache", tmp_path / "cache")
     assert "8 videos" in result.output
     assert out.read_text() == trained["submission"]
+
+
+def test_predict_on_a_split_without_videos_is_refused_naming_its_file(trained, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(trained["data"] / "zip_feats", data / "zip_feats")
+    write_annotations(data, "test", [])
+    result = invoke("predict", "--data", data, "--split", "test", "--model", trained["model"],
+                    "--out", tmp_path / "pred.csv")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "test.json" in result.output and "split 'test' lists no videos" in result.output
+    assert not (tmp_path / "pred.csv").exists()
 
 
 def test_the_model_directory_holds_every_fold_model_the_stack_and_the_codebook_and_lists_each_file(trained):
