@@ -25,7 +25,9 @@ from features.class_names import write_class_names
 from features.device import keep_freed_memory_mapped, resolve_device, resolve_precision
 from features.frames import MediaFault, check_source, detect_source, open_source
 from features.records import write_json
-from features.store import StoreDims, StoreError, StoreReader, StoreWriter, check_config, create_store
+from features.inputs import input_identity
+from features.store import (StoreDims, StoreMismatch, StoreReader, StoreWriter, check_config, check_inputs,
+                            create_store, is_store)
 from features.shards import shard_dir
 from features.text_coverage import batch_record, field_token_counts, unk_summary, warn_unreadable
 from features.world import current_world
@@ -65,10 +67,12 @@ FRAME_BATCH = {"cpu": 32, "cuda": 256}
 IDENTITY_OPTIONS = ("frame_encoder", "text_encoder", "frames", "max_tokens", "frames_from", "limit")
 
 
-def extract(data_dir, splits, cache_dir, options):
+def extract(data_dir, splits, cache_dir, options, expect=None):
     """Extract every split into CACHE_DIR/<split>.h5; returns {split: report dict} (on the main rank;
     the other ranks of a torchrun get {}). Under torchrun, or when shards of an interrupted torchrun run
-    are there, the splits go through shards (features/sharded_extract.py); else all in this process."""
+    are there, the splits go through shards (features/sharded_extract.py); else all in this process.
+    `expect(config)`, when given, sees each split's store identity once the encoders are loaded, before
+    its store is created or any video encoded, and raises to refuse it (predict: the model's identity)."""
     from features.encoders import build_frame_encoder, build_text_encoder
     if options.annotations and len(splits) != 1:
         raise ExtractError("--annotations names one file, so give exactly one --split")
@@ -99,7 +103,7 @@ def extract(data_dir, splits, cache_dir, options):
         if kind != "npy" and frame_encoder is None:
             frame_encoder = build_frame_encoder(options.frame_encoder, device, precision, text_encoder.runtime)
         reports[split] = extract_split(data_dir, split, cache_dir, options, kind, category_map,
-                                       frame_encoder if kind != "npy" else None, text_encoder, device)
+                                       frame_encoder if kind != "npy" else None, text_encoder, device, expect)
     # after the stores: a store refusing this encoder must not leave class names from it beside them
     write_class_names(cache_dir, category_map, text_encoder, options.text_encoder)   # when the map names them
     if options.aggregates is not None:       # the codebook is fitted over every split given
@@ -134,6 +138,7 @@ class SplitInput:
     frame_dim: int           # D
     config: dict             # the store's identity
     dims: StoreDims
+    inputs: dict             # what it is made from (features/inputs.py): annotations sha256, media stat digest
 
 
 def split_input(data_dir, split, options, kind, category_map, frame_encoder, text_encoder):
@@ -148,13 +153,17 @@ def split_input(data_dir, split, options, kind, category_map, frame_encoder, tex
     frame_dim = source.dim if kind == "npy" else frame_encoder.dim
     config = _store_config(options, kind, category_map, frame_encoder, text_encoder)
     dims = StoreDims(options.frames, frame_dim, text_encoder.dim, options.max_tokens)
-    return SplitInput(split, videos, source, frame_dim, config, dims)
+    inputs = input_identity(ann_path, source, [v.id for v in videos])
+    return SplitInput(split, videos, source, frame_dim, config, dims, inputs)
 
 
-def extract_split(data_dir, split, cache_dir, options, kind, category_map, frame_encoder, text_encoder, device):
+def extract_split(data_dir, split, cache_dir, options, kind, category_map, frame_encoder, text_encoder, device,
+                  expect=None):
     job = split_input(data_dir, split, options, kind, category_map, frame_encoder, text_encoder)
+    if expect is not None:
+        expect(job.config)
     path = schema.store_path(cache_dir, split)
-    _prepare_store(path, split, job.videos, category_map, job.config, options, job.dims)
+    _prepare_store(path, split, job.videos, category_map, job.config, options, job.dims, job.inputs)
     faults_path, tokens_path = side_records(path)
     fill_store(path, job, 0, len(job.videos), frame_encoder, text_encoder, options, device,
                faults_path, tokens_path)
@@ -223,35 +232,40 @@ def side_records(store_path):
 
 
 def remove_store(store_path):
-    """A store and its side records (for --overwrite)."""
+    """A store and its side records (for --overwrite); a file under the store's name that is not a store
+    (another command's HDF5 file, say) is refused, never deleted."""
+    if Path(store_path).exists() and not is_store(store_path):
+        raise ExtractError(f"{store_path}: not a feature store, so --overwrite does not delete it; give --out a "
+                           "cache directory of its own")
     for path in (Path(store_path), *side_records(store_path)):
         path.unlink(missing_ok=True)
 
 
-def _prepare_store(path, split, videos, category_map, config, options, dims):
+def _prepare_store(path, split, videos, category_map, config, options, dims, inputs):
     """Create the store, or check that an existing one is this run's to resume."""
     if options.overwrite:
         remove_store(path)
-    create_or_check_store(path, split, videos, category_map, config, options, dims)
+    create_or_check_store(path, split, videos, category_map, config, options, dims, inputs)
 
 
-def create_or_check_store(path, split, videos, category_map, config, options, dims):
-    """A new empty store for `videos`, or the existing one when it was made for them with this config."""
+def create_or_check_store(path, split, videos, category_map, config, options, dims, inputs=None):
+    """A new empty store for `videos`, or the existing one when it was made for them, from the same inputs
+    (annotations and media unchanged), with this config; else StoreMismatch."""
     if path.exists():
         check_config(path, config)
         _check_same_ids(path, videos)
+        check_inputs(path, inputs)
         return
     fine = [category_map.fine_index(v.category_id) if v.category_id else -1 for v in videos]
     coarse = [int(category_map.fine_to_coarse[f]) if f >= 0 else -1 for f in fine]
     create_store(path, split, [v.id for v in videos], fine, coarse, dims, config, category_map,
-                 environment=_environment(options))
+                 environment=_environment(options), inputs=inputs)
 
 
 def _check_same_ids(path, videos):
     stored = StoreReader(path, require_complete=False).ids
     if len(stored) != len(videos) or any(a != b.id for a, b in zip(stored, videos)):
-        raise StoreError(f"{path}: holds other videos than the annotations now list; "
-                         "use --overwrite to rebuild it")
+        raise StoreMismatch(f"{path}: holds other videos than the annotations now list")
 
 
 def _environment(options):

@@ -18,7 +18,9 @@ annotations file and is chunked by video, so a reader touches only the rows it a
 
 File attributes: schema_version, split, complete (True only once every row is done), config (JSON, the
 store's identity: encoder names, weight checksums, options, category map sha256, precision),
-environment (JSON, not compared: package versions, device), fine_classes, coarse_classes
+environment (JSON, not compared: package versions, device), inputs (JSON, what the store was made from:
+annotations sha256 and a digest of each media file's name, size and mtime, features/inputs.py; compared
+on resume and by predict, absent in older stores), fine_classes, coarse_classes
 (category ids as strings), fine_to_coarse (int32 array, index of each fine class's coarse class).
 """
 

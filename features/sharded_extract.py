@@ -92,7 +92,8 @@ def _shard_unit(options):
 
 def _extract_shard(path, job, bounds, category_map, frame_encoder, text_encoder, options, device):
     start, end = bounds
-    create_or_check_store(path, job.split, job.videos[start:end], category_map, job.config, options, job.dims)
+    create_or_check_store(path, job.split, job.videos[start:end], category_map, job.config, options, job.dims,
+                          job.inputs)
     if is_complete(path):
         return
     fill_store(path, job, start, end, frame_encoder, text_encoder, options, device,

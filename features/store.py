@@ -23,6 +23,15 @@ class StoreError(RuntimeError):
     """A store that cannot be used as asked (wrong config, incomplete, missing dataset)."""
 
 
+class StoreMismatch(StoreError):
+    """An existing store made for other videos, inputs, encoders or options than a run now asks for.
+    `reason` says what differs; the advice after it is extract's (a caller with other options gives its own)."""
+
+    def __init__(self, reason, advice="use --overwrite to rebuild it"):
+        super().__init__(f"{reason}; {advice}")
+        self.reason = reason
+
+
 @dataclass
 class StoreDims:
     n_frames: int      # F
@@ -75,8 +84,10 @@ def feature_identity(config):
     return comparable_config({**config, "options": options})
 
 
-def create_store(path, split, ids, label_fine, label_coarse, dims, config, category_map, environment=None):
-    """Make a new, empty store at `path` (written to `path.tmp` first, then renamed into place)."""
+def create_store(path, split, ids, label_fine, label_coarse, dims, config, category_map, environment=None,
+                 inputs=None):
+    """Make a new, empty store at `path` (written to `path.tmp` first, then renamed into place). `inputs`:
+    the identity of what it is made from (features/inputs.py), compared when it is resumed or reused."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(ids)
@@ -91,9 +102,30 @@ def create_store(path, split, ids, label_fine, label_coarse, dims, config, categ
         h5.attrs["complete"] = False
         h5.attrs["config"] = config_json(config)
         h5.attrs["environment"] = json.dumps(environment or {})   # package versions; not compared
+        if inputs is not None:
+            h5.attrs["inputs"] = json.dumps(inputs, sort_keys=True)
         h5.attrs["fine_classes"] = np.array(category_map.fine_ids, dtype=h5py.string_dtype())
         h5.attrs["coarse_classes"] = np.array(category_map.coarse_ids, dtype=h5py.string_dtype())
         h5.attrs["fine_to_coarse"] = np.asarray(category_map.fine_to_coarse, np.int32)
+
+
+def check_inputs(path, inputs):
+    """Refuse to resume or reuse a store made from other inputs (annotations or media changed since); a store
+    that records none (made before stores recorded them) is not refused."""
+    with h5py.File(path, "r") as h5:
+        stored = h5.attrs.get("inputs")
+    if stored is not None and inputs is not None and json.loads(stored) != inputs:
+        raise StoreMismatch(f"{path}: made from other inputs than the split holds now: its videos changed since "
+                            f"({options_diff(json.loads(stored), inputs)})")
+
+
+def is_store(path):
+    """True when `path` is a feature store (an HDF5 file with the store's schema_version), not another file."""
+    try:
+        with h5py.File(path, "r") as h5:
+            return "schema_version" in h5.attrs and schema.IDS in h5
+    except OSError:
+        return False
 
 
 def check_config(path, config):
@@ -103,12 +135,11 @@ def check_config(path, config):
         stored = h5.attrs.get("config")
         version = h5.attrs.get("schema_version")
     if version != schema.SCHEMA_VERSION:
-        raise StoreError(f"{path}: schema version {version}, this code writes {schema.SCHEMA_VERSION}; "
-                         "use --overwrite to rebuild it")
+        raise StoreMismatch(f"{path}: schema version {version}, this code writes {schema.SCHEMA_VERSION}")
     if comparable_config(json.loads(stored)) != comparable_config(json.loads(config_json(config))):
         diff = options_diff(comparable_config(json.loads(stored)), comparable_config(config))
-        raise StoreError(f"{path} was made with other encoders or options ({diff}); "
-                         "use --overwrite to rebuild it or --out for a new cache directory")
+        raise StoreMismatch(f"{path} was made with other encoders or options ({diff})",
+                            "use --overwrite to rebuild it or --out for a new cache directory")
 
 
 class StoreWriter:
@@ -218,6 +249,11 @@ class StoreReader:
     @property
     def config(self):
         return json.loads(self.attrs["config"])
+
+    @property
+    def inputs(self):
+        """What the store was made from (features/inputs.py), or None for a store made before it was recorded."""
+        return json.loads(self.attrs["inputs"]) if "inputs" in self.attrs else None
 
     @property
     def fine_classes(self):

@@ -63,7 +63,8 @@ def verify(root):
         raise ModelDirError(f"{root / MANIFEST}: field 'format' is not {FORMAT!r}; not a model directory")
     if manifest.get("version") != VERSION:
         raise ModelDirError(f"{root / MANIFEST}: field 'version' is {manifest.get('version')!r}, "
-                            f"this code reads version {VERSION}")
+                            f"this code reads version {VERSION}; predict with the version of this package that "
+                            "wrote it")
     listed = manifest.get("files")
     if not isinstance(listed, dict):
         raise ModelDirError(f"{root / MANIFEST}: field 'files' is missing")
@@ -116,6 +117,13 @@ def open_model_dir(root):
     root = Path(root)
     verify(root)
     model_json = read_json(root / MODEL_JSON, ModelDirError)
+    if not isinstance(model_json, dict) or model_json.get("format") != FORMAT:
+        got = model_json.get("format") if isinstance(model_json, dict) else model_json
+        raise ModelDirError(f"{root / MODEL_JSON}: field 'format' is {got!r:.60}, not {FORMAT!r}; not a model "
+                            "directory's record")
+    if model_json.get("version") != VERSION:
+        raise ModelDirError(f"{root / MODEL_JSON}: field 'version' is {model_json.get('version')!r}, this code "
+                            f"reads version {VERSION}; predict with the version of this package that wrote it")
     stack_json = read_json(root / STACK / "stack.json", ModelDirError)
     for key in ("store_identity", "dims", "fine_classes", "fine_to_coarse", "models", "signals"):
         if key not in model_json:

