@@ -51,8 +51,7 @@ def cli():
               help="Most images per frame-encoder forward (0: 32 on CPU, 256 on GPU); bounds memory.")
 @click.option("--workers", default=2, show_default=True, help="Processes decoding frames and tokenising.")
 @click.option("--threads", default=0, show_default=True,
-              help="Torch CPU threads of the encoders (0: torch's default; under torchrun each rank's share). "
-                   "1 is several times faster when other jobs share the cores.")
+              help="Torch CPU threads of the encoders (0: torch's default; under torchrun each rank's share).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Encoders' precision, part of each store's identity: auto = fp32 on the CPU, bf16 on a GPU "
@@ -249,7 +248,7 @@ def _stacker_kinds(ctx, param, value):
 @click.option("--split", default="test", show_default=True,
               help="Split written to submission.csv ('' for none); other splits go to predictions_<split>.csv.")
 @click.option("--threads", default=1, show_default=True,
-              help="LightGBM threads (on a busy 2-core machine 2 threads ran 30-50x slower than 1).")
+              help="LightGBM threads.")
 @click.option("--seed", default=0, show_default=True)
 def stack(run_dir, out_dir, models, compare, **options):
     """Stack the run's base models (scored on the run's folds), reweight the long tail, write the submission."""
@@ -298,11 +297,15 @@ def predict(data_dir, split, model_dir, out_file, cache_dir, runtime):
               help="Category map of --data (default: the challenge's 200 classes).")
 @click.option("--split", "splits", multiple=True,
               help="Split of --data to run (repeatable); default: every DATA/annotations/*.json.")
+@click.option("--size", type=click.Choice(["small", "full", "tiny"]), default="small", show_default=True,
+              help="Scale of the generated data and training: small, a first run; full, 1,750 videos of up to 8 frames, "
+                   "5 folds, 6 epochs; tiny, as --tiny.")
 @click.option("--tiny", is_flag=True,
-              help="The fewest videos and frames that still run every stage (84 labelled, 2 frames each, 3 folds): "
-                   "about a minute and a half of CPU (both runs, pretraining on), noisy scores; for checking that it all fits together.")
-@click.option("--epochs", type=int, help="Epochs of each model [default: 6; --tiny: 4].")
-@click.option("--folds", "n_folds", type=int, help="Folds [default: 5; --tiny: 3].")
+              help="Same as --size tiny: the fewest videos and frames that still run every stage (84 labelled, "
+                   "2 frames each, 3 folds, both runs, pretraining on); noisy scores; for checking that it all "
+                   "fits together.")
+@click.option("--epochs", type=int, help="Epochs of each model [default: the size's].")
+@click.option("--folds", "n_folds", type=int, help="Folds [default: the size's].")
 @click.option("--models", default="", help="Comma-separated base models; default: every model the cache allows.")
 @click.option("--threads", default=1, show_default=True, help="Torch and LightGBM CPU threads.")
 @click.option("--unlabelled/--no-unlabelled", default=None,
@@ -310,17 +313,19 @@ def predict(data_dir, split, model_dir, out_file, cache_dir, runtime):
                    "[default: on].")
 @click.option("--pretrain/--no-pretrain", default=None,
               help="That second run also pretrains single, dual, cross without labels [default: off; --tiny: on].")
-def demo(out_dir, data_dir, category_map, models, splits, tiny, **options):
+def demo(out_dir, data_dir, category_map, models, splits, size, tiny, **options):
     """Generate a small dataset with known signals (or use --data), run extract, train-neural and stack
-    on the CPU, package the model, and print the metric table, the per-kind accuracies and where each
-    output went."""
+    on the CPU, package the model, predict the test split from it, and print the metric table, the
+    per-kind accuracies and where each output went."""
     from dataclasses import replace
     from neural.models import parse_models
     from demo.run import DemoOptions, run_demo
     if (category_map or splits) and not data_dir:
         raise click.UsageError("--category-map and --split go with --data (the generated data brings its own)")
+    if tiny and size not in ("small", "tiny"):
+        raise click.UsageError(f"--tiny is --size tiny; it cannot go with --size {size}")
     given = {k: v for k, v in options.items() if v is not None}
-    options = replace(DemoOptions.tiny() if tiny else DemoOptions(),
+    options = replace(DemoOptions.sized("tiny" if tiny else size),
                       models=parse_models(models) if models else (), splits=splits, **given)
     run_demo(out_dir, data_dir, category_map, options, click.echo)
 

@@ -17,6 +17,14 @@ the token/frame models pretrained without labels on every split first (neural/pr
 default, as in train-neural: on fashion it lowered the scores, bench/README.md). A table shows each model, the
 average and the stack with and without the unlabelled data, out-of-fold and on the test split. The
 submission and the packaged model are the second run's.
+
+Then `predict` labels the test split from the packaged model directory alone (inference/predict.py: the
+split re-extracted with the recorded encoders, then the model directory's codebook, fold models and
+stack), and the demo checks that its labels are the submission's, video for video.
+
+Sizes (DemoOptions.sized): `small`, the default, is the scale a first run can afford; `full` is the
+earlier default (1,750 videos of up to 8 frames, 5 folds); `tiny` is --tiny. The frame encoder costs
+the same per frame at any size, so videos x frames sets most of a run's time.
 """
 import csv
 import json
@@ -36,6 +44,7 @@ from features.schema import LABELLED_SPLIT
 from demo import DemoError
 from demo.synthetic import generate_demo_dataset
 from inference.package import package_model
+from inference.predict import predict
 from neural.metrics import challenge_metric
 from neural.options import NeuralOptions
 from neural.pipeline import available_models, describe_models, train_neural
@@ -45,20 +54,22 @@ from stacking.submission import read_predictions
 
 TEST_SPLIT = "test"
 UNLABELLED_SPLIT = "unlabeled"
+SIZES = ("small", "full", "tiny")
 
 
 @dataclass
 class DemoOptions:
-    # the generated dataset (ignored with --data)
-    n_labelled: int = 400
-    n_unlabelled: int = 1200          # three times the labelled split: what the students learn from
-    n_test: int = 150
-    n_frames: int = 8
+    # the generated dataset (ignored with --data); the defaults are the `small` size: the frame encoder's
+    # cost is per frame, so videos x frames is most of the run (4 frames still hold an order and a pair)
+    n_labelled: int = 350
+    n_unlabelled: int = 210           # what the students learn from
+    n_test: int = 112                 # predicted twice: by the stack and by `predict` from the model directory
+    n_frames: int = 4
     image_size: int = 64
     tail_ratio: float = 12.0          # largest / smallest labelled class
     seed: int = 0
     # extract: few thousand frames, so a small codebook
-    frames: int = 8
+    frames: int = 4
     max_tokens: int = 64
     pca_dim: int = 32
     n_clusters: int = 8
@@ -66,11 +77,11 @@ class DemoOptions:
     workers: int = 1
     # train-neural
     models: tuple = ()                # () = every model the cache allows (names only with class names)
-    n_folds: int = 5
+    n_folds: int = 3                  # the fewest the stack allows: each fold trains on 2/3 of the labelled split
     epochs: int = 6
     hidden: int = 64
     batch_size: int = 32
-    threads: int = 1                  # torch and LightGBM; 2 threads crawl when other processes share the cores
+    threads: int = 1                  # torch and LightGBM
     unlabelled: bool = True           # a second run learning from the unlabelled split (pseudo-labels)
     pretrain: bool = False            # that run also pretrains single, dual, cross without labels
     # how the stages run; none of these changes a result
@@ -79,11 +90,28 @@ class DemoOptions:
     extra: dict = field(default_factory=dict)   # NeuralOptions overrides, e.g. {"lr": 3e-3}
 
     @classmethod
+    def sized(cls, size):
+        """The options of a named size: small (the default), full or tiny."""
+        if size not in SIZES:
+            raise DemoError(f"size '{size}': choose from {', '.join(SIZES)}")
+        return getattr(cls, size)()
+
+    @classmethod
+    def small(cls):
+        """The default: 672 videos of 3-4 frames, 3 folds, 6 epochs."""
+        return cls()
+
+    @classmethod
+    def full(cls):
+        """The earlier default: 1,750 videos of 4-8 frames (4.5 times small's frames), 5 folds, 6 epochs."""
+        return cls(n_labelled=400, n_unlabelled=1200, n_test=150, n_frames=8, frames=8, epochs=6, n_folds=5)
+
+    @classmethod
     def tiny(cls):
-        """`demo --tiny`: every stage on the fewest videos and frames that keep each claim checkable, in about
-        a minute and a half of CPU on one thread: 4 labelled videos a class (the fewest 3 folds allow), 2 frames
-        each through the encoder, small models, both runs (pretraining on, so it is covered too). Its scores
-        are noisy: it shows the wiring, not the models."""
+        """`demo --tiny`: every stage on the fewest videos and frames that keep each claim checkable: 4
+        labelled videos a class (the fewest 3 folds allow), 2 frames each through the encoder, small models,
+        both runs (pretraining on, so it is covered too). Its scores are noisy: it shows the wiring, not the
+        models."""
         return cls(n_labelled=84, n_unlabelled=42, n_test=14, n_frames=4, image_size=32, tail_ratio=1.0,
                    frames=2, max_tokens=16, pca_dim=8, n_clusters=4, n_gmm=2, workers=0, n_folds=3, epochs=4,
                    hidden=16, extra={"lr": 3e-3}, pretrain=True)
@@ -104,10 +132,10 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
 
     def stage(name, fn, *args):
         echo(f"== {name} ...")
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         result = fn(*args)
         times[name] = round(time.perf_counter() - t0, 1)
-        cpu[name] = round(time.process_time() - c0, 1)       # steadier than wall time on a shared machine
+        cpu[name] = round(cpu_seconds() - c0, 1)       # steadier than wall time on a shared machine
         peaks[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)    # Linux: KiB
         echo(f"== {name} done in {times[name]:.1f} s ({cpu[name]:.1f} s CPU; peak RSS so far {peaks[name]:,} MiB)")
         return result
@@ -138,11 +166,16 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
         stage("train-neural", train_neural, cache_dir, run_dir, models, neural_options(options))
     metrics = stage("stack", stack, run_dir, stack_dir, stack_options)
     model_dir = stage("package", package_model, run_dir, stack_dir)
+    predicted = None
+    if stack_options.split:
+        predicted = stage("predict", predict_like_submission, data_dir, model_dir, out_dir / "predict",
+                          stack_dir / "submission.csv")
     times["total"], cpu["total"] = round(time.perf_counter() - started, 1), round(sum(cpu.values()), 1)
 
     summary = {"options": asdict(options), "data_dir": str(data_dir), "times_s": times, "cpu_s": cpu,
-               "peak_rss_mib": peaks,
-               "outputs": outputs(cache_dir, run_dir, stack_dir, model_dir, metrics), "table": metrics["table"]}
+               "peak_rss_mib": peaks, "predict": predicted,
+               "outputs": outputs(cache_dir, run_dir, stack_dir, model_dir, metrics, predicted),
+               "table": metrics["table"]}
     echo("")
     echo(format_table(metrics["table"]))
     if "auto" in metrics:
@@ -165,12 +198,38 @@ def run_demo(out_dir, data_dir=None, category_map=None, options=None, echo=print
         t = summary["test"]
         echo(f"submission on the test split ({t['n_videos']} videos, answers/test.csv): mean-F1 {t['mean']:.4f} "
              f"(l2 {t['l2_micro']:.4f}/{t['l2_macro']:.4f}, l1 {t['l1_micro']:.4f}/{t['l1_macro']:.4f})")
+    if predicted:
+        echo("")
+        echo(f"predict from the model directory alone ({model_dir}): {predicted['n_videos']} {TEST_SPLIT} videos "
+             f"-> {predicted['file']}; every label equals the stack's {stack_dir / 'submission.csv'}")
     echo("")
-    for name, path in summary["outputs"].items():
-        echo(f"{name:14s} {path}")
     echo("stage times (s, wall/CPU): " + ", ".join(f"{k} {times[k]:.1f}/{cpu[k]:.1f}" for k in times))
+    echo(f"total: {times['total'] / 60:.1f} min wall, {cpu['total']:.0f} s CPU")
+    echo("")
+    echo(where_to_look(summary["outputs"]))
     write_json(out_dir / "demo.json", summary, default=str)
     return summary
+
+
+def cpu_seconds():
+    """CPU seconds of this process and of its finished children (extract's frame-decoding workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def predict_like_submission(data_dir, model_dir, out_dir, submission):
+    """`predict` on the test split from the model directory alone (its own cache under OUT_DIR); returns
+    {"file", "n_videos"} once its labels are checked equal to the stack's submission, video for video."""
+    out_file = Path(out_dir) / f"{TEST_SPLIT}.csv"
+    predict(data_dir, TEST_SPLIT, model_dir, out_file, Path(out_dir) / "cache")
+    predicted, submitted = read_predictions(out_file), read_predictions(submission)
+    differ = sorted(v for v in set(predicted) | set(submitted) if predicted.get(v) != submitted.get(v))
+    if differ:
+        v = differ[0]
+        raise DemoError(f"{out_file}: predict's labels differ from {submission} on {len(differ)} of "
+                        f"{len(submitted)} {TEST_SPLIT} videos (first: video {v}, {predicted.get(v)} against "
+                        f"{submitted.get(v)})")
+    return {"file": str(out_file), "n_videos": len(predicted)}
 
 
 def _generate(data_dir, options):
@@ -241,12 +300,34 @@ def format_gain(gain):
     return "\n".join(lines)
 
 
-def outputs(cache_dir, run_dir, stack_dir, model_dir, metrics):
+def outputs(cache_dir, run_dir, stack_dir, model_dir, metrics, predicted=None):
     out = {"stores": str(cache_dir), "run": str(run_dir), "metrics": str(stack_dir / "metrics.json"),
            "per-class F1": str(stack_dir / "per_class_f1.png"), "model": str(model_dir)}
     for split, written in metrics["predictions"].items():
         out[f"{split} labels"] = str(stack_dir / written["file"])
+    if predicted:
+        out["predict"] = predicted["file"]
     return out
+
+
+WHERE = {                   # what each output is, for the lines after the run
+    "metrics": "the table above (each model, their average, the stackers; out-of-fold)",
+    "per-class F1": "F1 of every class, each base model against the stack",
+    "model": "the packaged model: all `python run.py predict --model` needs",
+    "predict": "predict's labels from that model directory (equal to the submission)",
+    "stores": "the cached features (extract)",
+    "run": "the fold models and their out-of-fold predictions (train-neural)",
+}
+
+
+def where_to_look(paths):
+    """One line per output: its path, then what it is."""
+    lines = ["where to look:"]
+    for name in [*WHERE, *(n for n in paths if n not in WHERE)]:
+        if name in paths:
+            note = WHERE.get(name, "the stack's labels of that split")
+            lines.append(f"{name:14s} {paths[name]}  <- {note}")
+    return "\n".join(lines)
 
 
 def format_table(table):

@@ -1,6 +1,6 @@
 """The demo through the real CLI: `run.py demo --tiny` generates data, then extract -> train-neural -> stack
--> package, on the CPU, on one thread, in the default test run (~1.5 min of CPU: two trainings; the full-size
-`python run.py demo` is in bench/README.md)."""
+-> package -> predict from the model directory, on the CPU, on one thread, in the default test run (under a
+minute of CPU: two trainings). The default size and `--size full` differ only in DemoOptions' numbers."""
 import csv
 import json
 from pathlib import Path
@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from demo import DemoError
-from demo.run import DemoOptions, accuracy_by_kind, run_demo, score_submission
+from demo.run import DemoOptions, accuracy_by_kind, predict_like_submission, run_demo, score_submission
 from features.categories import load_category_map
 from neural.models import MODEL_NAMES
 from run import cli
@@ -117,6 +117,41 @@ def test_score_submission_refuses_a_submission_missing_videos(tiny_demo, tmp_pat
     partial.write_text("\n".join(lines[1:]) + "\n")
     with pytest.raises(DemoError, match="no prediction for test video"):
         score_submission(out / "data", partial, out / "data" / "category_map.csv")
+
+
+def test_predict_from_the_model_directory_gives_the_submission_and_says_so(tiny_demo):
+    out, summary, text = tiny_demo
+    predicted = out / "predict" / "test.csv"
+    assert summary["predict"] == {"file": str(predicted), "n_videos": 14}
+    assert predicted.read_text() == (out / "stack" / "submission.csv").read_text()
+    assert f"14 test videos -> {predicted}; every label equals the stack's" in text
+    assert f"predict        {predicted}" in text                 # in the lines saying where to look
+
+
+def test_a_predict_that_differs_from_the_submission_is_an_error(tiny_demo, tmp_path):
+    out, _, _ = tiny_demo
+    lines = (out / "stack" / "submission.csv").read_text().splitlines()
+    vid, label = lines[0].split(",")
+    other = next(r.split(",")[1] for r in lines if r.split(",")[1] != label)
+    changed = tmp_path / "submission.csv"
+    changed.write_text("\n".join([f"{vid},{other}", *lines[1:]]) + "\n")
+    with pytest.raises(DemoError, match=f"differ from .* on 1 of 14 test videos \\(first: video {vid}"):
+        predict_like_submission(out / "data", out / "stack" / "model", tmp_path / "predict", changed)
+
+
+def test_sizes_small_is_the_default_full_the_earlier_scale_and_tiny_the_flag(tmp_path):
+    assert DemoOptions.sized("small") == DemoOptions()
+    full = DemoOptions.sized("full")
+    assert (full.n_labelled, full.n_unlabelled, full.n_test, full.frames, full.n_folds, full.epochs) == \
+        (400, 1200, 150, 8, 5, 6)
+    small = DemoOptions()
+    assert small.n_labelled * small.frames < full.n_labelled * full.frames and small.n_folds == 3
+    assert DemoOptions.sized("tiny") == DemoOptions.tiny()
+    with pytest.raises(DemoError, match="size 'huge'"):
+        DemoOptions.sized("huge")
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "out"), "--tiny", "--size", "full"])
+    assert result.exit_code != 0 and "--tiny is --size tiny" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_two_folds_are_refused_before_any_work(tmp_path):
