@@ -6,6 +6,9 @@ from features.categories import CategoryMap
 from features.class_names import save_class_names
 from features.store import StoreDims, StoreWriter, create_store
 
+# the smallest train-neural options a fold fits with; modules widen them where a test needs it to learn
+TINY = dict(n_folds=3, epochs=1, hidden=16, batch_size=16, n_heads=2)
+
 
 def fake_category_map(n_fine=6, n_coarse=3):
     fine_ids = [f"{i % n_coarse:02d}{i:02d}" for i in range(n_fine)]
@@ -55,6 +58,13 @@ def write_fake_store(path, n=60, n_classes=6, n_frames=8, frame_dim=16, text_dim
         save_class_names(class_names_path, cmap, [f"class {c}" for c in cmap.fine_ids], text_centres,
                          [f"group {c}" for c in cmap.coarse_ids], coarse, {"fake": True})
     return label
+
+
+def add_aggregates(cache_dir, splits):
+    """agg/* and CACHE_DIR/codebook.h5 by the real aggregates stage, with small settings."""
+    from features.aggregates import AggregateOptions, run_aggregates
+    run_aggregates(cache_dir, splits, AggregateOptions(pca_dim=8, n_clusters=4, n_gmm=2, nextvlad_groups=4,
+                                                       sample_size=400, batch_size=32))
 
 
 def killed_on_call(real, n):

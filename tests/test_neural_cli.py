@@ -1,11 +1,7 @@
 """train-neural through the command line: one-line errors for bad model lists, a run end to end, and a
 run killed with SIGKILL then rerun ends with the same out-of-fold predictions as an uninterrupted one."""
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,24 +12,16 @@ from neural import outputs
 from neural.checkpoint import fold_saved
 from neural.models import MODEL_NAMES
 from run import cli
-from tests.fakes import write_fake_store
+from tests.commands import cli_ok, run_py, start
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--folds", "3", "--epochs", "2", "--hidden", "16", "--batch-size", "16", "--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli") / "cache"
-    write_fake_store(d / "labeled.h5", n=60)
-    return d
 
 
 @pytest.mark.parametrize("models, says", [("single,nosuch", "unknown model(s) 'nosuch'"),
                                           ("", "no model named in ''"), (" , ", "no model named in ' , '")])
-def test_a_bad_model_list_is_one_line_naming_the_known_models(cache, tmp_path, models, says):
-    result = CliRunner().invoke(cli, ["train-neural", "--cache", str(cache), "--out", str(tmp_path / "run"),
+def test_a_bad_model_list_is_one_line_naming_the_known_models(fake_cache, tmp_path, models, says):
+    result = CliRunner().invoke(cli, ["train-neural", "--cache", str(fake_cache), "--out", str(tmp_path / "run"),
                                       "--models", models])
     assert result.exit_code != 0
     lines = result.output.strip().splitlines()
@@ -41,15 +29,15 @@ def test_a_bad_model_list_is_one_line_naming_the_known_models(cache, tmp_path, m
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
 
 
-def test_bad_options_are_one_line_errors(cache, tmp_path):
-    result = CliRunner().invoke(cli, ["train-neural", "--cache", str(cache), "--out", str(tmp_path / "run"),
+def test_bad_options_are_one_line_errors(fake_cache, tmp_path):
+    result = CliRunner().invoke(cli, ["train-neural", "--cache", str(fake_cache), "--out", str(tmp_path / "run"),
                                       "--models", "linear", "--folds", "1"])
     assert result.exit_code != 0 and result.output.strip() == "Error: OptionsError: n_folds must be at least 2, got 1"
 
 
-def test_train_neural_from_the_command_line_writes_the_run_directory(cache, tmp_path):
+def test_train_neural_from_the_command_line_writes_the_run_directory(fake_cache, tmp_path):
     run = tmp_path / "run"
-    result = CliRunner().invoke(cli, ["train-neural", "--cache", str(cache), "--out", str(run),
+    result = CliRunner().invoke(cli, ["train-neural", "--cache", str(fake_cache), "--out", str(run),
                                       "--models", "linear"] + TINY)
     assert result.exit_code == 0, result.output
     assert "linear: OOF mean-F1" in result.output and f"-> {run}/linear/predictions.h5" in result.output
@@ -59,19 +47,17 @@ def test_train_neural_from_the_command_line_writes_the_run_directory(cache, tmp_
         ["predictions.h5"] + [f"fold{k}{s}" for k in range(3) for s in (".safetensors", ".json")])
 
 
-def train_command(cache, run, epochs):
-    return [sys.executable, str(ROOT / "run.py"), "train-neural", "--cache", str(cache), "--out", str(run),
-            "--models", "linear", "--folds", "3", "--epochs", str(epochs), "--batch-size", "8", "--threads", "1"]
+def train_args(cache, run, epochs):
+    return ["train-neural", "--cache", cache, "--out", run, "--models", "linear", "--folds", "3",
+            "--epochs", epochs, "--batch-size", "8", "--threads", "1"]
 
 
-def test_train_neural_killed_with_sigkill_then_rerun_gives_the_same_oof(cache, tmp_path):
-    """A real kill -9 in the middle of fold 1 (after fold 0's checkpoint): the rerun resumes and its
-    out-of-fold predictions equal those of an uninterrupted run, bit for bit."""
-    epochs, env = 40, dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run(train_command(cache, tmp_path / "straight", epochs), check=True, env=env, cwd=ROOT,
-                   capture_output=True)
-    killed = subprocess.Popen(train_command(cache, tmp_path / "killed", epochs), env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_train_neural_killed_with_sigkill_then_rerun_gives_the_same_oof(fake_cache, tmp_path):
+    """A real kill -9 of a process in the middle of fold 1 (after fold 0's checkpoint): the rerun (in this
+    process, the same command) resumes and its out-of-fold predictions equal those of an uninterrupted run
+    (in this process too), bit for bit."""
+    epochs = 40
+    killed = start(run_py(*train_args(fake_cache, tmp_path / "killed", epochs)))
     deadline = time.monotonic() + 120
     while not fold_saved(tmp_path / "killed" / "linear", 0) and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -79,9 +65,8 @@ def test_train_neural_killed_with_sigkill_then_rerun_gives_the_same_oof(cache, t
     killed.send_signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL, "the run ended before it could be killed: raise epochs"
     assert not fold_saved(tmp_path / "killed" / "linear", 2)
-    rerun = subprocess.run(train_command(cache, tmp_path / "killed", epochs), env=env, cwd=ROOT,
-                           capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    cli_ok(*train_args(fake_cache, tmp_path / "killed", epochs))
+    cli_ok(*train_args(fake_cache, tmp_path / "straight", epochs))
     straight, _ = outputs.read_oof(tmp_path / "straight" / "linear" / "predictions.h5")
     resumed, _ = outputs.read_oof(tmp_path / "killed" / "linear" / "predictions.h5")
     np.testing.assert_array_equal(resumed, straight)

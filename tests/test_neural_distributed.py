@@ -3,17 +3,15 @@ fold tensors); a rank killed with SIGKILL and the command rerun, at the same or 
 equal too; rows a rank left in a per-fold file are merged on resume; an error on rank 0 stops every rank."""
 import os
 import re
+import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.numpy import load_file
 
 from features.world import World
@@ -24,12 +22,10 @@ from neural.folds import load_folds
 from neural.options import NeuralOptions
 from neural.outputs import RunError
 from neural.pipeline import train_neural
-from run import cli
-from tests.fakes import write_fake_store
-from tests.test_neural import add_aggregates
+from tests.commands import REPO, RUN_PY, SUBPROCESS_ENV, cli_ok, rank_pid, start, subprocess_ok, torchrun
+from tests.fakes import TINY
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("linear", "mlp", "vlad")
 # --threads 1 on every rank: torch's CPU results change in the last bits with the thread count
 FLAGS = ["--models", ",".join(MODELS), "--folds", "3", "--epochs", "2", "--hidden", "16", "--batch-size", "16",
@@ -37,37 +33,15 @@ FLAGS = ["--models", ",".join(MODELS), "--folds", "3", "--epochs", "2", "--hidde
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A labelled and a test store, with aggregates and a codebook (the vlad and mlp models need them)."""
-    d = tmp_path_factory.mktemp("dist") / "cache"
-    d.mkdir()
-    write_fake_store(d / "labeled.h5", n=60)
-    write_fake_store(d / "test.h5", n=20, split="test", labelled=False, seed=1)
-    add_aggregates(d, ["labeled", "test"])
-    return d
-
-
-@pytest.fixture(scope="module")
-def one_process(cache, tmp_path_factory):
+def one_process(fake_cache, tmp_path_factory):
     """The reference: the same command in one process, no torchrun."""
     run = tmp_path_factory.mktemp("one") / "run"
-    result = CliRunner().invoke(cli, ["train-neural", "--cache", str(cache), "--out", str(run)] + FLAGS)
-    assert result.exit_code == 0, result.output
+    cli_ok(*train_args(fake_cache, run))
     return run
 
 
-def command(cache, run, nproc):
-    """train-neural under torchrun with nproc ranks, or plainly (one process) for nproc == 1."""
-    base = [str(ROOT / "run.py"), "train-neural", "--cache", str(cache), "--out", str(run)] + FLAGS
-    if nproc == 1:
-        return [sys.executable] + base
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone"] + base
-
-
-def run_command(cache, run, nproc):
-    done = subprocess.run(command(cache, run, nproc), cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                          capture_output=True, text=True)
-    return done
+def train_args(cache, run):
+    return ["train-neural", "--cache", cache, "--out", run] + FLAGS
 
 
 def assert_same_run(run, reference):
@@ -98,9 +72,8 @@ def test_jobs_are_dealt_round_robin_so_each_runs_on_exactly_one_rank():
     assert rank_jobs(jobs, World()) == jobs                       # one process: every job, in order
 
 
-def test_two_processes_give_the_same_predictions_and_fold_tensors_as_one(cache, one_process, tmp_path):
-    done = run_command(cache, tmp_path / "run", 2)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_two_processes_give_the_same_predictions_and_fold_tensors_as_one(fake_cache, one_process, tmp_path):
+    done = subprocess_ok(torchrun(2, RUN_PY, *train_args(fake_cache, tmp_path / "run")))
     assert_same_run(tmp_path / "run", one_process)
     lines = [line for line in done.stdout.splitlines() if "OOF mean-F1" in line]
     assert len(lines) == len(MODELS), done.stdout            # printed once, by the main rank
@@ -108,45 +81,15 @@ def test_two_processes_give_the_same_predictions_and_fold_tensors_as_one(cache, 
     assert fitted_by == {"0", "1"}, "both ranks should have fitted folds"
 
 
-def descendants(pid):
-    """Process ids below `pid` (Linux /proc)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def rank_pid(torchrun_pid, rank):
-    for pid in descendants(torchrun_pid):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env:
-            return pid
-    return None
-
-
-@pytest.mark.parametrize("rerun_nproc", [1, 2])
-def test_a_rank_killed_mid_run_then_the_command_rerun_ends_equal(cache, one_process, tmp_path, rerun_nproc):
-    """SIGKILL rank 1 as soon as its first fold checkpoint exists (it has three more jobs to go); torchrun
-    stops the run; the same command rerun with `rerun_nproc` processes keeps every saved fold and ends
-    equal to the one-process run."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def killed_run(fake_cache, tmp_path_factory):
+    """SIGKILL rank 1 of two as soon as its first fold checkpoint exists (it has three more jobs to go);
+    torchrun stops the run. -> (run dir, {fold file: mtime} saved before the kill)."""
+    run = tmp_path_factory.mktemp("killed") / "run"
     jobs = [(m, k) for m in MODELS for k in range(3)]
     first_of_rank1 = rank_jobs(jobs, World(rank=1, size=2))[0]
     marker = fold_paths(run / first_of_rank1[0], first_of_rank1[1])[1]
-    launched = subprocess.Popen(command(cache, run, 2), cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launched = start(torchrun(2, RUN_PY, *train_args(fake_cache, run)))
     deadline, victim = time.monotonic() + 120, None
     while not marker.exists() and launched.poll() is None and time.monotonic() < deadline:
         victim = victim or rank_pid(launched.pid, 1)
@@ -155,21 +98,33 @@ def test_a_rank_killed_mid_run_then_the_command_rerun_ends_equal(cache, one_proc
     os.kill(victim, signal.SIGKILL)
     assert launched.wait(timeout=120) != 0
     assert not all(outputs.fold_done(run / m / "predictions.h5")[1] for m in MODELS), "the run had finished"
-    saved = {p: p.stat().st_mtime_ns for p in run.glob("*/fold*.safetensors")}
+    return run
 
-    done = run_command(cache, run, rerun_nproc)
-    assert done.returncode == 0, done.stderr[-3000:]
+
+@pytest.mark.parametrize("rerun_nproc", [1, 2])
+def test_a_rank_killed_mid_run_then_the_command_rerun_ends_equal(fake_cache, one_process, killed_run, tmp_path,
+                                                               rerun_nproc):
+    """The same command rerun (on a copy of the killed run) with `rerun_nproc` processes keeps every saved
+    fold and ends equal to the one-process run; one process is this one."""
+    run = tmp_path / "run"
+    shutil.copytree(killed_run, run)
+    saved = {p: p.stat().st_mtime_ns for p in run.glob("*/fold*.safetensors")}
+    assert saved, "rank 1 saved a fold before the kill"
+    if rerun_nproc == 1:
+        cli_ok(*train_args(fake_cache, run))
+    else:
+        subprocess_ok(torchrun(rerun_nproc, RUN_PY, *train_args(fake_cache, run)))
     assert_same_run(run, one_process)
     assert all(p.stat().st_mtime_ns == t for p, t in saved.items()), "a finished fold was trained again"
 
 
-def test_rows_a_rank_left_in_a_per_fold_file_are_merged_on_resume_not_refitted(cache, one_process, tmp_path,
+def test_rows_a_rank_left_in_a_per_fold_file_are_merged_on_resume_not_refitted(fake_cache, linear_run, tmp_path,
                                                                             monkeypatch):
     """A rank wrote fold 1's rows to oof_fold1.h5 and the run stopped before they were merged: the rerun
     merges them (no fit) and deletes the file, and a half-written one (.tmp) left by a killed rank."""
     run = tmp_path / "run"
-    opts = NeuralOptions(n_folds=3, epochs=2, hidden=16, batch_size=16, threads=1)
-    train_neural(cache, run, ["linear"], opts)
+    shutil.copytree(linear_run, run)
+    opts = NeuralOptions(**TINY, threads=1)                     # linear_run's
     preds = run / "linear" / "predictions.h5"
     with h5py.File(preds, "r+") as h5:
         oof, done = h5["oof_proba"][:], h5["fold_done"][:]
@@ -183,7 +138,7 @@ def test_rows_a_rank_left_in_a_per_fold_file_are_merged_on_resume_not_refitted(c
     half_written.write_bytes(b"\x89HDF")
     fits = []
     monkeypatch.setattr(pipeline, "fit_fold", lambda *a, **kw: fits.append(a[4]))
-    train_neural(cache, run, ["linear"], opts)
+    train_neural(fake_cache, run, ["linear"], opts)
     assert fits == [] and not list((run / "linear").glob("oof_fold*"))
     with h5py.File(preds, "r") as h5:
         np.testing.assert_array_equal(h5["oof_proba"][:], oof)
@@ -203,13 +158,14 @@ def test_a_per_fold_rows_file_of_other_rows_or_another_fold_is_refused_naming_th
         outputs.read_fold_rows(path, 1, held, 5)
 
 
-def test_an_error_on_rank_0_stops_every_rank_with_one_line(cache, one_process, tmp_path):
+def test_an_error_on_rank_0_stops_every_rank_with_one_line(fake_cache, one_process, tmp_path):
     """A resumed run with other options is refused on rank 0; rank 1, waiting for the folds, stops too
     (RankError quoting it) instead of waiting at a barrier."""
     run = tmp_path / "run"
-    train_neural(cache, run, ["linear"], NeuralOptions(n_folds=3, epochs=1, hidden=16, lr=0.1, threads=1))
+    train_neural(fake_cache, run, ["linear"], NeuralOptions(n_folds=3, epochs=1, hidden=16, lr=0.1, threads=1))
     started = time.monotonic()
-    done = run_command(cache, run, 2)
+    done = subprocess.run(torchrun(2, RUN_PY, *train_args(fake_cache, run)), env=SUBPROCESS_ENV, cwd=REPO,
+                          capture_output=True, text=True)
     assert done.returncode != 0 and time.monotonic() - started < 120
     assert "Error: RunError:" in done.stderr and "lr: 0.1 -> 0.001" in done.stderr, done.stderr[-3000:]
     assert "Error: RankError: rank 0 stopped the run: RunError:" in done.stderr, done.stderr[-3000:]
