@@ -273,19 +273,38 @@ def stack(run_dir, out_dir, models, compare, **options):
               help="Dataset root in the challenge layout holding the new videos (zip_frames/, zip_feats/ or videos/).")
 @click.option("--split", required=True, help="Split of DATA to label (DATA/annotations/<split>.json).")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Model directory written by `stack` (STACK_DIR/model); may be copied anywhere.")
+              help="Model directory written by `stack` (STACK_DIR/model, or STACK_DIR itself); may be copied "
+                   "anywhere.")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
-              help="Output CSV: id,category_id lines, no header.")
+              help="Output CSV: id,category_id lines, no header (the challenge's submission format).")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also write the K most probable fine classes of each video to OUT.topk.csv (labels.csv -> "
+                   "labels.topk.csv): header id,rank,category_id,level1_id,probability, the stacker's "
+                   "probabilities; 0: none.")
+@click.option("--proba", "proba_file", type=click.Path(dir_okay=False), metavar="FILE.h5",
+              help="Also write the stacker's whole (N, C) probability matrix as HDF5: proba, ids, fine_classes, "
+                   "level1_ids, pred (the label's column).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the encoders and fold models run (auto: a GPU when torch sees one).")
+@click.option("--threads", default=0, show_default=True,
+              help="Torch CPU threads (0: torch's default), as extract's --threads.")
+@click.option("--batch-size", default=32, show_default=True, help="Videos per extract batch.")
+@click.option("--workers", default=2, show_default=True, help="Processes decoding frames and tokenising.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Encoders' precision [default: the one model.json records]; another is refused, since features "
+                   "in another precision are not those the fold models learnt from.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
               help="Where the new split's features are cached; default: OUT.cache/.")
 @click.option("--runtime", type=click.Choice(["torch", "onnx", "openvino"]), default=None,
               help="Encoders' runtime [default: the one model.json records]; another must make interchangeable "
                    "features (torch, onnx, openvino in fp32).")
-def predict(data_dir, split, model_dir, out_file, cache_dir, runtime):
+def predict(data_dir, split, model_dir, out_file, cache_dir, runtime, top_k, proba_file, **controls):
     """Label new videos: recorded encoders -> aggregates -> fold models -> stacker, one CSV line per video."""
-    from inference.predict import predict as run_predict
-    pred = run_predict(data_dir, split, model_dir, out_file, cache_dir, runtime)
-    click.echo(f"{len(pred)} videos -> {out_file}")
+    from inference.predict import Controls, predict as run_predict, top_k_path
+    pred = run_predict(data_dir, split, model_dir, out_file, cache_dir, runtime, Controls(**controls), top_k,
+                       proba_file)
+    extra = ([f"top {top_k}: {top_k_path(out_file)}"] if top_k else []) + ([f"(N, C): {proba_file}"] if proba_file else [])
+    click.echo(f"{len(pred)} videos -> {out_file}" + (f" ({'; '.join(extra)})" if extra else ""))
 
 
 @cli.command("demo")

@@ -41,15 +41,15 @@ def predict_split(models, spec, reader, batch_size, device, num_workers=0):
     yield from predict_batches(models, dataset, np.arange(len(reader)), batch_size, device, num_workers)
 
 
-def predict_store(run_dir, store_path=None, models=None, reader=None):
+def predict_store(run_dir, store_path=None, models=None, reader=None, device="auto"):
     """{model name: (N, C) float32 probabilities averaged over the fold models} for a store, given by its
-    path or as an open StoreReader (`reader=`, left open)."""
+    path or as an open StoreReader (`reader=`, left open), on `device` (auto | cpu | cuda)."""
     run = read_run(run_dir)
     if reader is None:
         with StoreReader(store_path) as opened:
-            return predict_store(run_dir, models=models, reader=opened)
+            return predict_store(run_dir, models=models, reader=opened, device=device)
     check_classes(reader, run)
-    device, batch_size = resolve_device(), NeuralOptions.from_dict(run["options"]).batch_size
+    device, batch_size = resolve_device(device), NeuralOptions.from_dict(run["options"]).batch_size
     out = {}
     for name in models or run["models"]:
         fold_models, spec = load_fold_models(run_dir, name, run["n_folds"], device)

@@ -89,3 +89,69 @@ def test_a_model_trained_on_frame_zips_predicts_mp4_videos_with_their_frames(mod
     assert report["n_videos_with_faults"] == 0
     assert [line.split(",")[0] for line in out.read_text().splitlines()] == [v["id"] for v in videos]
     assert {line.split(",")[1] for line in out.read_text().splitlines()} <= set(load_category_map().fine_ids)
+
+
+# ------------------------------------------------------------------ the Python API on each kind of raw frames
+
+def zip_records(data, split, tmp_path, decoded):
+    """The split's videos as the API's records: frames as the zip's images written to files, or decoded arrays."""
+    import zipfile
+    from PIL import Image
+    records = []
+    for video in json.loads((data / "annotations" / f"{split}.json").read_text()):
+        with zipfile.ZipFile(data / "zip_frames" / split / video["id"][-3:] / f"{video['id']}.zip") as zf:
+            names = sorted(zf.namelist())
+            for name in names:
+                zf.extract(name, tmp_path / video["id"])
+        files = [tmp_path / video["id"] / name for name in names]
+        frames = [np.asarray(Image.open(f).convert("RGB")) for f in files] if decoded else [str(f) for f in files]
+        records.append({**{k: video[k] for k in ("id", "title", "asr", "ocr")}, "frames": frames})
+    return records
+
+
+@pytest.fixture(scope="module")
+def classifier(model):
+    """One Classifier for the module's API tests; counts the encoders it builds."""
+    import features.encoders as encoders
+    from inference.api import load_model
+    builds, patch = [], pytest.MonkeyPatch()
+    for name in ("build_text_encoder", "build_frame_encoder"):
+        real = getattr(encoders, name)
+        patch.setattr(encoders, name, lambda *a, _real=real, _name=name, **k: builds.append(_name) or _real(*a, **k))
+    yield load_model(model["model"], device="cpu", threads=1), builds
+    patch.undo()
+
+
+@pytest.mark.parametrize("decoded", [False, True], ids=["image files", "decoded arrays"])
+def test_the_api_labels_image_files_and_decoded_arrays_as_predict_labels_the_zips(model, classifier, tmp_path,
+                                                                                     decoded):
+    clf, _ = classifier
+    expected = [line.split(",")[1] for line in model["submission"].splitlines()]
+    assert clf.predict(zip_records(model["data"], "test", tmp_path, decoded)) == expected
+
+
+def test_the_api_labels_video_files_as_predict_does_and_builds_each_encoder_once(model, classifier, tmp_path):
+    clf, builds = classifier
+    data = tmp_path / "data"
+    videos = [{"id": f"n{i:04d}", "title": WORDS[i % 2], "asr": "", "ocr": []} for i in range(3)]
+    write_annotations(data, "new", videos)
+    for i, video in enumerate(videos):
+        write_mp4(data / "videos" / "new" / f"{video['id']}.mp4", n_frames=4 + i)
+    out = tmp_path / "new.csv"
+    before = len(builds)
+    run_ok("predict", "--data", data, "--split", "new", "--model", model["model"], "--out", out, "--workers", "0")
+    del builds[before:]                                   # the CLI's own encoders: not the Classifier's
+    records = [{**v, "frames": data / "videos" / "new" / f"{v['id']}.mp4"} for v in videos]
+    assert clf.predict(records) == [line.split(",")[1] for line in out.read_text().splitlines()]
+    table = clf.predict_proba(records, top_k=2, as_frame=False)
+    assert [(r["id"], r["rank"]) for r in table] == [(v["id"], k) for v in videos for k in (1, 2)]
+    assert sorted(builds) == ["build_frame_encoder", "build_text_encoder"]     # one each, over all its calls
+
+
+def test_the_api_refuses_frame_features_for_a_model_trained_on_raw_frames_in_one_line(classifier):
+    from inference.videos import VideoRecordError
+    clf, _ = classifier
+    video = {"id": "f1", "title": "x", "asr": "", "ocr": "", "frames": np.zeros((2, 1280), np.float32)}
+    with pytest.raises(VideoRecordError, match="video 'f1': field frames holds frame features, but the model was "
+                                               "trained on raw frames"):
+        clf.predict([video])

@@ -193,3 +193,96 @@ def test_a_store_of_another_text_encoder_or_precision_is_refused_naming_the_diff
         with pytest.raises(PredictError, match="precision: 'bf16' -> "):
             check_identity(reader, other)
 
+
+
+# ------------------------------------------------------------------ the Python API and predict's extra outputs
+
+def feature_records(data, split):
+    """The split's videos as the API's records: annotations plus (F, D) features read from its feature zip."""
+    import io
+    import zipfile
+    import numpy as np
+    videos = json.loads((data / "annotations" / f"{split}.json").read_text())
+    with zipfile.ZipFile(data / "zip_feats" / f"{split}.zip") as zf:
+        arrays = {n.rsplit("/", 1)[-1][:-4]: np.load(io.BytesIO(zf.read(n))) for n in zf.namelist()
+                  if n.endswith(".npy")}
+    return [{**{k: v[k] for k in ("id", "title", "asr", "ocr")}, "frames": arrays[v["id"]]} for v in videos]
+
+
+def stacker_own_proba(model_dir, store_path):
+    """The packaged stacker's predict_proba on a predicted store, from its parts (not through predict)."""
+    import numpy as np
+    from neural.predict import predict_store
+    from stacking.signals import build_input
+    from stacking.stackers import load_stacker
+    meta = json.loads((model_dir / "model.json").read_text())
+    probas = predict_store(model_dir / "neural", store_path, meta["models"])
+    with StoreReader(store_path) as reader:
+        X = build_input(meta["models"], probas, reader, np.arange(len(reader.ids)), meta["signals"])
+        return list(reader.ids), load_stacker(model_dir / "stack" / "stacker").predict_proba(X)
+
+
+def test_the_api_labels_frame_features_as_predict_does_and_loads_the_text_encoder_once(trained, monkeypatch):
+    import features.encoders as encoders
+    from inference.api import load_model
+    from stacking.submission import read_predictions
+    builds = []
+    real = encoders.build_text_encoder
+    monkeypatch.setattr(encoders, "build_text_encoder", lambda *a, **k: builds.append(a) or real(*a, **k))
+    clf = load_model(trained["model"], device="cpu", threads=1)
+    records = feature_records(trained["data"], "test")
+    expected = [line.split(",")[1] for line in trained["submission"].splitlines()]
+    assert clf.predict(records) == expected
+    assert clf.predict(records) == expected and len(builds) == 1       # a second call reuses the encoder
+
+
+def test_the_api_refuses_raw_frames_for_a_model_trained_on_features_in_one_line(trained):
+    from inference.api import load_model
+    from inference.videos import VideoRecordError
+    import numpy as np
+    video = {"id": "x1", "title": "t", "asr": "", "ocr": "", "frames": np.zeros((2, 8, 8, 3), np.uint8)}
+    with pytest.raises(VideoRecordError, match=r"video 'x1': field frames holds decoded images, but the model was "
+                                               r"trained on precomputed frame features"):
+        load_model(trained["model"]).predict([video])
+
+
+def test_predict_top_k_and_proba_are_the_stackers_own_probabilities(trained, tmp_path):
+    import h5py
+    import numpy as np
+    from inference.api import load_model
+    out = tmp_path / "labels.csv"
+    result = run_ok("predict", "--data", trained["data"], "--split", "test", "--model", trained["model"].parent,
+                    "--out", out, "--cache", tmp_path / "cache", "--top-k", "3", "--proba", tmp_path / "p.h5",
+                    "--threads", "1", "--workers", "0", "--device", "cpu", "--batch-size", "4")
+    assert "labels.topk.csv" in result.output and out.read_text() == trained["submission"]
+    ids, own = stacker_own_proba(trained["model"], tmp_path / "cache" / "test.h5")             # (N, C)
+    with h5py.File(tmp_path / "p.h5") as fh:
+        assert [i.decode() for i in fh["ids"][:]] == ids
+        np.testing.assert_allclose(fh["proba"][:], own, rtol=1e-5, atol=1e-6)
+        classes = [c.decode() for c in fh["fine_classes"][:]]
+        assert [f"{i},{classes[p]}" for i, p in zip(ids, fh["pred"][:])] == trained["submission"].splitlines()
+    lines = (tmp_path / "labels.topk.csv").read_text().splitlines()
+    assert lines[0] == "id,rank,category_id,level1_id,probability" and len(lines) == 1 + 3 * len(ids)
+    rows = [line.split(",") for line in lines[1:]]
+    for n, video in enumerate(ids):
+        mine = rows[3 * n: 3 * n + 3]
+        assert [r[0] for r in mine] == [video] * 3 and [r[1] for r in mine] == ["1", "2", "3"]
+        assert [r[3] for r in mine] == [r[2][:2] for r in mine]           # the built-in map: level1 = 2 chars
+        assert len({r[2] for r in mine}) == 3                              # the 3 best classes (ties: any order)
+        np.testing.assert_allclose([float(r[4]) for r in mine], np.sort(own[n])[::-1][:3], rtol=1e-5)
+        np.testing.assert_allclose([float(r[4]) for r in mine], [own[n, classes.index(r[2])] for r in mine],
+                                   rtol=1e-5)
+    # the API's table: the same numbers, best first (this tiny stacker's scores sum to less than one)
+    table = load_model(trained["model"], device="cpu").predict_proba(feature_records(trained["data"], "test"),
+                                                                     top_k=len(classes), as_frame=False)
+    for n, video in enumerate(ids):
+        probs = [r["probability"] for r in table if r["id"] == video]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-4
+        np.testing.assert_allclose(sorted(probs, reverse=True), np.sort(own[n])[::-1], rtol=1e-5)
+
+
+def test_predict_refuses_a_precision_other_than_the_models(trained, tmp_path):
+    result = invoke("predict", "--data", trained["data"], "--split", "test", "--model", trained["model"],
+                    "--out", tmp_path / "x.csv", "--precision", "bf16")
+    assert result.exit_code != 0 and "--precision bf16: the model's features were made in fp32" in result.output
+    assert not (tmp_path / "x.csv.cache").exists()
