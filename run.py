@@ -252,12 +252,11 @@ def _stacker_kinds(ctx, param, value):
 @click.option("--seed", default=0, show_default=True)
 def stack(run_dir, out_dir, models, compare, **options):
     """Stack the run's base models (scored on the run's folds), reweight the long tail, write the submission."""
-    from stacking.pipeline import StackOptions, describe_auto, stack as run_stack
+    from inference.package import stack_and_package
+    from stacking.pipeline import StackOptions, describe_auto
     opts = StackOptions(models=tuple(m for m in models.split(",") if m),
                         compare=tuple(c for c in compare.split(",") if c), **options)
-    metrics = run_stack(run_dir, out_dir, opts)
-    from inference.package import package_model
-    model_dir = package_model(run_dir, out_dir)
+    metrics, model_dir = stack_and_package(run_dir, out_dir, opts)
     for name, m in metrics["table"].items():
         click.echo(f"{name:64s} mean-F1 {m['mean']:.4f} (l2 {m['l2_micro']:.4f}/{m['l2_macro']:.4f}, "
                    f"l1 {m['l1_micro']:.4f}/{m['l1_macro']:.4f})")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from features import schema
 from features.categories import BUILTIN_MAP
+from features.owned import OwnedFiles
 from features.records import read_json, write_json
 from features.store import StoreReader
 from inference.model_dir import (CATEGORY_MAP, CODEBOOK, FORMAT, MODEL_JSON, NEURAL, STACK, VERSION,
@@ -25,6 +26,11 @@ from inference.model_dir import (CATEGORY_MAP, CODEBOOK, FORMAT, MODEL_JSON, NEU
 from neural.outputs import labelled_store_path, read_run
 
 STACK_FILES = ("stack.json", "reweight.json", "stacker")
+# every file a model directory holds; the directories package_model replaces (model/ and its .tmp and
+# .old siblings) may hold nothing else
+MODEL_DIR_FILES = OwnedFiles(["manifest.json", MODEL_JSON, CATEGORY_MAP, CODEBOOK, f"{NEURAL}/run.json",
+                              f"{NEURAL}/*/fold[0-9]*.safetensors", f"{NEURAL}/*/fold[0-9]*.json",
+                              *[f"{STACK}/{name}" for name in STACK_FILES], f"{STACK}/stacker/*"])
 
 
 class PackageError(ValueError):
@@ -40,6 +46,7 @@ def package_model(run_dir, stack_dir, out_dir=None, category_map=None):
     run = read_run(run_dir)
     stack_json = read_json(stack_dir / "stack.json", PackageError, "run `python run.py stack` first")
     _check_same_run(run_dir, run, stack_dir, stack_json)
+    check_replaceable(out_dir)
     labelled = labelled_store_path(run)
     with StoreReader(labelled) as reader:
         record = model_record(reader, stack_json)
@@ -58,6 +65,43 @@ def package_model(run_dir, stack_dir, out_dir=None, category_map=None):
     return out_dir
 
 
+def stack_and_package(run_dir, out_dir, options):
+    """`stack`: every input the model directory needs checked first, then the stack fitted and saved in
+    OUT_DIR, then OUT_DIR/model written from it; a missing fold file stops it before anything is fitted or
+    written. -> (the stack's metrics, the model directory)."""
+    from stacking.pipeline import stack
+    check_packable(run_dir, options.models, Path(out_dir) / "model")
+    metrics = stack(run_dir, out_dir, options)
+    return metrics, package_model(run_dir, out_dir)
+
+
+def check_packable(run_dir, models=(), out_dir=None, category_map=None):
+    """What package_model will need from RUN_DIR for the base models `models` (default: the run's), checked
+    before the stack is fitted: run.json, every fold file, the labelled store's identity, its category map,
+    the codebook; and OUT_DIR, when given, replaceable."""
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    if out_dir is not None:
+        check_replaceable(Path(out_dir))
+    for model in models or run["models"]:
+        _fold_files(run_dir / model, run["n_folds"])
+    labelled = labelled_store_path(run)
+    with StoreReader(labelled) as reader:
+        record = store_record(reader)
+    find_category_map(labelled, record, category_map)
+    if record["aggregates"] is not None:
+        _codebook(run)
+
+
+def check_replaceable(out_dir):
+    """package_model replaces OUT_DIR and deletes its .tmp and .old siblings: each may hold nothing but a
+    model directory's files."""
+    for path in (out_dir, out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")):
+        if path.exists() and not path.is_dir():
+            raise PackageError(f"{path}: a file where the model directory goes; packaging would replace it")
+        MODEL_DIR_FILES.refuse_foreign(path, PackageError, "packaging the model")
+
+
 def _check_same_run(run_dir, run, stack_dir, stack_json):
     """The stack must have been fitted on this run (its fingerprint: labelled ids, folds, classes, store)."""
     from stacking.rundir import fingerprint, read_folds
@@ -74,6 +118,12 @@ IDENTITY_FIELDS = ("frame_encoder", "text_encoder", "category_map_sha256", "prec
 def model_record(reader, stack_json):
     """model.json's content from the labelled store (identity, environment, aggregates, classes) and the
     stack (models, signals)."""
+    return {**store_record(reader), "models": list(stack_json["models"]), "signals": list(stack_json["signals"]),
+            "run_fingerprint": stack_json["fingerprint"]}
+
+
+def store_record(reader):
+    """model.json's fields that come from the labelled store: identity, environment, aggregates, classes."""
     config = reader.config
     for field in IDENTITY_FIELDS:
         if field not in config:
@@ -96,8 +146,6 @@ def model_record(reader, stack_json):
         "fine_to_coarse": reader.fine_to_coarse.tolist(),
         "category_map": {"file": CATEGORY_MAP, "sha256": config["category_map_sha256"],
                          "builtin": config["category_map_sha256"] == file_digest(BUILTIN_MAP)[0]},
-        "models": list(stack_json["models"]), "signals": list(stack_json["signals"]),
-        "run_fingerprint": stack_json["fingerprint"],
     }
 
 
@@ -131,10 +179,7 @@ def find_category_map(store_path, record, given=None):
 def _copy_contents(tmp, run_dir, run, stack_dir, stack_json, cmap, record):
     shutil.copyfile(cmap, tmp / CATEGORY_MAP)
     if record["aggregates"] is not None:
-        codebook = Path(run["cache_dir"]) / CODEBOOK
-        if not codebook.is_file():
-            raise PackageError(f"{codebook}: missing; the run's aggregates were made with it")
-        shutil.copyfile(codebook, tmp / CODEBOOK)
+        shutil.copyfile(_codebook(run), tmp / CODEBOOK)
     (tmp / NEURAL).mkdir()
     shutil.copyfile(run_dir / "run.json", tmp / NEURAL / "run.json")
     for model in stack_json["models"]:
@@ -147,14 +192,28 @@ def _copy_contents(tmp, run_dir, run, stack_dir, stack_json, cmap, record):
         (shutil.copytree if src.is_dir() else shutil.copyfile)(src, tmp / STACK / name)
 
 
-def _copy_folds(src, dst, n_folds):
-    """The checkpoint files (neural.checkpoint.fold_paths) of folds 0..n_folds-1; a missing one is refused.
-    Nothing else of the run directory travels (no predictions, no leftovers of a killed rank)."""
+def _codebook(run):
+    codebook = Path(run["cache_dir"]) / CODEBOOK
+    if not codebook.is_file():
+        raise PackageError(f"{codebook}: missing; the run's aggregates were made with it")
+    return codebook
+
+
+def _fold_files(src, n_folds):
+    """The checkpoint files (neural.checkpoint.fold_paths) of folds 0..n_folds-1; a missing one is refused."""
     from neural.checkpoint import fold_paths
     files = [path for k in range(n_folds) for path in fold_paths(src, k)]
     missing = [path for path in files if not path.is_file()]
     if missing:
-        raise PackageError(f"{missing[0]}: fold model file missing; finish `python run.py train-neural`")
+        raise PackageError(f"{missing[0]}: fold model file missing ({len(missing)} of {len(files)} in {src}); "
+                           "finish `python run.py train-neural`")
+    return files
+
+
+def _copy_folds(src, dst, n_folds):
+    """The fold files of folds 0..n_folds-1. Nothing else of the run directory travels (no predictions, no
+    leftovers of a killed rank)."""
+    files = _fold_files(src, n_folds)
     dst.mkdir(parents=True)
     for path in files:
         shutil.copyfile(path, dst / path.name)

@@ -26,11 +26,15 @@ import h5py
 import numpy as np
 
 from features import schema
+from features.owned import OwnedFiles
 from features.records import atomic_path, options_diff, read_json, write_json
 from features.store import create_dataset
 from neural.options import NeuralOptions, OptionsError
 
 RUN_FILE = "run.json"
+# every file train-neural writes under RUN_DIR (notes/CONTRACTS.md); --overwrite deletes these and nothing else
+RUN_DIR_FILES = OwnedFiles([RUN_FILE, "folds.h5", "*/predictions.h5", "*/fold[0-9]*.safetensors", "*/fold[0-9]*.json",
+                            "*/oof_fold[0-9]*.h5", "pseudo/fold[0-9]*.h5", "pretrain/*.safetensors", "pretrain/*.json"])
 ROW_BLOCK = 1024               # rows per HDF5 read or write of a (N, C) dataset: bounds its per-chunk memory
 # run.json fields -> their JSON type; read_run refuses a file lacking one or holding another type
 RUN_FIELDS = {"cache_dir": str, "store_config": dict, "fine_classes": list, "coarse_classes": list,

@@ -10,7 +10,6 @@ saves its fold files, a rank other than the main one leaves its out-of-fold rows
 after a barrier each model's owner rank merges those rows, predicts the other splits and writes the
 metrics. The result equals a one-process run.
 """
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,7 @@ from features import schema
 from features.class_names import CLASS_NAMES_FILE, load_class_names
 from features.codebook import CODEBOOK_FILE, Codebook
 from features.device import resolve_device
+from features.owned import check_apart
 from features.world import current_world
 from features.records import options_diff
 from features.store import StoreReader
@@ -319,8 +319,8 @@ def prepare_run_dir(run_dir, cache_dir, reader, ids, labels_lab, models, options
                     drawn=None):
     """What is done once, by the main rank: clear the run directory on --overwrite, save (or check) the
     folds, write run.json. -> fold (N_lab,)."""
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+    if overwrite:                        # only the files a run writes (train_neural refused any other first)
+        outputs.RUN_DIR_FILES.clear(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     fold = prepare_folds(run_dir, ids, labels_lab, options, drawn)
     write_run_json(run_dir, cache_dir, reader, models, options, pseudo)
@@ -347,6 +347,9 @@ def train_neural(cache_dir, out_dir, models, options=None, overwrite=False, worl
     world = world or current_world()
     set_threads(options.threads, world)
     run_dir = Path(out_dir)
+    check_apart(run_dir, cache_dir, RunError)
+    if overwrite:                       # --overwrite deletes what a run wrote, never anything else
+        outputs.RUN_DIR_FILES.refuse_foreign(run_dir, RunError, "train-neural")
     reader = StoreReader(schema.store_path(cache_dir, schema.LABELLED_SPLIT))
     split_readers = {s: StoreReader(schema.store_path(cache_dir, s)) for s in other_splits(cache_dir, options)}
     for r in split_readers.values():

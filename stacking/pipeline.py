@@ -26,6 +26,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from features import schema
+from features.owned import OwnedFiles
 from features.records import write_json
 from features.store import StoreReader, rows_of
 from neural.metrics import PairedBootstrap, band, metric_from_proba
@@ -39,6 +40,9 @@ from stacking.stackers import check_overrides, make_stacker, stacker_params
 from stacking.submission import write_predictions
 
 
+# every file `stack` writes in its --out (model/ and its siblings are the packaging's: inference/package.py)
+STACK_DIR_FILES = OwnedFiles(["stack.json", "reweight.json", "metrics.json", "submission.csv", "predictions_*.csv",
+                              "per_class_f1.png", "stacker/*", "model/**", "model.tmp/**", "model.old/**"])
 AUTO = "auto"                       # --stacker auto: the incumbent unless another beats it beyond the noise
 INCUMBENT = "rerank"                # what auto keeps unless a candidate's gain has its band above zero
 AVERAGE = "average"                 # always among auto's candidates (it costs nothing)
@@ -241,7 +245,7 @@ def stack(run_dir, out_dir, options=None):
     options = options or StackOptions()
     check_overrides(options.params, options.kinds)       # before any work: unknown kinds and parameters
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    STACK_DIR_FILES.refuse_foreign(out_dir, RunDirError, "stack")     # it replaces its own files, no other
     timings = {}
     with threadpool_limits(options.threads):
         run = _timed(timings, "load_run", load_run, run_dir, options.models)
@@ -254,6 +258,7 @@ def stack(run_dir, out_dir, options=None):
                          run.n_classes)
         extra["decode_oof_per_fold"] = _timed(timings, "decode_oof", decode_per_fold, run, stack_oof, reweighted,
                                               adapter, options)
+        out_dir.mkdir(parents=True, exist_ok=True)        # only now: a failure before leaves no empty --out
         save_stack(out_dir, run, stacker, reweighter, names, options, adapter)
         written = _timed(timings, "predict_splits", predict_splits, run, splits, stacker, reweighter,
                          names, out_dir, options, adapter)

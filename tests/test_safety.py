@@ -18,7 +18,11 @@ from click.testing import CliRunner
 
 from demo.synthetic import generate_feature_zip_dataset
 from inference.model_dir import ModelDirError, open_model_dir, write_manifest
+from neural.options import NeuralOptions
+from neural.outputs import RunError
+from neural.pipeline import train_neural
 from run import cli
+from tests.fakes import write_fake_store
 
 torch.set_num_threads(1)
 EXTRACT = ["--frames", "4", "--max-tokens", "16", "--batch-size", "16", "--workers", "0", "--device", "cpu",
@@ -26,6 +30,7 @@ EXTRACT = ["--frames", "4", "--max-tokens", "16", "--batch-size", "16", "--worke
 TRAIN = ["--models", "mlp,vlad", "--folds", "3", "--epochs", "1", "--hidden", "16", "--batch-size", "16",
          "--threads", "1", "--workers", "0"]
 STACK = ["--param", "n_rounds=10", "--param", "top_k=3", "--compare", "", "--threads", "1"]
+TINY = dict(n_folds=3, epochs=1, hidden=16, batch_size=16, n_heads=2)
 
 
 def invoke(*args):
@@ -154,6 +159,50 @@ def test_extract_rerun_on_changed_videos_is_refused_naming_the_inputs_and_overwr
 
 # ----------------------------------------------------------------------------- 2. --overwrite deletes only ours
 
+def small_cache(root):
+    root.mkdir()
+    write_fake_store(root / "labeled.h5", n=30)
+    with h5py.File(root / "codebook.h5", "w") as h5:          # stands for the codebook
+        h5["centres"] = np.zeros((2, 4), np.float32)
+    return files_under(root)
+
+
+def test_train_neural_with_out_equal_to_cache_is_refused_and_the_cache_is_intact(tmp_path):
+    cache = tmp_path / "cache"
+    before = small_cache(cache)
+    with pytest.raises(RunError, match="--out is the cache directory"):
+        train_neural(cache, cache, ["linear"], NeuralOptions(**TINY), overwrite=True)
+    assert files_under(cache) == before
+    with pytest.raises(RunError, match=r"did not write \(cache/codebook\.h5, cache/labeled\.h5\)"):
+        train_neural(cache, tmp_path, ["linear"], NeuralOptions(**TINY), overwrite=True)    # --out holds the cache
+    assert files_under(cache) == before
+    train_neural(cache, cache / "run", ["linear"], NeuralOptions(**TINY), overwrite=True)   # a run inside: its own files
+    assert set(before) < set(files_under(cache))
+
+
+def test_train_neural_overwrite_refuses_a_run_dir_holding_a_foreign_file_naming_it(tmp_path):
+    cache = tmp_path / "cache"
+    small_cache(cache)
+    run_dir = tmp_path / "run"
+    train_neural(cache, run_dir, ["linear"], NeuralOptions(**TINY))
+    (run_dir / "linear" / "notes.txt").write_text("mine")
+    (run_dir / "thesis.tex").write_text("mine too")
+    with pytest.raises(RunError, match=r"linear/notes\.txt.*thesis\.tex"):
+        train_neural(cache, run_dir, ["linear"], NeuralOptions(**TINY), overwrite=True)
+    assert (run_dir / "linear" / "notes.txt").read_text() == "mine"
+    assert (run_dir / "thesis.tex").exists() and (run_dir / "run.json").exists()
+
+
+def test_train_neural_overwrite_still_replaces_a_previous_run(tmp_path):
+    cache = tmp_path / "cache"
+    small_cache(cache)
+    run_dir = tmp_path / "run"
+    train_neural(cache, run_dir, ["linear", "single"], NeuralOptions(**TINY))
+    train_neural(cache, run_dir, ["linear"], NeuralOptions(**{**TINY, "seed": 3}), overwrite=True)
+    assert not (run_dir / "single").exists()               # the earlier run's files are gone
+    assert json.loads((run_dir / "run.json").read_text())["seed"] == 3
+
+
 def test_extract_overwrite_refuses_a_file_under_a_store_name_that_is_not_a_store(tmp_path):
     data = tmp_path / "data"
     generate_feature_zip_dataset(data, 4, n_frames=2, dim=8, split="folds", n_classes=2, progress=False)
@@ -167,7 +216,31 @@ def test_extract_overwrite_refuses_a_file_under_a_store_name_that_is_not_a_store
         assert list(h5) == ["fold"]
 
 
+def test_stack_refuses_an_out_holding_what_it_did_not_write_and_keeps_it(pipeline, tmp_path):
+    run_before = files_under(pipeline["run"])
+    result = invoke("stack", "--model", pipeline["run"], "--out", pipeline["run"], *STACK)
+    assert result.exit_code != 0 and "stack did not write (folds.h5, " in result.output
+    assert files_under(pipeline["run"]) == run_before
+    out = tmp_path / "stack"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "notes.txt").write_text("mine")
+    result = invoke("stack", "--model", pipeline["run"], "--out", out, *STACK)
+    assert result.exit_code != 0
+    assert "model: holds 1 file(s) packaging the model did not write (notes.txt)" in result.output
+    assert files_under(out) == ["model/notes.txt"]
+
+
 # ----------------------------------------------------------------------------- 3. inputs checked first
+
+def test_stack_with_a_fold_checkpoint_missing_fails_before_fitting_and_leaves_no_out(pipeline, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(pipeline["run"], run_dir)
+    (run_dir / "vlad" / "fold2.safetensors").unlink()
+    out = tmp_path / "stack"
+    result = invoke("stack", "--model", run_dir, "--out", out, *STACK)
+    assert result.exit_code != 0 and "vlad/fold2.safetensors" in result.output
+    assert not out.exists()                              # no submission without a model behind it
+
 
 def model_copy_with(pipeline, tmp_path, change):
     """A copy of the model directory whose model.json went through `change` (manifest rewritten)."""
