@@ -17,12 +17,12 @@ from neural.pipeline import draw_folds, train_neural
 from run import cli
 from stacking import pipeline as stack_pipeline
 from stacking.pipeline import StackOptions, stack
-from tests.fakes import write_fake_store
+from tests.fakes import TINY, write_fake_store
 
 torch.set_num_threads(1)
 
 N = 60
-TINY = dict(n_folds=3, epochs=2, hidden=16, batch_size=20, n_heads=4, threads=1, splits=())
+TINY = dict(TINY, epochs=2, batch_size=20, n_heads=4, threads=1, splits=())
 
 
 def clip_groups(labels, size=2):

@@ -23,11 +23,11 @@ from neural.predict import predict_store
 from neural.pretrain import PretrainError, pretrain, pretrain_paths
 from neural.spec import spec_from_store
 from neural.train import fit_fold
-from tests.fakes import fake_category_map, killed_on_call, write_fake_store
+from tests.fakes import TINY, fake_category_map, killed_on_call, write_fake_store
 
 torch.set_num_threads(1)
 
-TINY = dict(n_folds=3, epochs=2, hidden=32, batch_size=16, n_heads=4, lr=3e-3, threads=1)
+TINY = dict(TINY, epochs=2, hidden=32, n_heads=4, lr=3e-3, threads=1)
 ONLY = {name: {f"pretrain_{o}": float(o == name) for o in ("mfm", "mtm", "vtm", "vtc")}
         for name in ("mfm", "mtm", "vtm", "vtc")}
 

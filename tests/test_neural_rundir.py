@@ -9,10 +9,9 @@ from neural import outputs, pipeline
 from neural.options import NeuralOptions
 from neural.outputs import RunError, read_run
 from neural.pipeline import train_neural
-from tests.fakes import killed_on_call, write_fake_store
+from tests.fakes import TINY, killed_on_call, write_fake_store
 
 torch.set_num_threads(1)
-TINY = dict(n_folds=3, epochs=1, hidden=16, batch_size=16, n_heads=2)
 
 
 def test_read_run_names_the_file_and_the_missing_or_mistyped_field(tmp_path):

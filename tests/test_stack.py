@@ -18,7 +18,7 @@ from stacking.signals import build_input
 from stacking.stackers import (STACKERS, StackerError, StackInput, check_overrides, load_stacker, make_stacker,
                                parse_overrides, stacker_params)
 from stacking.submission import SubmissionError, read_predictions
-from tests.test_stack_fakes import write_fake_run, write_predictions
+from tests.fake_runs import write_fake_run, write_predictions
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """`stack --stacker auto`: rerank, the average and the --compare stackers scored by their own OOF passes;
 rerank kept unless another beats it with the paired bootstrap band of its gain above zero.
 
-On the small fake runs of tests/test_stack_fakes.py: the choice follows that rule on the recorded
+On the small fake runs of tests/fake_runs.py: the choice follows that rule on the recorded
 scores and bands, every candidate's score and gain is recomputable, the honest score of choosing inside
 each outer fold is reported beside the optimistic one, and the saved stack predicts exactly like one
 fitted with `--stacker <chosen>`, through inference's own loading too. On planted OOF predictions: a
@@ -22,7 +22,7 @@ from stacking.pipeline import AUTO_RESAMPLES, INCUMBENT, StackOptions, auto_choi
 from stacking.rundir import RunDirError, load_run, split_predictions
 from stacking.signals import build_input, signal_names_for
 from stacking.stackers import STACKERS
-from tests.test_stack_fakes import _softmax, write_fake_run, write_predictions
+from tests.fake_runs import softmax, write_fake_run, write_predictions
 
 PARAMS = {"n_rounds": 60}
 NESTED = "auto (chosen inside each outer fold; honest)"
@@ -129,7 +129,7 @@ def test_one_perfect_model_and_one_confidently_wrong_one_make_the_average_lose(t
             test_ids, test = [v.decode() for v in h5["ids_test"][:]], h5["proba/test"][:]
         logits = np.zeros((len(label), test.shape[1]))
         logits[np.arange(len(label)), (label + shift) % test.shape[1]] = logit
-        write_predictions(path, ids, label, _softmax(logits), {"test": (test_ids, test)})
+        write_predictions(path, ids, label, softmax(logits), {"test": (test_ids, test)})
     metrics = stack(run_dir, tmp_path / "out", StackOptions(stacker="auto", threads=1, params={"n_rounds": 20}))
     scores = metrics["auto"]["candidates"]
     assert scores["average"] < 0.5 and metrics["table"]["base:a"]["mean"] == 1.0
