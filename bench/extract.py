@@ -81,19 +81,22 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino"],
+                        help="the encoders' runtime, both passes (features/runtime.py) [default: auto]")
     parser.add_argument("--rss", action="store_true", help="only the end-to-end extract, RSS after each batch")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cmap = args.category_map or str(Path(args.data) / "category_map.csv")
     opts = ExtractOptions(frames=args.frames, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                          workers=args.workers, device="cpu", category_map=cmap, limit=args.n, aggregates=None)
+                          workers=args.workers, device="cpu", category_map=cmap, limit=args.n, aggregates=None,
+                          runtime=args.runtime)
     videos = read_annotations(annotations_path(args.data, args.split), load_category_map(cmap))[: args.n]
     tuned = keep_freed_memory_mapped()     # as `extract` does on the CPU, for both passes alike
     print(f"torch threads: {torch.get_num_threads()}, items: {len(videos)}, frames/video <= {args.frames}, "
           f"batch {args.batch_size}, workers {args.workers}, glibc thresholds raised: {tuned}")
-    frame_encoder = build_frame_encoder(opts.frame_encoder, "cpu")
-    text_encoder = build_text_encoder(opts.text_encoder, "cpu")
+    frame_encoder = build_frame_encoder(opts.frame_encoder, "cpu", "fp32", args.runtime)
+    text_encoder = build_text_encoder(opts.text_encoder, "cpu", "fp32", args.runtime)
     if args.rss:
         extract_rss(args, opts, cmap, frame_encoder, text_encoder)
         return
@@ -103,7 +106,8 @@ def main(argv=None):
                       load_category_map(cmap), frame_encoder, text_encoder, "cpu")
     n = len(videos)
     table = Table(f"{n} items of {Path(args.data).name}/{args.split}, <= {args.frames} frame(s) each, batch "
-                  f"{args.batch_size}, {args.workers} worker(s), torch threads {torch.get_num_threads()}",
+                  f"{args.batch_size}, {args.workers} worker(s), threads {torch.get_num_threads()}, runtime "
+                  f"{text_encoder.runtime}",
                   ["pass", "videos/s", "seconds"])
     table.add("bare encoder forward (inputs decoded beforehand)", f"{n / bare:.1f}", f"{bare:.1f}")
     table.add("end-to-end extract (decode, tokenise, encode, write HDF5; models loaded beforehand)",

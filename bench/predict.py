@@ -71,8 +71,8 @@ def main(argv=None):
     keep_freed_memory_mapped()       # as extract does on the CPU, for both passes alike
     # the bare pass first: it pays the one-off imports (transformers alone took ~8 s cold), which are
     # per process, not per video; predict still builds its encoders (weights read, sha256) inside
-    frame_encoder = build_frame_encoder(opts.frame_encoder, "cpu")
-    text_encoder = build_text_encoder(opts.text_encoder, "cpu")
+    frame_encoder = build_frame_encoder(opts.frame_encoder, "cpu", opts.precision, opts.runtime)   # predict's own
+    text_encoder = build_text_encoder(opts.text_encoder, "cpu", opts.precision, opts.runtime)     # runtime (model.json)
     bare = bare_forward_seconds(data, args.split, videos, opts, frame_encoder, text_encoder)
     end_to_end, profiler = timed_predict(data, args.split, model_dir, args.profile)
     table = Table(f"{n} videos of the demo's {args.split} split, <= {opts.frames} frames each, torch threads "

@@ -21,6 +21,9 @@ Every encoder is frozen (eval mode, no gradients), runs under inference_mode, an
 CUDA; bf16 and fp16 run under autocast). Encoders hold no cross-sample operation, so an item's
 embedding does not depend on what else is in its batch. `.checksum` is the sha256 of the weight
 file(s), or of the state_dict bytes when the weights come from a tag, a hub name or random init.
+
+`runtime` (torch, onnx, openvino, auto) says what runs the forward: torch eager, or the module exported
+once to ONNX and run by ONNX Runtime or OpenVINO on the CPU (features/runtime.py); `encode` is the same.
 """
 import hashlib
 from contextlib import contextmanager
