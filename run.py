@@ -26,6 +26,7 @@ class PipelineGroup(click.Group):
 
 
 @click.group(cls=PipelineGroup)
+@click.version_option(package_name="shortvideo-classifier")
 def cli():
     """Multimodal short-video classifier: extract -> train-neural -> stack -> predict."""
 
@@ -43,8 +44,11 @@ def cli():
               help="efficientnet-lite0 | clip:<arch>@<pretrained tag or checkpoint path>")
 @click.option("--text-encoder", default="minilm", show_default=True, help="minilm | bert:<dir or hub name>")
 @click.option("--frames", default=32, show_default=True, help="Frames kept per video (sampled uniformly).")
-@click.option("--max-tokens", default=128, show_default=True, help="Tokens of the joined text kept.")
-@click.option("--frames-from", type=click.Choice(["auto", "zip", "npy", "video"]), default="auto", show_default=True)
+@click.option("--max-tokens", default=128, show_default=True,
+              help="Tokens of the joined text cached (train-neural's --max-tokens, 64 by default, reads the first of "
+                   "these).")
+@click.option("--frames-from", type=click.Choice(["auto", "zip", "npy", "video"]), default="auto", show_default=True,
+              help="Frame layout to read: auto = the one DATA holds for the split (zip_frames/, zip_feats/ or videos/).")
 @click.option("--limit", type=int, help="Only the first N videos of each split.")
 @click.option("--batch-size", default=32, show_default=True, help="Videos per batch (a resume unit).")
 @click.option("--frame-batch", default=0, show_default=True,
@@ -52,7 +56,8 @@ def cli():
 @click.option("--workers", default=2, show_default=True, help="Processes decoding frames and tokenising.")
 @click.option("--threads", default=0, show_default=True,
               help="Torch CPU threads of the encoders (0: torch's default; under torchrun each rank's share).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the encoders run (auto: a GPU when torch sees one).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Encoders' precision, part of each store's identity: auto = fp32 on the CPU, bf16 on a GPU "
                    "that supports it, else fp16.")
@@ -61,10 +66,13 @@ def cli():
                    "torch. torch, onnx and openvino in fp32 make interchangeable features (features/runtime.py).")
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="skip: mask a video's bad media, count and report it; fail: stop at the first.")
-@click.option("--overwrite", is_flag=True, help="Rebuild stores made with other encoders or options.")
+@click.option("--overwrite", is_flag=True,
+              help="Rebuild stores made with other encoders or options (train-neural's --overwrite deletes its run "
+                   "directory instead).")
 @click.option("--aggregates/--no-aggregates", default=True, show_default=True,
               help="Also cache first frame, VLAD-family aggregates and frame-shift similarities.")
-@click.option("--poolings", default="netvlad,netrvlad,softdbow,netfv,nextvlad", show_default=True)
+@click.option("--poolings", default="netvlad,netrvlad,softdbow,netfv,nextvlad", show_default=True,
+              help="Comma-separated frozen poolings cached as aggregates (features/pooling.py).")
 @click.option("--pca-dim", default=64, show_default=True, help="Frames are PCA-reduced to this before pooling.")
 @click.option("--clusters", default=16, show_default=True, help="k-means clusters of the VLAD family.")
 @click.option("--gmm-components", default=8, show_default=True, help="Diagonal-GMM components of NetFV.")
@@ -107,11 +115,13 @@ class _ModelsOption(click.Option):
 @click.option("--cache", "cache_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Cache directory of `extract` (labeled.h5, other splits, codebook.h5).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--models", cls=_ModelsOption, default=None)
+@click.option("--models", cls=_ModelsOption, default=None,
+              help="Comma-separated base models; default: every model the cache allows (the list: --help).")
 @click.option("--split", "splits", multiple=True,
               help="Other split to predict (repeatable); default: every other store in the cache.")
-@click.option("--folds", "n_folds", default=_NEURAL.n_folds, show_default=True)
-@click.option("--seed", default=_NEURAL.seed, show_default=True)
+@click.option("--folds", "n_folds", default=_NEURAL.n_folds, show_default=True,
+              help="Folds of the out-of-fold scheme (one model per fold per base model).")
+@click.option("--seed", default=_NEURAL.seed, show_default=True, help="Seed of the folds, the models and the batches.")
 @click.option("--groups", default=_NEURAL.groups, show_default=True, metavar="auto|none|FILE",
               help="Folds never split a group (StratifiedGroupKFold), so out-of-fold scores and the stack measure "
                    "unseen groups. auto: near-duplicate groups (clips of one video or actor, a product in other "
@@ -121,25 +131,33 @@ class _ModelsOption(click.Option):
                    "folds stay stratified. FILE: a CSV id,group (header allowed; every labelled id needs a "
                    "group). Stratified as far as whole groups allow. Recorded in run.json and folds.h5 (auto: the "
                    "rule, its threshold, how many videos were grouped); a resume must give the same value.")
-@click.option("--epochs", default=_NEURAL.epochs, show_default=True)
-@click.option("--batch-size", default=_NEURAL.batch_size, show_default=True)
-@click.option("--lr", default=_NEURAL.lr, show_default=True)
+@click.option("--epochs", default=_NEURAL.epochs, show_default=True, help="Passes over the labelled rows per fold.")
+@click.option("--batch-size", default=_NEURAL.batch_size, show_default=True, help="Videos per training step.")
+@click.option("--lr", default=_NEURAL.lr, show_default=True, help="Peak learning rate (AdamW, cosine schedule).")
 @click.option("--hidden", default=_NEURAL.hidden, show_default=True, help="Width of every model.")
-@click.option("--layers", "n_layers", default=_NEURAL.n_layers, show_default=True)
-@click.option("--dropout", default=_NEURAL.dropout, show_default=True)
-@click.option("--max-tokens", default=_NEURAL.max_tokens, show_default=True)
+@click.option("--layers", "n_layers", default=_NEURAL.n_layers, show_default=True,
+              help="Transformer layers of single, dual and cross.")
+@click.option("--dropout", default=_NEURAL.dropout, show_default=True, help="Dropout of every model.")
+@click.option("--max-tokens", default=_NEURAL.max_tokens, show_default=True,
+              help="Text tokens the token models read: the first of the ones extract cached (its --max-tokens, 128 "
+                   "by default); fewer is faster.")
 @click.option("--vlad-pooling", type=click.Choice(["nextvlad", "netvlad"]), default=_NEURAL.vlad_pooling,
-              show_default=True)
+              show_default=True, help="vlad: the trainable pooling of its frames.")
 @click.option("--knn-k", default=_NEURAL.knn_k, show_default=True, help="knn: neighbours that vote.")
 @click.option("--knn-temperature", default=_NEURAL.knn_temperature, show_default=True,
               help="knn: a neighbour's vote weighs exp(cosine / temperature).")
 @click.option("--knn-dim", default=_NEURAL.knn_dim, show_default=True,
               help="knn: PCA width of the bank of training vectors (0: none).")
-@click.option("--label-smoothing", default=_NEURAL.label_smoothing, show_default=True)
-@click.option("--class-balanced/--no-class-balanced", default=_NEURAL.class_balanced, show_default=True)
-@click.option("--ema/--no-ema", default=_NEURAL.ema, show_default=True)
-@click.option("--fgm/--no-fgm", default=_NEURAL.fgm, show_default=True)
-@click.option("--rdrop/--no-rdrop", default=_NEURAL.rdrop, show_default=True)
+@click.option("--label-smoothing", default=_NEURAL.label_smoothing, show_default=True,
+              help="Label smoothing of the cross-entropy.")
+@click.option("--class-balanced/--no-class-balanced", default=_NEURAL.class_balanced, show_default=True,
+              help="Weigh the loss per class by the effective number of its videos (class-balanced loss, for the long tail).")
+@click.option("--ema/--no-ema", default=_NEURAL.ema, show_default=True,
+              help="Predict with an exponential moving average of the weights.")
+@click.option("--fgm/--no-fgm", default=_NEURAL.fgm, show_default=True,
+              help="Adversarial training (FGM): each step also learns from its inputs moved along their loss gradient.")
+@click.option("--rdrop/--no-rdrop", default=_NEURAL.rdrop, show_default=True,
+              help="R-Drop: two dropout passes per step, their predictions pulled together.")
 @click.option("--pretrain/--no-pretrain", default=_NEURAL.pretrain, show_default=True,
               help="Self-supervised pretraining of single, dual and cross on every store in the cache (masked "
                    "frames and token states, video-text matching and alignment; no labels), once per model, "
@@ -153,7 +171,8 @@ class _ModelsOption(click.Option):
                    "models pseudo-label the unlabelled split for fold k's student; a student run can teach round 2.")
 @click.option("--pseudo-weight", default=_NEURAL.pseudo_weight, show_default=True,
               help="Weight of the distillation loss on pseudo-labelled rows.")
-@click.option("--pseudo-temperature", default=_NEURAL.pseudo_temperature, show_default=True)
+@click.option("--pseudo-temperature", default=_NEURAL.pseudo_temperature, show_default=True,
+              help="Temperature of the teacher's softened targets.")
 @click.option("--pseudo-threshold", default=_NEURAL.pseudo_threshold, show_default=True,
               help="Rows whose teacher max-probability is lower are not used.")
 @click.option("--pseudo-ratio", default=_NEURAL.pseudo_ratio, show_default=True,
@@ -168,7 +187,9 @@ class _ModelsOption(click.Option):
               help="DataLoader worker processes.")
 @click.option("--threads", default=_NEURAL.threads, show_default=True,
               help="Torch CPU threads (0: torch's default; under torchrun each rank's share of the cores).")
-@click.option("--overwrite", is_flag=True, help="Delete the run directory first.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete the run's own files in --out first and train again (extract's --overwrite rebuilds "
+                   "stores instead).")
 def train_neural(cache_dir, out_dir, models, overwrite, **options):
     """Train fusion models out-of-fold on the cached features; resumable per model and fold. Under
     `torchrun --nproc-per-node N` the fold fits are spread over the N processes (same result)."""
@@ -221,8 +242,10 @@ def _stacker_kinds(ctx, param, value):
 
 
 @cli.command()
-@click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Run directory of `train-neural` (run.json, folds.h5, <model>/predictions.h5).")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False),
+              help="Run directory of `train-neural` (run.json, folds.h5, <model>/predictions.h5). Required.")
+@click.option("--model", "run_dir_alias", type=click.Path(exists=True, file_okay=False), hidden=True,
+              help="Old name of --run (predict's --model is a model directory).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Stack directory: submission.csv, metrics.json, per_class_f1.png, the fitted stack.")
 @click.option("--models", default="", help="Comma-separated base models; default: every model of the run.")
@@ -248,10 +271,14 @@ def _stacker_kinds(ctx, param, value):
 @click.option("--split", default="test", show_default=True,
               help="Split written to submission.csv ('' for none); other splits go to predictions_<split>.csv.")
 @click.option("--threads", default=1, show_default=True,
-              help="LightGBM threads.")
-@click.option("--seed", default=0, show_default=True)
-def stack(run_dir, out_dir, models, compare, **options):
+              help="LightGBM threads (1, not 0 as in extract, train-neural and predict: LightGBM's all-cores default "
+                   "slows down many times over when other jobs share the cores).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the stackers and the decoding's draws.")
+def stack(run_dir, run_dir_alias, out_dir, models, compare, **options):
     """Stack the run's base models (scored on the run's folds), reweight the long tail, write the submission."""
+    run_dir = run_dir or run_dir_alias
+    if run_dir is None:
+        raise click.UsageError("Missing option '--run' (the run directory of train-neural)")
     from inference.package import stack_and_package
     from stacking.pipeline import StackOptions, describe_auto
     opts = StackOptions(models=tuple(m for m in models.split(",") if m),
@@ -325,8 +352,12 @@ def predict(data_dir, split, model_dir, out_file, cache_dir, runtime, top_k, pro
 @click.option("--epochs", type=int, help="Epochs of each model [default: the size's].")
 @click.option("--folds", "n_folds", type=int, help="Folds [default: the size's].")
 @click.option("--models", default="", help="Comma-separated base models; default: every model the cache allows.")
-@click.option("--threads", default=1, show_default=True, help="Torch and LightGBM CPU threads.")
-@click.option("--unlabelled/--no-unlabelled", default=None,
+@click.option("--threads", default=1, show_default=True,
+              help="Torch and LightGBM CPU threads (1: the demo runs on shared machines; extract, train-neural and "
+                   "predict default to 0, torch's own choice).")
+@click.option("--unlabelled/--no-unlabelled", "unlabelled_alias", default=None, hidden=True,
+              help="Old spelling of --unlabeled.")
+@click.option("--unlabeled/--no-unlabeled", "unlabelled", default=None,
               help="Train a second time learning from the unlabelled split (pseudo-labels from the first run) "
                    "[default: on].")
 @click.option("--pretrain/--no-pretrain", default=None,
@@ -342,6 +373,8 @@ def demo(out_dir, data_dir, category_map, models, splits, size, tiny, **options)
         raise click.UsageError("--category-map and --split go with --data (the generated data brings its own)")
     if tiny and size not in ("small", "tiny"):
         raise click.UsageError(f"--tiny is --size tiny; it cannot go with --size {size}")
+    alias = options.pop("unlabelled_alias")
+    options["unlabelled"] = alias if options["unlabelled"] is None else options["unlabelled"]
     given = {k: v for k, v in options.items() if v is not None}
     options = replace(DemoOptions.sized("tiny" if tiny else size),
                       models=parse_models(models) if models else (), splits=splits, **given)

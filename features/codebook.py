@@ -207,7 +207,9 @@ def _videos_with_frames(readers, rng):
 def _draw(readers, candidates, options, rng):
     """[(n_i, D) float32] up to frames_per_video valid frames per candidate, until sample_size."""
     sample, total = [], 0
-    with tqdm(total=options.sample_size, desc="codebook sample", unit="frame") as bar:
+    # the bar counts frames drawn, up to what the videos can give (not --codebook-sample when they hold fewer)
+    most = min(options.sample_size, len(candidates) * options.frames_per_video)
+    with tqdm(total=most, desc="codebook: frames sampled", unit="frame") as bar:
         for block in np.array_split(candidates, max(1, len(candidates) // options.batch_size)):
             for s, rows in _rows_by_store(block):
                 frames = readers[s].read(schema.FRAME_EMB, rows)                # (b, F, D)
@@ -221,6 +223,8 @@ def _draw(readers, candidates, options, rng):
                     bar.update(len(pick))
             if total >= options.sample_size:
                 break
+        bar.total = bar.n              # ends at 100% also when videos had fewer valid frames than the bound
+        bar.refresh()
     return sample
 
 
