@@ -11,6 +11,7 @@ BENCH_RESULTS moves the records (e.g. for a smoke run that must not replace the 
 """
 import json
 import os
+import re
 import platform
 import resource
 import subprocess
@@ -199,6 +200,23 @@ def fmt(value, digits=4):
     return str(value)
 
 
+def portable_arg(arg):
+    """A command-line argument as the record shows it: paths under this machine's scratch, data or working
+    directories written as $BENCH_CACHE/..., $BENCH_DATA/... or relative, so no record names one machine's
+    folders; any other absolute path keeps only its last two parts behind '...'."""
+    text = str(arg)
+    roots = [(cache_dir().resolve(), "$BENCH_CACHE"), (data_dir().resolve(), "$BENCH_DATA"),
+             (Path.cwd().resolve(), ".")]
+    def one(token):
+        if not token.startswith("/"):
+            return token
+        for root, name in roots:
+            if token == str(root) or token.startswith(str(root) + "/"):
+                return name + token[len(str(root)):]
+        return ".../" + "/".join(Path(token).parts[-2:])
+    return re.sub(r"/[^\s,=:;'\"]+", lambda m: one(m.group(0)) if m.start() == 0 or m.string[m.start() - 1] in " ,=:;'\"" else m.group(0), text)
+
+
 def write_record(name, argv, tables, ratios=None, notes=(), extra=None, variant=None):
     """bench/results/<name>.json (<name>.<variant>.json for one of a benchmark's modes, e.g. knn.search):
     the one current record of that benchmark or mode, replaced by each run.
@@ -208,7 +226,7 @@ def write_record(name, argv, tables, ratios=None, notes=(), extra=None, variant=
     figures (protocol, bands, what a column means)."""
     record = {
         "name": name if variant is None else f"{name}.{variant}",
-        "command": " ".join(["python -m bench", name, *map(str, argv or [])]),
+        "command": " ".join(["python -m bench", name, *map(portable_arg, argv or [])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": git_commit(),
         "machine": machine(),

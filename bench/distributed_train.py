@@ -29,7 +29,7 @@ BENCHMARK = {"kind": "speed", "summary": "train-neural at 1 and 2 processes (tor
 def make_cache(folder, n, n_classes, frames, frame_dim, text_dim, tokens):
     """labeled.h5 of n synthetic videos over n_classes, with aggregates and a codebook (for vlad and mlp)."""
     from features.aggregates import run_aggregates
-    from features.synthetic_store import write_synthetic_store
+    from demo.synthetic_store import write_synthetic_store
     write_synthetic_store(folder, n, frames, frame_dim, tokens, text_dim, signal=0.5, n_classes=n_classes)
     run_aggregates(folder, ["labeled"])
 

@@ -3,7 +3,7 @@ POSITION_BUCKET, what the product does) against unpadded (a new size every step)
 
     python -m bench pretrain_memory --n 10000 --epochs 1 [--root bench_cache/pretrain_memory]
 
-Writes ROOT/cache/labeled.h5 once (features.synthetic_store: random features of the extract's
+Writes ROOT/cache/labeled.h5 once (demo.synthetic_store: random features of the extract's
 shapes), then runs `run.py train-neural --models single --pretrain --pretrain-epochs E --epochs 1 --folds 3`
 per arm, alternating padded / unpadded `--repeats` times, each a child process stopped once
 pretraining's record (pretrain/single.json) is written. Per run: wall seconds to that point,
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import REPO, Table, cache_dir, child_env, run_child, write_record
-from features.synthetic_store import write_synthetic_store
+from demo.synthetic_store import write_synthetic_store
 
 BENCHMARK = {"kind": "speed", "summary": "pretraining's peak RSS and time, masked positions padded (the product) vs unpadded"}
 

@@ -25,7 +25,7 @@ Two more stages, not in the default list (name them in --stages):
     python -m bench scale --store synthetic --sizes 10000,30000,100000
 
 --store synthetic replaces generate + extract (MiniLM: ~18 s per 1k videos on 2 CPU cores) by the stage
-`synthetic`: ROOT/n<N>/cache/labeled.h5 written by features.synthetic_store, with random but well-formed features of the extract's shapes (frames F x D float16 with
+`synthetic`: ROOT/n<N>/cache/labeled.h5 written by demo.synthetic_store, with random but well-formed features of the extract's shapes (frames F x D float16 with
 a frame mask, pooled text 3 x 384 and text token states T x 384 float16 with their masks, labels over
 the 200 classes of the challenge's map with the generator's Zipf long tail). Its features mean nothing:
 it measures cost only (time and memory of the stages that read the store), never a score. With it the
@@ -55,7 +55,7 @@ def stage_commands(folder, n, args):
     cache, run_dir, stack_dir = folder / "cache", folder / "run", folder / "stack"
     generate = ("from demo.synthetic import generate_feature_zip_dataset as g; "
                 f"g({str(folder)!r}, {n}, n_frames={args.frames}, dim={args.dim}, split='labeled', progress=False)")
-    synthetic = ("from features.synthetic_store import write_synthetic_store as w; "
+    synthetic = ("from demo.synthetic_store import write_synthetic_store as w; "
                  "w(%r, %d, n_frames=%d, frame_dim=%d, n_tokens=%d)" % (str(cache), n, args.frames, args.dim, args.max_tokens))
     aggregates = ("import torch; torch.set_num_threads(%d); from features.aggregates import run_aggregates; "
                   "run_aggregates(%r, ['labeled'], overwrite=True)" % (args.threads, str(cache)))

@@ -6,7 +6,7 @@
     options  the regularisers (label smoothing, class-balanced weights, EMA, FGM, R-Drop), each
              switched on alone over an all-off baseline, and all of them together; OOF metric per model.
     scale    seconds per epoch and peak memory (RSS, each model in its own process) on N generated
-             videos of a synthetic store (features.synthetic_store), streaming.
+             videos of a synthetic store (demo.synthetic_store), streaming.
 
     python -m bench train_neural fashion --cache bench_cache/fashion_masked --cache bench_cache/fashion_full
     python -m bench train_neural options --cache bench_cache/fashion_masked --models mlp
@@ -28,7 +28,7 @@ import torch
 from bench.common import REPO, Table, cache_dir, peak_rss_mib, write_record
 from features import schema
 from features.store import StoreReader
-from features.synthetic_store import write_synthetic_store
+from demo.synthetic_store import write_synthetic_store
 from neural.folds import load_folds
 from neural.metrics import metric_from_proba
 from neural.options import NeuralOptions

@@ -1,4 +1,4 @@
-"""features.synthetic_store (`python -m bench scale --store synthetic`) loads with the normal readers and has
+"""demo.synthetic_store (`python -m bench scale --store synthetic`) loads with the normal readers and has
 the extract's layout, and bench.common.run_child times a stage stopped on a file (the pretrain stage) when the
 file appears (fast)."""
 import sys
@@ -9,7 +9,7 @@ import numpy as np
 from bench.common import run_child
 from features import schema
 from features.store import StoreReader
-from features.synthetic_store import write_synthetic_store
+from demo.synthetic_store import write_synthetic_store
 from neural.models import model_inputs
 
 

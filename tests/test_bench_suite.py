@@ -74,3 +74,11 @@ def test_no_tracked_file_outside_tests_holds_an_absolute_machine_path():
     out = subprocess.run(["git", "grep", "-nE", "/(work|tmp|home|root)/", "--", ".", ":!tests"], cwd=REPO,
                          capture_output=True, text=True).stdout
     assert out == ""
+
+
+def test_a_record_names_no_folder_of_this_machine(monkeypatch, tmp_path):
+    from bench.common import portable_arg
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "scratch"))
+    assert portable_arg(str(tmp_path / "scratch" / "run")) == "$BENCH_CACHE/run"
+    assert portable_arg(f"auto={tmp_path}/a/run,{tmp_path}/a/stack") == "auto=.../a/run,.../a/stack"
+    assert portable_arg("../shared/data/fashion") == "../shared/data/fashion"
