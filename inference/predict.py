@@ -301,6 +301,18 @@ def stacker_proba(model, probas, reader, rows):
 
 
 def decide_labels(model, proba):
-    """The stacker's probabilities (N, C) -> (N,) fine class indices: the reweighted arg-max."""
+    """The stacker's probabilities (N, C) -> (N,) fine class indices after the split's label shift, the
+    reweighting and the metric-aware decoding, as `stack` decided its splits (a stack.json without a
+    label-shift adapter: the reweighted arg-max)."""
+    from stacking.labelshift import ShiftAdapter
+    from stacking.pipeline import StackOptions, decide
     from stacking.reweight import PriorReweighter
-    return PriorReweighter.load(model.stack_dir / "reweight.json").transform(proba).argmax(axis=1)
+    reweighter = PriorReweighter.load(model.stack_dir / "reweight.json")
+    state = model.stack_json.get("label_shift_adapter")
+    if state is None:
+        return reweighter.transform(proba).argmax(axis=1)
+    adapter = ShiftAdapter.from_dict(state, f"{model.stack_dir / 'stack.json'}: label_shift_adapter")
+    recorded = model.stack_json.get("options", {})
+    options = StackOptions(label_shift=recorded.get("label_shift", "auto"), decode=recorded.get("decode", True),
+                           seed=recorded.get("seed", 0))
+    return decide(proba, reweighter, adapter, np.asarray(model.model_json["fine_to_coarse"]), options)[0]
