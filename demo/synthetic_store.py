@@ -27,7 +27,7 @@ def write_synthetic_store(cache_dir, n, n_frames=32, frame_dim=768, n_tokens=32,
     frame_centres = rng.standard_normal((cmap.n_fine, frame_dim), dtype=np.float32) * signal
     text_centres = rng.standard_normal((cmap.n_fine, text_dim), dtype=np.float32) * signal
     path = schema.store_path(cache_dir, schema.LABELLED_SPLIT)
-    config = {"synthetic": "features.synthetic_store: random features, for measuring cost only",
+    config = {"synthetic": "demo.synthetic_store: random features, for measuring cost only",
               "options": {"frames": n_frames, "max_tokens": n_tokens, "seed": seed}}
     create_store(path, schema.LABELLED_SPLIT, [f"s{i:07d}" for i in range(n)], label, cmap.fine_to_coarse[label],
                  StoreDims(n_frames, frame_dim, text_dim, n_tokens), config, cmap)
