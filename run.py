@@ -20,9 +20,18 @@ class PipelineGroup(click.Group):
         except (FileNotFoundError, NotADirectoryError) as err:
             raise click.ClickException(str(err)) from err
         except Exception as err:
-            if type(err).__module__.split(".")[0] in ("features", "neural", "stacking", "inference", "demo"):
+            if is_project_error(err):
                 raise click.ClickException(f"{type(err).__name__}: {err}") from err
             raise
+
+
+PROJECT_PACKAGES = ("features", "neural", "stacking", "inference", "demo")
+
+
+def is_project_error(err):
+    """An error of the project's own classes (AnnotationError, MediaFault, StoreError, ...), raised on purpose
+    with a message naming the file, id and field; anything else is a bug and keeps its traceback."""
+    return type(err).__module__.split(".")[0] in PROJECT_PACKAGES
 
 
 @click.group(cls=PipelineGroup)
