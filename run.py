@@ -177,7 +177,9 @@ class _ModelsOption(click.Option):
               help="Unlabelled split learnt from (CACHE/SPLIT.h5); default: CACHE/unlabeled.h5 when there is one.")
 @click.option("--teacher", default=_NEURAL.teacher, metavar="RUN_DIR|STACK_DIR",
               help="Finished train-neural run (or a stack of one, its base models) with the same folds: its fold-k "
-                   "models pseudo-label the unlabelled split for fold k's student; a student run can teach round 2.")
+                   "models pseudo-label the unlabelled split for fold k's student; a student run can teach round 2. "
+                   "A stack made with `stack --teach SPLIT` teaches through its per-fold stackers' pseudo-labels "
+                   "(fold k's fitted on the other folds only), made from that split.")
 @click.option("--pseudo-weight", default=_NEURAL.pseudo_weight, show_default=True,
               help="Weight of the distillation loss on pseudo-labelled rows.")
 @click.option("--pseudo-temperature", default=_NEURAL.pseudo_temperature, show_default=True,
@@ -292,6 +294,11 @@ def _stacker_kinds(ctx, param, value):
               help="LightGBM threads (1, not 0 as in extract, train-neural and predict: LightGBM's all-cores default "
                    "slows down many times over when other jobs share the cores).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the stackers and the decoding's draws.")
+@click.option("--teach", default="", metavar="SPLIT",
+              help="Also write STACK_DIR/pseudo/fold<k>.h5 for `train-neural --teacher STACK_DIR`: pseudo-labels of "
+                   "the unlabelled SPLIT of the run's cache by fold k's stacker (fitted on the other folds' OOF rows "
+                   "only) over the base models' fold-k models, so they stay out-of-fold honest. Without it a STACK_DIR "
+                   "teaches through its base models.")
 def stack(run_dir, run_dir_alias, out_dir, models, compare, **options):
     """Stack the run's base models (scored on the run's folds), reweight the long tail, write the submission."""
     run_dir = run_dir or run_dir_alias
@@ -309,6 +316,9 @@ def stack(run_dir, run_dir_alias, out_dir, models, compare, **options):
         click.echo(describe_auto(metrics["auto"]))
     click.echo(f"-> {out_dir}/metrics.json, per_class_f1.png, stacker/, reweight.json"
                + "".join(f", {v['file']}" for v in metrics["predictions"].values()))
+    if "teach" in metrics:
+        click.echo(f"teacher: pseudo-labels of {metrics['teach']['split']} ({metrics['teach']['rows']} videos) by "
+                   f"per-fold stackers -> {out_dir}/{metrics['teach']['files']}")
     click.echo(f"model directory (all `predict --model` needs): {model_dir}")
 
 

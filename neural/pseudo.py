@@ -1,11 +1,16 @@
 """Pseudo-label distillation from the unlabelled split, out-of-fold honest.
 
 A teacher (`--teacher PATH`) is a finished train-neural RUN_DIR (its base models) or a STACK_DIR of
-`python run.py stack` (the run and the base models it stacked). The stacker itself is not applied: it was
-fitted on every fold's labels, so its output on an unlabelled near-duplicate of a fold-k video would carry
-that video's label into fold k's student. What is applied per fold is the base models' fold models:
+`python run.py stack` (the run and the base models it stacked). The stack's final stacker is never applied:
+it was fitted on every fold's labels, so its output on an unlabelled near-duplicate of a fold-k video would
+carry that video's label into fold k's student. What is applied per fold is the base models' fold models:
 
     pseudo-labels of fold k = mean over the teacher's models of their fold-k model's softmax
+
+or, when the STACK_DIR was made with `stack --teach SPLIT` (its stack.json options say so), its per-fold
+stackers' (stacking/teach.py: fold k's stacker fitted on the other folds' OOF rows only, applied to the base
+models' fold-k probabilities), which this module copies from STACK_DIR/pseudo/fold<k>.h5 after checking
+that they were made from this unlabelled store and the teacher run's current fold models.
 
 Fold k's teacher models never saw fold k's labelled rows (they predicted them out-of-fold), so the student
 of fold k learns nothing from them about its own held-out rows, whatever the unlabelled split holds. That
@@ -24,6 +29,7 @@ extra unlabelled batch (pseudo_ratio * batch_size rows) through the student.
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +52,7 @@ PSEUDO_DIR = "pseudo"
 FORMAT = "shortvideo-pseudo"
 BLOCK_ROWS = 8192               # unlabelled rows predicted (and held in memory) at a time
 SAMPLING_STREAM = 7             # keeps the pseudo-batch draws apart from every other seeded stream
+STACKED_LABELS = "per-fold stackers"    # Teacher.record()'s "labels" of a `stack --teach` teacher
 
 
 @dataclass
@@ -55,14 +62,16 @@ class Teacher:
     run_dir: Path               # the train-neural run whose fold models pseudo-label
     models: list
     run: dict                   # its run.json
+    stacked: bool = False       # a STACK_DIR of `stack --teach`: its per-fold stackers' labels, not the base models'
 
     def record(self):
-        return {"path": str(self.path), "kind": self.kind, "run_dir": str(self.run_dir), "models": list(self.models)}
+        record = {"path": str(self.path), "kind": self.kind, "run_dir": str(self.run_dir), "models": list(self.models)}
+        return {**record, "labels": STACKED_LABELS} if self.stacked else record
 
 
 def resolve_teacher(path):
-    """The Teacher at `path`: a STACK_DIR (stack.json names the run and its models) or a RUN_DIR (every
-    model of run.json). Every fold model must be saved."""
+    """The Teacher at `path`: a STACK_DIR (stack.json names the run and its models; stacked when its options
+    name a --teach split) or a RUN_DIR (every model of run.json). Every fold model must be saved."""
     path = Path(path).resolve()
     if (path / "stack.json").exists():
         stack = read_json(path / "stack.json", RunError)
@@ -70,8 +79,9 @@ def resolve_teacher(path):
             if not isinstance(stack.get(name), kind):
                 raise RunError(f"{path / 'stack.json'}: field '{name}' is missing or not a {kind.__name__}")
         kind, run_dir, models = "stack", Path(stack["run_dir"]).resolve(), stack["models"]
+        stacked = bool((stack.get("options") or {}).get("teach"))
     elif (path / RUN_FILE).exists():
-        kind, run_dir, models = "run", path, None
+        kind, run_dir, models, stacked = "run", path, None, False
     else:
         raise RunError(f"{path}: not a teacher: neither a train-neural run directory (run.json) nor a stack "
                        "directory (stack.json)")
@@ -82,7 +92,7 @@ def resolve_teacher(path):
             if not fold_saved(run_dir / model, k):
                 raise RunError(f"{fold_paths(run_dir / model, k)[1]}: the teacher's fold {k} model of '{model}' "
                                "is missing; finish the teacher run first")
-    return Teacher(path, kind, run_dir, models, run)
+    return Teacher(path, kind, run_dir, models, run, stacked)
 
 
 def check_teacher(teacher, run_dir, ids, fold, options, reader):
@@ -130,6 +140,27 @@ def pseudo_record(teacher, k, unlabelled):
             "unlabelled": unlabelled.record()}
 
 
+def stacked_record(teacher, k, unlabelled):
+    """The record of a `stack --teach` teacher's fold-k file, refused (naming the file and field) when it is
+    missing, made for other fold models of the teacher run, or made from another unlabelled store."""
+    path = pseudo_path(teacher.path, k)
+    if not path.exists():
+        raise RunError(f"{path}: missing, though {teacher.path / 'stack.json'} records --teach; the stack's "
+                       "teaching did not finish: run `stack --teach SPLIT` again")
+    record = read_pseudo_record(path)
+    expected = {"format": FORMAT, "fold": k, "teacher": teacher.record(), "teacher_fold_sha256": fold_sha256(teacher, k)}
+    diff = options_diff({key: record.get(key) for key in expected}, expected)
+    if diff:
+        raise RunError(f"{path}: not made by this stack from the teacher run's current fold models ({diff}); "
+                       "run `stack --teach SPLIT` again")
+    made = record.get("unlabelled") or {}
+    if made.get("digest") != unlabelled.digest:
+        raise RunError(f"{path}: field 'unlabelled': made from split '{made.get('split')}' ({made.get('store')}), "
+                       f"not from {unlabelled.path}; give train-neural --unlabeled {made.get('split')} or run "
+                       f"`stack --teach {unlabelled.split}`")
+    return record
+
+
 def read_pseudo_record(path):
     with h5py.File(path, "r") as h5:
         return json.loads(h5.attrs["record"])
@@ -151,10 +182,11 @@ def teacher_proba(teacher, k, reader, device):
 
 def make_pseudo_labels(run_dir, teacher, unlabelled, folds, device):
     """RUN_DIR/pseudo/fold<k>.h5 for each fold in `folds`: reused when whole and made by this teacher from
-    this unlabelled store, refused when made by another, else written (atomically)."""
+    this unlabelled store, refused when made by another, else written (atomically): predicted by the
+    teacher's fold-k models, or copied from a `stack --teach` teacher's own fold-k file."""
     for k in folds:
         path = pseudo_path(run_dir, k)
-        record = pseudo_record(teacher, k, unlabelled)
+        record = stacked_record(teacher, k, unlabelled) if teacher.stacked else pseudo_record(teacher, k, unlabelled)
         if path.exists():
             diff = options_diff(read_pseudo_record(path), record)
             if diff:
@@ -162,6 +194,10 @@ def make_pseudo_labels(run_dir, teacher, unlabelled, folds, device):
                                "use another --out or --overwrite")
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
+        if teacher.stacked:
+            with atomic_path(path) as tmp:
+                shutil.copyfile(pseudo_path(teacher.path, k), tmp)
+            continue
         n_classes = len(teacher.run["fine_classes"])
         with StoreReader(unlabelled.path) as reader, atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as h5:

@@ -30,6 +30,7 @@ from features.owned import OwnedFiles
 from features.records import write_json
 from features.store import StoreReader, rows_of
 from neural.metrics import PairedBootstrap, band, metric_from_proba
+from neural.unlabelled import unlabelled_path
 from stacking.decode import decode
 from stacking.labelshift import ShiftAdapter
 from stacking.plots import plot_per_class_f1
@@ -38,11 +39,12 @@ from stacking.rundir import RunDirError, available_splits, load_run, split_predi
 from stacking.signals import build_input, signal_names_for
 from stacking.stackers import check_overrides, make_stacker, stacker_params
 from stacking.submission import write_predictions
+from stacking.teach import clear_pseudo, teach
 
 
 # every file `stack` writes in its --out (model/ and its siblings are the packaging's: inference/package.py)
 STACK_DIR_FILES = OwnedFiles(["stack.json", "reweight.json", "metrics.json", "submission.csv", "predictions_*.csv",
-                              "per_class_f1.png", "stacker/*", "model/**", "model.tmp/**", "model.old/**"])
+                              "per_class_f1.png", "stacker/*", "pseudo/*", "model/**", "model.tmp/**", "model.old/**"])
 AUTO = "auto"                       # --stacker auto: the incumbent unless another beats it beyond the noise
 INCUMBENT = "rerank"                # what auto keeps unless a candidate's gain has its band above zero
 AVERAGE = "average"                 # always among auto's candidates (it costs nothing)
@@ -73,6 +75,8 @@ class StackOptions:
                                     # (stacking/labelshift.py): "auto" adjusts when the shift is beyond the
                                     # estimator's no-shift noise on the folds, "em" always, "none" never
     decode: bool = True             # metric-aware decoding of each predicted split (stacking/decode.py)
+    teach: str = ""                 # an unlabelled split of the run's cache: write STACK_DIR/pseudo/fold<k>.h5,
+                                    # per-fold stackers' pseudo-labels for train-neural --teacher (stacking/teach.py)
 
     @property
     def kinds(self):
@@ -250,6 +254,8 @@ def stack(run_dir, out_dir, options=None):
     with threadpool_limits(options.threads):
         run = _timed(timings, "load_run", load_run, run_dir, options.models)
         splits = _check_split(run, options.split)
+        if options.teach:                               # the split must be there before anything is fitted
+            unlabelled_path(run.config["cache_dir"], options.teach)
         X, names = _timed(timings, "signals", labelled_input, run, options)
         table, chosen, stack_oof, reweighted, extra = evaluate(run, X, options, timings)
         # auto fits exactly what --stacker <chosen> fits (same parameters, same OOF for the reweighting)
@@ -262,6 +268,11 @@ def stack(run_dir, out_dir, options=None):
         save_stack(out_dir, run, stacker, reweighter, names, options, adapter)
         written = _timed(timings, "predict_splits", predict_splits, run, splits, stacker, reweighter,
                          names, out_dir, options, adapter)
+        clear_pseudo(out_dir)                           # an earlier stack's teacher files are stale now
+        if options.teach:
+            extra["teach"] = _timed(timings, "teach", teach, run, X, names,
+                                    stacker_maker(chosen, options, run.fine_to_coarse), chosen, options.teach,
+                                    out_dir, options.threads)
     counts = np.bincount(run.label, minlength=run.n_classes)
     plot_per_class_f1(out_dir / "per_class_f1.png", run.label, stack_oof.argmax(1), reweighted.argmax(1),
                       counts, chosen)
