@@ -176,6 +176,13 @@ def test_an_id_that_is_a_path_stops_extract_naming_file_entry_and_id(tmp_path, s
 TRAIN = ["--models", "linear", "--epochs", "1", "--hidden", "8", "--batch-size", "8", "--threads", "1", "--workers", "0"]
 
 
+def test_train_neural_refuses_a_cache_without_labelled_rows(tmp_path):
+    write_fake_store(tmp_path / "cache" / "labeled.h5", n=12, labelled=False)
+    result = CliRunner().invoke(cli, ["train-neural", "--cache", str(tmp_path / "cache"), "--out",
+                                      str(tmp_path / "run"), "--folds", "3", *TRAIN])
+    one_line_error(result, "labeled.h5", "no labelled rows")
+
+
 def test_train_neural_refuses_labelled_rows_of_one_class(tmp_path):
     write_fake_store(tmp_path / "cache" / "labeled.h5", n=12, n_classes=1)
     result = CliRunner().invoke(cli, ["train-neural", "--cache", str(tmp_path / "cache"), "--out",
