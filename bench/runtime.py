@@ -1,6 +1,7 @@
 """The frozen encoders on each runtime side by side: torch eager, ONNX Runtime and OpenVINO on the CPU.
 
-    python -m bench runtime [--threads 1,2] [--rounds 3] [--n 512] [--data BENCH_DATA/fashion] [--profile]
+    python -m bench runtime [--threads 1,2] [--rounds 3] [--n 512] [--latency 100] [--data BENCH_DATA/fashion]
+                            [--profile]
 
 Forward: EfficientNet-Lite0 on 32 images of 224 x 224 and MiniLM on 64 texts of 128 tokens, the arms
 interleaved round by round (torch, onnx, openvino, torch, onnx, ...) so other jobs' load falls on every arm
@@ -9,8 +10,10 @@ as `extract` runs it (glibc's mmap threshold raised: features/device.py). Agreem
 labelled fashion items (first frame, title): per-item cosine against torch fp32 (min, mean) and the share
 of a logistic regression's predictions that change when the features come from the runtime (fitted on torch
 features of half the items, predicting the other half; as bench/gpu_check.py reports for bf16); skipped
-when the data is absent. --profile: onnxruntime's share of time per operator type in each graph, which says
-where a runtime has nothing to gain over torch (a graph whose time is in MatMul/Gemm runs the same GEMMs).
+when the data is absent. Latency: one video (8 frames and its texts) through extract's encode_batch at batch
+1, warm, p50 and p95 over --latency calls, the runtimes interleaved call by call, per thread count. --profile:
+onnxruntime's share of time per operator type in each graph, which says where a runtime has nothing to gain
+over torch (a graph whose time is in MatMul/Gemm runs the same GEMMs).
 """
 import argparse
 import io
@@ -143,6 +146,44 @@ def agreement_table(encoders, root, n, ratios):
     return table
 
 
+# ----------------------------------------------------------------------------- batch-1 latency
+
+def one_video(text_encoder, frames=8):
+    """One video as extract's workers hand it over: `frames` preprocessed frames (frames, 3, 224, 224), title,
+    OCR and ASR token ids and the joined ids (title ~10, OCR ~40, ASR ~90 tokens; joined cut at 128)."""
+    gen = torch.Generator().manual_seed(1)
+    words = "red cotton shirt with a blue collar sold in the summer sale at half price".split()
+    texts = [" ".join(words[i % len(words)] for i in range(n)) for n in (8, 30, 70)]
+    tok = text_encoder.tokenizer
+    return {"row": 0, "id": "v0", "frames": torch.randn(frames, 3, 224, 224, generator=gen), "faults": [],
+            "field_ids": [tok(t, truncation=True, max_length=TOKENS)["input_ids"] for t in texts],
+            "joined_ids": tok(f" {tok.sep_token} ".join(texts), truncation=True, max_length=TOKENS)["input_ids"],
+            "text_len": [len(t) for t in texts]}
+
+
+def latency_table(encoders, calls, ratios):
+    """p50 / p95 ms of one video (8 frames + its texts) through extract's encode_batch at batch 1, warm, the
+    runtimes interleaved call by call."""
+    from features.extract import ExtractOptions, encode_batch
+    options = ExtractOptions(frames=8, batch_size=1, max_tokens=TOKENS)
+    item = one_video(encoders["torch"][1])
+    ms = {rt: [] for rt in RUNTIMES}
+    for _ in range(calls + 1):                        # the first round warms each runtime up, not counted
+        for rt, (frame, text) in encoders.items():
+            start = time.perf_counter()
+            encode_batch([item], frame, text, options, frame.dim, "cpu", [])
+            ms[rt].append(1000 * (time.perf_counter() - start))
+    table = Table(f"one video at batch 1 (8 frames, title + OCR + ASR + joined text), warm, {calls} calls "
+                  f"interleaved, threads {torch.get_num_threads()}", ["runtime", "p50 ms", "p95 ms", "p50 ratio to torch"])
+    base = np.percentile(ms["torch"][1:], 50)
+    for rt in RUNTIMES:
+        p50, p95 = np.percentile(ms[rt][1:], [50, 95])
+        table.add(rt, f"{p50:.0f}", f"{p95:.0f}", f"{base / p50:.2f}")
+        if rt != "torch":
+            ratios[f"batch-1 video latency p50, torch / {rt}, {torch.get_num_threads()} thread(s)"] = base / p50
+    return table
+
+
 # ----------------------------------------------------------------------------- profile
 
 def ort_profile(encoders, top=6):
@@ -176,6 +217,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per thread count")
     parser.add_argument("--n", type=int, default=512, help="fashion items for the agreement table (0: skip)")
     parser.add_argument("--data", default=str(data_dir("fashion")), help="[default: BENCH_DATA/fashion]")
+    parser.add_argument("--latency", type=int, default=100, help="batch-1 calls per runtime (0: skip)")
     parser.add_argument("--profile", action="store_true", help="onnxruntime's time per operator type")
     args = parser.parse_args(argv)
     keep_freed_memory_mapped()            # torch as extract runs it on the CPU
@@ -188,6 +230,8 @@ def main(argv=None):
     for threads in [int(t) for t in args.threads.split(",")]:
         encoders = build(threads)
         forward_table(threads, args.rounds, encoders, forward, ratios)
+        if args.latency:
+            tables.append(latency_table(encoders, args.latency, ratios))
     root = Path(args.data)
     if args.n and (root / "annotations" / "labeled.json").is_file():
         tables.append(agreement_table(encoders, root, args.n, ratios))

@@ -127,7 +127,11 @@ def export_once(kind, module, example, input_names, output_names, dynamic_axes, 
     path, settings = exported_path(kind, module, checksum, shape)
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RuntimeChoiceError(f"{path.parent}: cannot keep exported encoders there ({err}); set {ENV_CACHE} to "
+                                 "a writable directory, or use --runtime torch") from err
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     was_training, fastpath = module.training, torch.backends.mha.get_fastpath_enabled()
     module.eval()                         # the exporter restores the mode it finds: eval, never dropout
@@ -212,6 +216,14 @@ def on_runtime(encoder, kind, runtime, threads=None):
     """Put a built FrameEncoder ('frame') or TextEncoder ('text') on `runtime` (onnx or openvino): its torch
     module is exported once (cached) and replaced by a session of the runtime; encode() is unchanged."""
     threads = threads or torch.get_num_threads()
+    try:
+        return _on_runtime(encoder, kind, runtime, threads)
+    except (RuntimeError, OSError) as err:        # an op the exporter lacks, a runtime that cannot load it
+        raise RuntimeChoiceError(f"{kind} encoder {encoder.name!r}: cannot run on {runtime} ({type(err).__name__}: "
+                                 f"{str(err)[:300]}); use --runtime torch") from err
+
+
+def _on_runtime(encoder, kind, runtime, threads):
     if kind == "frame":
         size = encoder.image_size
         path = export_once("frame", encoder.net, (torch.zeros(2, 3, size, size),), ["images"], ["embedding"],

@@ -354,6 +354,14 @@ def test_an_exported_encoder_is_reused_and_keyed_by_the_weights_checksum(tiny_cl
     assert sorted(p.suffix for p in export_cache.iterdir()) == [".json", ".onnx"]   # no temporary left
 
 
+def test_an_unwritable_export_cache_is_named_with_the_way_out(tiny_bert, tmp_path, monkeypatch):
+    from features.runtime import ENV_CACHE, RuntimeChoiceError
+    (tmp_path / "a_file").write_text("not a directory")
+    monkeypatch.setenv(ENV_CACHE, str(tmp_path / "a_file" / "cache"))
+    with pytest.raises(RuntimeChoiceError, match=f"a_file/cache: cannot keep exported encoders.*{ENV_CACHE}"):
+        build_text_encoder(f"bert:{tiny_bert[0]}", runtime="onnx")
+
+
 def test_a_runtime_on_a_gpu_or_in_reduced_precision_is_refused():
     from features.runtime import RuntimeChoiceError, resolve_runtime
     assert resolve_runtime("auto", "cpu", "fp32") == "onnx"
