@@ -140,7 +140,9 @@ def test_a_rank_killed_mid_run_resumes_with_another_world_size_to_the_same_store
             and proc.poll() is None:
         victim = victim or rank_pid(proc.pid, 1)
         time.sleep(0.01)
-    os.kill(victim or rank_pid(proc.pid, 1), signal.SIGKILL)
+    victim = victim or rank_pid(proc.pid, 1)
+    assert victim and proc.poll() is None, "rank 1 was not caught mid-run"
+    os.kill(victim, signal.SIGKILL)
     assert proc.wait(timeout=120) != 0, "torchrun reports the killed rank"
     left = _complete_shards(killed / "labeled.shards", range(12, 24))
     assert 2 <= left < 12, "rank 1 was not interrupted mid-way"
