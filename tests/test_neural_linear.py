@@ -104,7 +104,9 @@ def test_linear_on_ucf14_frames_scores_like_a_logistic_regression(tmp_path):
     fine = np.array([category_map.fine_ids.index(a["category_id"]) for a in annotations])
     (tmp_path / "cache").mkdir()
     write_frames_only_store(tmp_path / "cache" / "labeled.h5", frames, fine, category_map)
-    metrics = train_neural(tmp_path / "cache", tmp_path / "run", ["linear"], NeuralOptions(n_folds=3, epochs=8, batch_size=32))
+    # random folds, as the logistic regression's 0.96 was measured (grouped folds score unseen actors, lower)
+    options = NeuralOptions(n_folds=3, epochs=8, batch_size=32, groups="none")
+    metrics = train_neural(tmp_path / "cache", tmp_path / "run", ["linear"], options)
     assert metrics["linear"]["oof"]["mean"] > 0.9, metrics["linear"]["oof"]
     oof, labels = outputs.read_oof(tmp_path / "run" / "linear" / "predictions.h5")
     assert (oof.argmax(1) == labels).mean() > 0.9

@@ -110,7 +110,8 @@ def test_the_auto_stack_predicts_exactly_like_the_chosen_stacker(auto):
     run = load_run(run_dir)
     ids, probas = split_predictions(run, "test")
     meta = json.loads((a / "stack.json").read_text())
-    model = SimpleNamespace(model_json={"models": meta["models"], "signals": meta["signals"]}, stack_dir=a)
+    model = SimpleNamespace(model_json={"models": meta["models"], "signals": meta["signals"],
+                                        "fine_to_coarse": list(run.fine_to_coarse)}, stack_json=meta, stack_dir=a)
     with StoreReader(run_dir.parent / "cache" / "test.h5") as reader:
         pred = stack_probas(model, probas, reader, rows_of(reader.ids, ids, reader.path))
     lines = (a / "submission.csv").read_text().splitlines()
@@ -206,7 +207,8 @@ def test_cli_prints_the_choice_its_gains_and_its_optimism(tmp_path, monkeypatch)
     from run import cli
     run_dir, _ = write_fake_run(tmp_path, n=60, n_test=12)
     monkeypatch.setattr(inference.package, "package_model", lambda run_dir, stack_dir: f"{stack_dir}/model")
-    base = ["stack", "--model", str(run_dir), "--param", "n_rounds=10", "--param", "rerank.top_k=3",
+    monkeypatch.setattr(inference.package, "check_packable", lambda run_dir, models, out_dir: None)  # a fake run
+    base = ["stack", "--run", str(run_dir), "--param", "n_rounds=10", "--param", "rerank.top_k=3",
             "--param", "logreg.C=0.5", "--threads", "1", "--stacker", "auto"]
     for extra, tail in (([], "chosen inside each outer fold"), (["--no-nested-choice"], "not measured")):
         out = tmp_path / f"out{len(extra)}"
