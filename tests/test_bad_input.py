@@ -23,7 +23,7 @@ from stacking.pipeline import StackOptions, stack
 from stacking.rundir import RunDirError
 from tests.fakes import write_fake_store
 from tests.media import jpeg_bytes, write_annotations, write_feature_zip, write_jpeg_zip
-from tests.test_stack_fakes import write_fake_run
+from tests.fake_runs import write_fake_run
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRACT = ["--device", "cpu", "--workers", "0", "--frames", "2", "--max-tokens", "8", "--no-aggregates"]
