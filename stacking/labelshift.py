@@ -51,10 +51,15 @@ class Calibrator:
 
 def em_priors(proba, train_priors, max_iter=200, tol=1e-6):
     """Saerens et al.'s EM. proba (N, C) calibrated posteriors under train_priors (C,) -> (priors (C,),
-    adjusted posteriors (N, C), iterations)."""
-    proba = np.asarray(proba, np.float64)
-    base = np.maximum(np.asarray(train_priors, np.float64), EPS)
-    priors = base.copy()
+    adjusted posteriors (N, C), iterations). A class with training prior 0 (no labelled item) keeps prior and
+    posterior 0: its calibrated probability is never exactly 0, and the ratio prior / training prior would
+    otherwise let it grow without bound until it holds every item."""
+    train_priors = np.asarray(train_priors, np.float64)
+    seen = train_priors > 0                                               # (C,)
+    proba = np.asarray(proba, np.float64) * seen
+    proba /= np.maximum(proba.sum(axis=1, keepdims=True), EPS)
+    base = np.where(seen, train_priors, 1.0)
+    priors = train_priors.copy()
     for it in range(1, max_iter + 1):
         adjusted = proba * (priors / base)
         adjusted /= np.maximum(adjusted.sum(axis=1, keepdims=True), EPS)

@@ -103,3 +103,22 @@ def test_the_decoder_moves_the_single_item_of_a_class_expected_far_below_one():
     proba, f2c = known_split(0.34)
     pred, decisions = decode(proba, proba, f2c)
     assert pred[40] != 2 and decisions[0]["moved"] and decisions[0]["expected_count"] == pytest.approx(0.34)
+
+
+def test_a_class_without_training_items_cannot_capture_the_em_estimate(model):
+    """A class of the category map with no labelled item (training prior 0) still gets a tiny calibrated
+    probability (softmax never gives 0). EM's ratio prior / training prior must not let that class grow: it
+    stays at 0, and a split without shift keeps its priors (the fashion tail run: every fold's estimate, and
+    the test split's, collapsed onto such a class, TV 1.0, and label shift auto cost 0.08 of mean-F1)."""
+    lr, oof, y, fold = model
+    x, _ = draw(TRAIN_PRIORS, 2000, np.random.default_rng(5))
+    proba = np.c_[lr.predict_proba(x) * (1 - 1e-9), np.full(len(x), 1e-9)]          # (N, 6): class 5 unseen
+    train = np.r_[TRAIN_PRIORS, 0.0]
+    priors, adjusted, _ = em_priors(proba, train)
+    assert priors[5] == 0 and adjusted[:, 5].max() == 0
+    assert np.abs(priors[:5] - TRAIN_PRIORS).max() < 0.03, priors
+    oof6 = np.c_[oof * (1 - 1e-9), np.full(len(oof), 1e-9)]
+    adapter = ShiftAdapter().fit(oof6, y, fold, 6)
+    assert max(f["tv"] for f in adapter.fold_noise_) < 0.1
+    weights, _, record = adapter.adapt(proba)
+    assert not record["applied"] and np.array_equal(weights, np.ones(6)), record["tv_from_training_priors"]
