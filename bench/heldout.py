@@ -218,16 +218,22 @@ def collect(run, cache, work, variants, true, lr, test_ids, probas):
         metrics = read_json(stack_dir / "metrics.json")
         before, after = stack_test_proba(stack_dir, cache, test_ids, probas)
         sub = submitted(stack_dir, test_ids, run.fine_classes)
-        if (sub != after.argmax(1)).any():
-            raise RuntimeError(f"{stack_dir}: submission.csv differs from the saved stack's predictions "
-                               f"on {(sub != after.argmax(1)).sum()} items")
+        decided, recorded = decisions(stack_dir, before, run.fine_to_coarse)
+        check_submitted(stack_dir, sub, decided[recorded][0], "submission.csv")
         cv_before, cv_after = stack_cv(metrics)
         label = f"stack {name}" if name != SUBMISSION else "stack: default command (the submission)"
         kind = metrics["stacker"]
         note = f"{kind}" + (f", chosen by OOF from {metrics['auto']['candidates']}" if "auto" in metrics else "")
         note += f"; models {','.join(metrics['models'])}" if metrics["models"] != run.models else ""
         rows.append((f"{label}: {kind} before reweighting", cv_before, before.argmax(1), note))
-        rows.append((f"{label}: {kind} + reweighting", cv_after, sub, f"reweight {metrics['reweight_final']}"))
+        rows.append((f"{label}: {kind} + reweighting (arg-max)", cv_after, after.argmax(1),
+                     f"reweight {metrics['reweight_final']}"))
+        shown = [recorded] + ([d for d in DECISIONS if d not in (recorded, ARGMAX)] if name == SUBMISSION else [])
+        for pair in shown:
+            pred, record = decided[pair]
+            what = " (submission.csv)" if pair == recorded else ""
+            rows.append((f"{label}: {kind} + reweighting, {decision_name(pair)}{what}", None, pred,
+                         decision_note(record)))
     for scale, (lr_oof, lr_test, C, _) in lr.items():
         rows.append((f"{LR_NAME} ({scale}), C={C:g}", metric_from_proba(run.label, lr_oof, run.fine_to_coarse),
                      lr_test.argmax(1), "C chosen on the same folds (CV slightly optimistic)"))
@@ -235,6 +241,48 @@ def collect(run, cache, work, variants, true, lr, test_ids, probas):
 
 
 LR_NAME = "logistic regression [mean frame, title]"
+ARGMAX = ("none", False)                        # no label shift, no decoding: the reweighted arg-max
+DECISIONS = [ARGMAX, ("auto", False), ("em", False), ("none", True), ("auto", True), ("em", True)]
+
+
+def decision_name(pair):
+    return f"label shift {pair[0]}, decoding {'on' if pair[1] else 'off'}"
+
+
+def decision_note(record):
+    """What the decision did on the split: label shift applied (estimated shift and its bar), labels decoding changed."""
+    parts = []
+    shift = record.get("label_shift")
+    if shift:
+        parts.append("shift applied" if shift.get("applied") else "shift not applied")
+        parts += [f"{short} {shift[k]:.3f}" for k, short in (("tv_from_training_priors", "TV from the labelled priors"),
+                                                             ("noise_bar", "bar")) if isinstance(shift.get(k), float)]
+    if "decoding_changed" in record:
+        parts.append(f"decoding changed {record['decoding_changed']} labels")
+    return "; ".join(parts)
+
+
+def decisions(stack_dir, proba, fine_to_coarse):
+    """The fitted stack's split decided under every (label_shift, decode) pair of DECISIONS, as `stack` decides
+    it (stacking.pipeline.decide with stack.json's label-shift adapter, reweighting and seed): {pair: (pred (N,),
+    record)} and the pair stack.json records (the one its submission used). proba: the stacker's (N, C)."""
+    from stacking.labelshift import ShiftAdapter
+    from stacking.pipeline import StackOptions, decide
+    meta = read_json(Path(stack_dir) / "stack.json")
+    reweighter = PriorReweighter.load(Path(stack_dir) / "reweight.json")
+    adapter = ShiftAdapter.from_dict(meta["label_shift_adapter"], f"{stack_dir}/stack.json: label_shift_adapter")
+    options = meta.get("options", {})
+    recorded = (options.get("label_shift", "auto"), bool(options.get("decode", True)))
+    out = {pair: decide(proba, reweighter, adapter, np.asarray(fine_to_coarse),
+                        StackOptions(label_shift=pair[0], decode=pair[1], seed=options.get("seed", 0)))
+           for pair in dict.fromkeys([*DECISIONS, recorded])}
+    return out, recorded
+
+
+def check_submitted(stack_dir, submitted_pred, decided_pred, name):
+    if (submitted_pred != decided_pred).any():
+        raise RuntimeError(f"{stack_dir}: {name} differs from the saved stack's decision on "
+                           f"{int((submitted_pred != decided_pred).sum())} items")
 
 
 def score(rows, true, f2c, n_resamples, seed):
@@ -243,7 +291,7 @@ def score(rows, true, f2c, n_resamples, seed):
     # the reference LR: the stronger on the test items (conservative: the margin to beat is the larger)
     lr_rows = [(n, p) for n, _, p, _ in rows if n.startswith(LR_NAME)]
     lr_name, lr_pred = max(lr_rows, key=lambda r: challenge_metric(true, r[1], f2c)["mean"]) if lr_rows else (None, None)
-    sub_name = next((n for n, *_ in rows if "(the submission)" in n and "+ reweighting" in n), None)
+    sub_name = next((n for n, *_ in rows if "(the submission)" in n and "(submission.csv)" in n), None)
     out = []
     for name, cv, pred, note in rows:
         test = challenge_metric(true, pred, f2c)
