@@ -72,6 +72,18 @@ def test_predict_rebuilds_the_recorded_encoders_and_reproduces_the_submission(mo
     assert out.read_text() == model["submission"]
 
 
+def test_predict_runs_the_recorded_runtime_or_an_interchangeable_one_to_the_same_labels(model, tmp_path):
+    """extract's default on the CPU is onnx; the model records it; --runtime torch makes features that mix."""
+    record = json.loads((model["model"] / "model.json").read_text())
+    assert record["runtime"] == record["store_identity"]["runtime"] == "onnx"
+    out = tmp_path / "torch.csv"
+    run_ok("predict", "--data", model["data"], "--split", "test", "--model", model["model"], "--out", out,
+           "--runtime", "torch")
+    assert out.read_text() == model["submission"]
+    with StoreReader(tmp_path / "torch.csv.cache" / "test.h5") as reader:
+        assert reader.config["runtime"] == "torch"
+
+
 def test_a_model_trained_on_frame_zips_predicts_mp4_videos_with_their_frames(model, tmp_path):
     data = tmp_path / "data"
     videos = [{"id": f"n{i:04d}", "title": WORDS[i % 2], "asr": "", "ocr": []} for i in range(3)]
