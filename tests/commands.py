@@ -31,6 +31,29 @@ def cli_ok(*args):
     return result
 
 
+# the smallest CLI pipeline that still runs every stage: 4 frames of 16-d features, mlp and vlad, 3 folds
+EXTRACT = ["--frames", "4", "--max-tokens", "16", "--batch-size", "16", "--workers", "0", "--device", "cpu",
+           "--pca-dim", "8", "--clusters", "4", "--gmm-components", "2", "--codebook-sample", "400"]
+TRAIN = ["--models", "mlp,vlad", "--folds", "3", "--epochs", "1", "--hidden", "16", "--batch-size", "16",
+         "--threads", "1", "--workers", "0"]
+STACK = ["--param", "n_rounds=10", "--param", "top_k=3", "--compare", "", "--threads", "1"]
+
+
+def cli_pipeline(root, signal, tail_ratio):
+    """extract -> train-neural -> stack through the CLI on 36 labelled and 8 test videos of 4 classes (feature
+    zips) under root; -> {root, data, cache, run, stack: paths, stacked: the stack command's Result}."""
+    from demo.synthetic import generate_feature_zip_dataset
+    paths = {"root": root, "data": root / "data", "cache": root / "cache", "run": root / "run",
+             "stack": root / "stack"}
+    generate_feature_zip_dataset(paths["data"], 36, n_frames=4, dim=16, split="labeled", n_classes=4,
+                                 signal=signal, tail_ratio=tail_ratio, progress=False)
+    generate_feature_zip_dataset(paths["data"], 8, n_frames=4, dim=16, split="test", n_classes=4,
+                                 with_labels=False, progress=False)
+    cli_ok("extract", "--data", paths["data"], "--out", paths["cache"], *EXTRACT)
+    cli_ok("train-neural", "--cache", paths["cache"], "--out", paths["run"], *TRAIN)
+    return {**paths, "stacked": cli_ok("stack", "--run", paths["run"], "--out", paths["stack"], *STACK)}
+
+
 def run_py(*args):
     """argv of `python run.py ARGS` (a process of its own)."""
     return [sys.executable, str(RUN_PY), *map(str, args)]

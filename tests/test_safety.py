@@ -14,51 +14,24 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from demo.synthetic import generate_feature_zip_dataset
 from inference.model_dir import ModelDirError, open_model_dir, write_manifest
 from neural.options import NeuralOptions
 from neural.outputs import RunError
 from neural.pipeline import train_neural
-from run import cli
+from demo.synthetic import generate_feature_zip_dataset
+from tests.commands import EXTRACT, STACK, cli_pipeline, invoke
+from tests.commands import cli_ok as run_ok
 from tests.fakes import write_fake_store
 
 torch.set_num_threads(1)
-EXTRACT = ["--frames", "4", "--max-tokens", "16", "--batch-size", "16", "--workers", "0", "--device", "cpu",
-           "--pca-dim", "8", "--clusters", "4", "--gmm-components", "2", "--codebook-sample", "400"]
-TRAIN = ["--models", "mlp,vlad", "--folds", "3", "--epochs", "1", "--hidden", "16", "--batch-size", "16",
-         "--threads", "1", "--workers", "0"]
-STACK = ["--param", "n_rounds=10", "--param", "top_k=3", "--compare", "", "--threads", "1"]
 TINY = dict(n_folds=3, epochs=1, hidden=16, batch_size=16, n_heads=2)
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exit_code != 0 and result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def run_ok(*args):
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """extract -> train-neural -> stack through the CLI on 36 labelled and 8 test videos (4 classes)."""
-    root = tmp_path_factory.mktemp("safety")
-    paths = {"root": root, "data": root / "data", "cache": root / "cache", "run": root / "run",
-             "stack": root / "stack"}
-    generate_feature_zip_dataset(paths["data"], 36, n_frames=4, dim=16, split="labeled", n_classes=4,
-                                 signal=3.0, tail_ratio=1.0, progress=False)
-    generate_feature_zip_dataset(paths["data"], 8, n_frames=4, dim=16, split="test", n_classes=4,
-                                 with_labels=False, progress=False)
-    run_ok("extract", "--data", paths["data"], "--out", paths["cache"], *EXTRACT)
-    run_ok("train-neural", "--cache", paths["cache"], "--out", paths["run"], *TRAIN)
-    run_ok("stack", "--model", paths["run"], "--out", paths["stack"], *STACK)
+    paths = cli_pipeline(tmp_path_factory.mktemp("safety"), signal=3.0, tail_ratio=1.0)
     return {**paths, "model": paths["stack"] / "model"}
 
 
@@ -218,13 +191,13 @@ def test_extract_overwrite_refuses_a_file_under_a_store_name_that_is_not_a_store
 
 def test_stack_refuses_an_out_holding_what_it_did_not_write_and_keeps_it(pipeline, tmp_path):
     run_before = files_under(pipeline["run"])
-    result = invoke("stack", "--model", pipeline["run"], "--out", pipeline["run"], *STACK)
+    result = invoke("stack", "--run", pipeline["run"], "--out", pipeline["run"], *STACK)
     assert result.exit_code != 0 and "stack did not write (folds.h5, " in result.output
     assert files_under(pipeline["run"]) == run_before
     out = tmp_path / "stack"
     (out / "model").mkdir(parents=True)
     (out / "model" / "notes.txt").write_text("mine")
-    result = invoke("stack", "--model", pipeline["run"], "--out", out, *STACK)
+    result = invoke("stack", "--run", pipeline["run"], "--out", out, *STACK)
     assert result.exit_code != 0
     assert "model: holds 1 file(s) packaging the model did not write (notes.txt)" in result.output
     assert files_under(out) == ["model/notes.txt"]
@@ -237,7 +210,7 @@ def test_stack_with_a_fold_checkpoint_missing_fails_before_fitting_and_leaves_no
     shutil.copytree(pipeline["run"], run_dir)
     (run_dir / "vlad" / "fold2.safetensors").unlink()
     out = tmp_path / "stack"
-    result = invoke("stack", "--model", run_dir, "--out", out, *STACK)
+    result = invoke("stack", "--run", run_dir, "--out", out, *STACK)
     assert result.exit_code != 0 and "vlad/fold2.safetensors" in result.output
     assert not out.exists()                              # no submission without a model behind it
 

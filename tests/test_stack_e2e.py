@@ -9,49 +9,20 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from demo.synthetic import generate_feature_zip_dataset
 from features.store import StoreReader
 from inference.model_dir import ModelDirError, verify
 from inference.package import PackageError, package_model
 from inference.predict import PredictError, check_identity
-from run import cli
+from tests.commands import cli_pipeline, invoke
+from tests.commands import cli_ok as run_ok
 from tests.media import write_annotations, write_jpeg_zip
-
-EXTRACT = ["--frames", "4", "--max-tokens", "16", "--batch-size", "16", "--workers", "0", "--device", "cpu",
-           "--pca-dim", "8", "--clusters", "4", "--gmm-components", "2", "--codebook-sample", "400"]
-TRAIN = ["--models", "mlp,vlad", "--folds", "3", "--epochs", "1", "--hidden", "16", "--batch-size", "16",
-         "--threads", "1", "--workers", "0"]
-STACK = ["--param", "n_rounds=10", "--param", "top_k=3", "--compare", "", "--threads", "1"]
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exit_code != 0 and result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def run_ok(*args):
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
-    return result
-
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """extract -> train-neural -> stack through the CLI; the cache and run directory still exist."""
-    root = tmp_path_factory.mktemp("e2e")
-    paths = {"root": root, "data": root / "data", "cache": root / "cache", "run": root / "run",
-             "stack": root / "stack"}
-    generate_feature_zip_dataset(paths["data"], 36, n_frames=4, dim=16, split="labeled", n_classes=4,
-                                 signal=1.0, tail_ratio=3.0, progress=False)
-    generate_feature_zip_dataset(paths["data"], 8, n_frames=4, dim=16, split="test", n_classes=4,
-                                 with_labels=False, progress=False)
-    run_ok("extract", "--data", paths["data"], "--out", paths["cache"], *EXTRACT)
-    run_ok("train-neural", "--cache", paths["cache"], "--out", paths["run"], *TRAIN)
-    stacked = run_ok("stack", "--model", paths["run"], "--out", paths["stack"], *STACK)
+    paths = cli_pipeline(tmp_path_factory.mktemp("e2e"), signal=1.0, tail_ratio=3.0)
+    stacked = paths.pop("stacked")
     assert f"model directory (all `predict --model` needs): {paths['stack'] / 'model'}" in stacked.output
     return paths
 
@@ -225,7 +196,6 @@ def stacker_own_proba(model_dir, store_path):
 def test_the_api_labels_frame_features_as_predict_does_and_loads_the_text_encoder_once(trained, monkeypatch):
     import features.encoders as encoders
     from inference.api import load_model
-    from stacking.submission import read_predictions
     builds = []
     real = encoders.build_text_encoder
     monkeypatch.setattr(encoders, "build_text_encoder", lambda *a, **k: builds.append(a) or real(*a, **k))
