@@ -8,10 +8,14 @@ hidden answers beside their out-of-fold figures, with paired bootstrap bands aga
     python run.py stack --model S/pseudo --out S/pseudo_stack --split unlabeled --threads 1
     python -m bench semi --cache bench_cache/semi_masked --run base=S/base --run pseudo=S/pseudo
 
+The stack as teacher: stack the base run with `--teach unlabeled` (S/base_stack/pseudo/fold<k>.h5, per-fold
+stackers) and train a student with `--teacher S/base_stack`; add it as another --run.
+
 A run NAME=DIR is stacked in DIR_stack (when there) for its submission row. The first run is the
 reference: each row of another run gets its paired difference to the same row of the first (the same
 resamples of the unlabelled items). For a run with a teacher, its fold-k pseudo-labels are scored too
-(accuracy, and the share and accuracy of those above the run's confidence threshold).
+(accuracy, and the share and accuracy of those above the run's confidence threshold). A stack's split is shown
+as its submission.csv decided it and under every other --label-shift/--decode pair (bench.heldout.decisions).
 """
 import argparse
 from pathlib import Path
@@ -19,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import Table, write_record
+from bench.heldout import ARGMAX, DECISIONS, check_submitted, decision_name, decision_note, decisions
 from bench.protocols import data_dir_of, read_answers
 from features import schema
 from features.records import read_json, write_json
@@ -50,9 +55,11 @@ def rows_of_run(run_dir, true_of):
         index = {c: i for i, c in enumerate(run.fine_classes)}
         metrics = read_json(stack_dir / "metrics.json")
         cv = metrics["table"].get(f"{metrics['stacker']}+reweight", {}).get("mean")
-        rows["stack (submission)"] = (cv, np.array([index[submitted[v]] for v in ids]))
+        rows["stack (submission: label shift and decoding as stack.json says)"] = \
+            (cv, np.array([index[submitted[v]] for v in ids]))
         if (stack_dir / "stacker").is_dir():
-            rows.update(reweighting_rows(stack_dir, run, ids, true, metrics, rows["stack (submission)"][1]))
+            rows.update(reweighting_rows(stack_dir, run, ids, true, metrics,
+                                         rows["stack (submission: label shift and decoding as stack.json says)"][1]))
     return ids, true, run, rows
 
 
@@ -68,8 +75,8 @@ def reweighting_rows(stack_dir, run, ids, true, metrics, submitted):
         X = build_input(run.models, split_predictions(run, SPLIT)[1], reader, rows_of(reader.ids, ids, reader.path),
                         names)
     proba = stacker.predict_proba(X)                                                       # (N, C)
-    if not np.array_equal(reweighter.transform(proba).argmax(1), submitted):
-        raise SystemExit(f"{stack_dir}: its saved stacker and reweighting do not give its submission.csv")
+    decided, recorded = decisions(stack_dir, proba, run.fine_to_coarse)
+    check_submitted(stack_dir, submitted, decided[recorded][0], "submission.csv")
     preds = {(kind, param): (proba * class_weights(kind, param, reweighter.class_counts_)).argmax(1)
              for kind, param, _ in reweighter.curve_}                                     # candidate -> (N,)
     curve = [(kind, param, oof, challenge_metric(true, preds[kind, param], run.fine_to_coarse)["mean"])
@@ -80,8 +87,15 @@ def reweighting_rows(stack_dir, run, ids, true, metrics, submitted):
     best = max(curve, key=lambda c: c[3])
     oracle = preds[best[0], best[1]]
     before = metrics["table"].get(metrics["stacker"], {}).get("mean")
-    return {"stack before reweighting": (before, proba.argmax(1)),
-            "stack, reweighting best on the 80% (oracle)": (None, oracle)}
+    rows = {"stack before reweighting": (before, proba.argmax(1)),
+            "stack, reweighting best on the 80% (oracle)": (None, oracle),
+            "stack + reweighting (arg-max)": (metrics["table"].get(f"{metrics['stacker']}+reweight", {}).get("mean"),
+                                              decided[ARGMAX][0])}
+    for pair in DECISIONS:
+        if pair not in (ARGMAX, recorded):
+            rows[f"stack + reweighting, {decision_name(pair)}"] = (None, decided[pair][0])
+        print(f"{stack_dir.name}: {decision_name(pair)}: {decision_note(decided[pair][1])}")
+    return rows
 
 
 def pseudo_accuracy(run_dir, true_of, fine_classes):
