@@ -30,7 +30,6 @@ from features.owned import OwnedFiles
 from features.records import write_json
 from features.store import StoreReader, rows_of
 from neural.metrics import PairedBootstrap, band, metric_from_proba
-from neural.unlabelled import unlabelled_path
 from stacking.decode import decode
 from stacking.labelshift import ShiftAdapter
 from stacking.plots import plot_per_class_f1
@@ -39,7 +38,7 @@ from stacking.rundir import RunDirError, available_splits, load_run, split_predi
 from stacking.signals import build_input, signal_names_for
 from stacking.stackers import check_overrides, make_stacker, stacker_params
 from stacking.submission import write_predictions
-from stacking.teach import clear_pseudo, teach
+from stacking.teach import check_teach, clear_pseudo, teach
 
 
 # every file `stack` writes in its --out (model/ and its siblings are the packaging's: inference/package.py)
@@ -254,8 +253,8 @@ def stack(run_dir, out_dir, options=None):
     with threadpool_limits(options.threads):
         run = _timed(timings, "load_run", load_run, run_dir, options.models)
         splits = _check_split(run, options.split)
-        if options.teach:                               # the split must be there before anything is fitted
-            unlabelled_path(run.config["cache_dir"], options.teach)
+        if options.teach:                               # the split and fold models, before anything is fitted
+            check_teach(run, options.teach)
         X, names = _timed(timings, "signals", labelled_input, run, options)
         table, chosen, stack_oof, reweighted, extra = evaluate(run, X, options, timings)
         # auto fits exactly what --stacker <chosen> fits (same parameters, same OOF for the reweighting)

@@ -26,11 +26,24 @@ import torch
 from features.records import atomic_path
 from features.store import StoreReader, create_dataset
 from neural.pseudo import PSEUDO_DIR, Teacher, pseudo_path, pseudo_record, teacher_proba
-from neural.unlabelled import open_unlabelled
+from neural.checkpoint import fold_paths, fold_saved
+from neural.unlabelled import open_unlabelled, unlabelled_path
 from stacking.rundir import RunDirError
 from stacking.signals import build_input
 
 FITTED_ON = "the OOF rows of the folds other than k"
+
+
+def check_teach(run, split):
+    """Before anything is fitted: SPLIT's store must be in the run's cache (not the labelled split) and every
+    fold model of the stacked base models saved; refused naming the file."""
+    unlabelled_path(run.config["cache_dir"], split)
+    for model in run.models:
+        for k in range(run.n_folds):
+            if not fold_saved(Path(run.run_dir) / model, k):
+                missing = next(p for p in fold_paths(Path(run.run_dir) / model, k) if not p.exists())
+                raise RunDirError(f"{missing}: the fold {k} model of '{model}' is missing; --teach needs every "
+                                  "fold model of the stacked base models")
 
 
 def fold_stacker(make, X, y, fold, k):

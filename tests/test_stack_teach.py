@@ -16,6 +16,7 @@ from neural.pipeline import train_neural
 from neural.pseudo import STACKED_LABELS, pseudo_path, read_pseudo_record
 from stacking import teach as teach_module
 from stacking.pipeline import StackOptions, stack
+from stacking.rundir import RunDirError
 from tests.fakes import write_fake_store
 
 torch.set_num_threads(1)
@@ -141,3 +142,14 @@ def test_the_command_line_teaches_and_says_where(planted, tmp_path, monkeypatch)
         in result.output
     assert json.loads((out / "stack.json").read_text())["options"]["teach"] == "unlabeled"
     assert all(pseudo_path(out, k).exists() for k in range(3))
+
+
+def test_teach_refuses_a_run_without_its_fold_models_naming_the_file(planted, tmp_path):
+    import shutil
+    _, run, _, _ = planted
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "linear" / "fold1.safetensors").unlink()
+    with pytest.raises(RunDirError, match=r"fold1.safetensors: the fold 1 model of 'linear' is missing"):
+        stack(copy, tmp_path / "s", StackOptions(**STACK))
+    assert not (tmp_path / "s").exists()
