@@ -279,6 +279,22 @@ def decisions(stack_dir, proba, fine_to_coarse):
     return out, recorded
 
 
+def shift_note(stack_dirs, split, labels, true, n_classes):
+    """One line: the true prior shift of the scored split (total variation of its answers' class shares from the
+    labelled ones) and each stack's EM estimate's distance to those answers (label shift auto can only help
+    where the estimate is nearer the truth than the labelled priors are)."""
+    tv = lambda p, q: 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())       # noqa: E731
+    train, truth = (np.bincount(v, minlength=n_classes) / len(v) for v in (labels, true))
+    parts = []
+    for name, stack_dir in stack_dirs.items():
+        shift = read_json(Path(stack_dir) / "metrics.json")["predictions"].get(split, {}).get("label_shift")
+        if shift:
+            parts.append(f"{name}: EM estimate TV {tv(shift['estimated_priors'], train):.3f} from the labelled "
+                         f"priors, {tv(shift['estimated_priors'], truth):.3f} from the answers'")
+    return (f"true prior shift of the {split} split: TV {tv(train, truth):.3f} between the labelled class shares and "
+            "its answers'" + ("; " + "; ".join(parts) if parts else ""))
+
+
 def check_submitted(stack_dir, submitted_pred, decided_pred, name):
     if (submitted_pred != decided_pred).any():
         raise RuntimeError(f"{stack_dir}: {name} differs from the saved stack's decision on "
@@ -409,7 +425,8 @@ def main(argv=None):
         "load": {"start": load_start, "end": load()}, "scoring_started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started))})
     (work / "heldout.md").write_text(table_text(table) + "\n")
     write_record("heldout", argv, [table], variant=cache.name,
-                 notes=["vs LR: against the stronger of the logistic-regression probes on the test items (the bar)"])
+                 notes=["vs LR: against the stronger of the logistic-regression probes on the test items (the bar)",
+                        shift_note({n: work / f"stack_{n}" for n in variants}, TEST, run.label, true, run.n_classes)])
 
 
 if __name__ == "__main__":

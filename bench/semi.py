@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import Table, write_record
-from bench.heldout import ARGMAX, DECISIONS, check_submitted, decision_name, decision_note, decisions
+from bench.heldout import ARGMAX, DECISIONS, check_submitted, decision_name, decision_note, decisions, shift_note
 from bench.protocols import data_dir_of, read_answers
 from features import schema
 from features.records import read_json, write_json
@@ -166,6 +166,11 @@ def main(argv=None):
             shown.add(row, name, cv_text, f"{score:.4f}", f"{entry['band'][0]:.3f}..{entry['band'][1]:.3f}", *diff,
                       f"{own:.4f}{own_vs}", phantom)
     notes = []
+    for name, run_dir in runs:
+        stack_dir = Path(f"{run_dir}_stack")
+        if (stack_dir / "metrics.json").exists():
+            notes.append(f"{name}: " + shift_note({"stack": stack_dir}, SPLIT, load_run(run_dir).label, boot.true,
+                                                  len(boot.f2c)))
     for name, _ in runs:
         if scored[name]["_pseudo"]:
             for k, p in scored[name]["_pseudo"].items():
