@@ -1,34 +1,44 @@
 """`extract`: annotations + frames -> frozen-encoder embeddings in one HDF5 store per split.
 
+    torchrun --nproc-per-node N run.py extract ...       (the same flags; WORLD_SIZE from the environment)
+
+One driver for one process or many: one process is a world of size one (features/world.py) that fills
+each split's own store; the ranks of a torchrun fill the shards of a fixed plan (features/shards.py) and
+the main rank stitches them, bit for bit the store one process writes.
+
 Workers decode and tokenise (DataLoader), the main process runs the encoders, a writer thread
 writes finished batches, so the three overlap. Batches are fixed row ranges: a resumed run skips
 the ranges already marked done and computes the rest exactly as an uninterrupted run would.
 """
 import hashlib
 import json
+import math
 import os
 import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from features import schema
-from features.aggregates import AggregateOptions, run_aggregates
+from features.aggregates import AggregateOptions, FrameAggregator, store_codebook, write_store_aggregates
 from features.annotations import annotations_path, read_annotations
 from features.categories import BUILTIN_MAP, load_category_map
 from features.class_names import write_class_names
+from features.codebook import CODEBOOK_FILE, Codebook
 from features.device import keep_freed_memory_mapped, resolve_device, resolve_precision
 from features.frames import MediaFault, check_source, detect_source, open_source
 from features.records import write_json
 from features.inputs import input_identity
 from features.store import (StoreDims, StoreMismatch, StoreReader, StoreWriter, check_config, check_inputs,
-                            create_store, is_store)
-from features.shards import shard_dir
+                            create_store, is_complete, is_store)
+from features.shards import (check_shards_complete, load_or_make_plan, merge_lines, remove_shards, shard_dir,
+                             shard_paths, stitch)
 from features.text_coverage import batch_record, field_token_counts, unk_summary, warn_unreadable
 from features.world import current_world
 
@@ -68,49 +78,115 @@ IDENTITY_OPTIONS = ("frame_encoder", "text_encoder", "frames", "max_tokens", "fr
 
 
 def extract(data_dir, splits, cache_dir, options, expect=None):
-    """Extract every split into CACHE_DIR/<split>.h5; returns {split: report dict} (on the main rank;
-    the other ranks of a torchrun get {}). Under torchrun, or when shards of an interrupted torchrun run
-    are there, the splits go through shards (features/sharded_extract.py); else all in this process.
-    `expect(config)`, when given, sees each split's store identity once the encoders are loaded, before
-    its store is created or any video encoded, and raises to refuse it (predict: the model's identity)."""
-    from features.encoders import build_frame_encoder, build_text_encoder
+    """Extract every split into CACHE_DIR/<split>.h5; returns {split: report dict} on the main rank (the
+    other ranks of a torchrun get {}). `expect(config)`, when given, sees each split's store identity once
+    the encoders are loaded, before its store is created or any video encoded, and raises to refuse it
+    (predict: the model's identity).
+
+    One driver for any number of processes; one process is a world of size one:
+    1. each split is filled as stores: its own CACHE/<split>.h5 (one process, or a store already there),
+       or the shards of its plan (features/shards.py) under torchrun or when an interrupted one left them,
+       each rank filling its contiguous range of shards (World.share);
+    2. the main rank checks every shard is complete, writes the class names and fits the codebook once
+       over every store in split and row order; every rank writes agg/* into its own stores;
+    3. the main rank stitches each sharded split into CACHE/<split>.h5 and writes its report.
+    A rerun of the same command with any number of ranks resumes from the stores and shards left."""
+    from features.encoders import build_frame_encoder
+    _check_options(splits, options)
+    kinds = frame_sources(data_dir, splits, options)          # before any encoder is loaded
+    world = current_world(options.device)                         # rank 0 of 1 without torchrun
+    device = world.device(options.device)                         # a rank's own GPU under torchrun
+    category_map = load_category_map(options.category_map)
+    text_encoder = _text_encoder(world, device, options)
+    frame_encoder, stores, reports = None, {}, {}
+    for split, kind in kinds.items():
+        if kind != "npy" and frame_encoder is None:
+            frame_encoder = build_frame_encoder(options.frame_encoder, device, text_encoder.precision,
+                                                text_encoder.runtime)
+        encoder = frame_encoder if kind != "npy" else None
+        job = split_input(data_dir, split, options, kind, category_map, encoder, text_encoder)
+        if expect is not None:
+            expect(job.config)
+        plan = world.broadcast(_plan_split(world, cache_dir, job, options) if world.is_main else None)
+        if plan is None:                    # the split's own store: filled by the main rank alone
+            if world.is_main:
+                reports[split] = _fill_split_store(cache_dir, job, category_map, encoder, text_encoder, options,
+                                                   device)
+            stores[split] = [schema.store_path(cache_dir, split)]
+            continue
+        stores[split] = shard_paths(cache_dir, split, plan)
+        first, last = world.share(len(stores[split]))
+        for index in range(first, last):
+            _fill_shard(stores[split][index], job, plan.bounds[index], category_map, encoder, text_encoder,
+                        options, device)
+    world.barrier()
+    if world.is_main:
+        check_shards_complete(_shards(cache_dir, stores), aggregates=False)
+        # after the stores: a store refusing this encoder must not leave class names from it beside them
+        write_class_names(cache_dir, category_map, text_encoder, options.text_encoder)  # when the map names them
+    agg_reports = _aggregate(world, cache_dir, stores, options, device) if options.aggregates is not None else {}
+    if not world.is_main:
+        return {}
+    for split in stores:
+        if split not in reports:
+            reports[split] = _stitch_split(cache_dir, split, stores[split], options)
+        path = schema.store_path(cache_dir, split)
+        if options.aggregates is not None:
+            reports[split]["aggregates"] = agg_reports.get(path) or _agg_summary(path, len(stores[split]))
+    return reports
+
+
+def _check_options(splits, options):
     if options.annotations and len(splits) != 1:
         raise ExtractError("--annotations names one file, so give exactly one --split")
     for name, least in (("frames", 1), ("batch_size", 1), ("frame_batch", 0), ("threads", 0), ("limit", 1)):
         if getattr(options, name) is not None and getattr(options, name) < least:
             raise ExtractError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(options, name)}")
-    kinds = frame_sources(data_dir, splits, options)          # before any encoder is loaded
-    world = current_world(options.device)                         # rank 0 of 1 without torchrun
-    device = world.device(options.device)                         # a rank's own GPU under torchrun
-    precision = resolve_precision(options.precision, device)      # part of each store's identity
+
+
+def _text_encoder(world, device, options):
+    """The text encoder in the run's precision (part of each store's identity), after the CPU threads are set."""
+    from features.encoders import build_text_encoder
+    precision = resolve_precision(options.precision, device)
     if device == "cpu":
         keep_freed_memory_mapped()        # ~3x faster CPU encoders (see its docstring)
         if options.threads:
             torch.set_num_threads(options.threads)               # e.g. 1 when other jobs share the cores
         elif world.distributed:
             torch.set_num_threads(world.cpu_threads())           # the ranks of a node share its cores
-    category_map = load_category_map(options.category_map)
     text_encoder = build_text_encoder(options.text_encoder, device, precision, options.runtime)
     if options.max_tokens > text_encoder.max_tokens:
         raise ExtractError(f"--max-tokens {options.max_tokens} is more than {options.text_encoder} "
                            f"accepts ({text_encoder.max_tokens})")
-    if world.distributed or any(shard_dir(cache_dir, split).exists() for split in kinds):
-        from features.sharded_extract import extract_sharded
-        return extract_sharded(world, data_dir, kinds, cache_dir, options, category_map, text_encoder, device)
-    frame_encoder = None
-    reports = {}
-    for split, kind in kinds.items():
-        if kind != "npy" and frame_encoder is None:
-            frame_encoder = build_frame_encoder(options.frame_encoder, device, precision, text_encoder.runtime)
-        reports[split] = extract_split(data_dir, split, cache_dir, options, kind, category_map,
-                                       frame_encoder if kind != "npy" else None, text_encoder, device, expect)
-    # after the stores: a store refusing this encoder must not leave class names from it beside them
-    write_class_names(cache_dir, category_map, text_encoder, options.text_encoder)   # when the map names them
-    if options.aggregates is not None:       # the codebook is fitted over every split given
-        for split, agg_report in run_aggregates(cache_dir, splits, options.aggregates, device,
-                                                options.overwrite).items():
-            reports[split]["aggregates"] = agg_report
-    return reports
+    return text_encoder
+
+
+def _plan_split(world, cache_dir, job, options):
+    """Main rank: None when the split is filled as its own store (one process, or the store is already
+    there to finish), else the split's shard plan (under torchrun, or shards of one are there)."""
+    path = schema.store_path(cache_dir, job.split)
+    if options.overwrite:
+        remove_store(path)
+        remove_shards(cache_dir, job.split)
+    if path.exists():
+        if shard_dir(cache_dir, job.split).exists() and is_complete(path):
+            remove_shards(cache_dir, job.split)      # a stitch finished before its shards were deleted
+        return None
+    if not world.distributed and not shard_dir(cache_dir, job.split).exists():
+        return None
+    return load_or_make_plan(cache_dir, job.split, len(job.videos), _shard_unit(options))
+
+
+def _shard_unit(options):
+    """Rows a shard boundary must be a multiple of: extract batches, and agg/* batches when computed."""
+    if options.aggregates is None:
+        return options.batch_size
+    return math.lcm(options.batch_size, options.aggregates.batch_size)
+
+
+def _shards(cache_dir, stores):
+    """Every shard path of `stores` ({split: [store paths]}): all but the splits' own stores."""
+    return [p for split, paths in stores.items() for p in paths if p != schema.store_path(cache_dir, split)]
 
 
 def frame_sources(data_dir, splits, options):
@@ -159,15 +235,73 @@ def split_input(data_dir, split, options, kind, category_map, frame_encoder, tex
 
 def extract_split(data_dir, split, cache_dir, options, kind, category_map, frame_encoder, text_encoder, device,
                   expect=None):
+    """One split into its own store CACHE_DIR/<split>.h5 in this process (predict's temporary split)."""
     job = split_input(data_dir, split, options, kind, category_map, frame_encoder, text_encoder)
     if expect is not None:
         expect(job.config)
-    path = schema.store_path(cache_dir, split)
-    _prepare_store(path, split, job.videos, category_map, job.config, options, job.dims, job.inputs)
+    return _fill_split_store(cache_dir, job, category_map, frame_encoder, text_encoder, options, device)
+
+
+def _fill_split_store(cache_dir, job, category_map, frame_encoder, text_encoder, options, device):
+    """Create (or check, to resume) the split's own store, fill every row, write its report."""
+    path = schema.store_path(cache_dir, job.split)
+    _prepare_store(path, job.split, job.videos, category_map, job.config, options, job.dims, job.inputs)
     faults_path, tokens_path = side_records(path)
     fill_store(path, job, 0, len(job.videos), frame_encoder, text_encoder, options, device,
                faults_path, tokens_path)
-    return split_report(path, split, len(job.videos), faults_path, tokens_path, options)
+    return split_report(path, job.split, len(job.videos), faults_path, tokens_path, options)
+
+
+def _fill_shard(path, job, bounds, category_map, frame_encoder, text_encoder, options, device):
+    """Rows `bounds` (start, end) of the split into the shard store at `path`, resuming it when there."""
+    start, end = bounds
+    create_or_check_store(path, job.split, job.videos[start:end], category_map, job.config, options, job.dims,
+                          job.inputs)
+    if is_complete(path):
+        return
+    fill_store(path, job, start, end, frame_encoder, text_encoder, options, device, *side_records(path))
+
+
+def _aggregate(world, cache_dir, stores, options, device):
+    """The codebook fitted once (main rank) over every store in order, then agg/* of each rank's own
+    stores (its shards; the main rank also the splits' own stores); {path: report} of what this rank wrote."""
+    every = [p for paths in stores.values() for p in paths]
+    if world.is_main:
+        store_codebook(cache_dir, every, options.aggregates, options.overwrite)
+    world.barrier()
+    codebook = Codebook.load(Path(cache_dir) / CODEBOOK_FILE)
+    aggregator = FrameAggregator(codebook, options.aggregates.poolings, device)
+    mine = []
+    for split, paths in stores.items():
+        if paths == [schema.store_path(cache_dir, split)]:
+            mine += paths if world.is_main else []
+        else:
+            first, last = world.share(len(paths))
+            mine += paths[first:last]
+    written = {p: write_store_aggregates(p, aggregator, codebook, options.aggregates, options.overwrite)
+               for p in mine}
+    world.barrier()
+    return written
+
+
+def _stitch_split(cache_dir, split, paths, options):
+    """Main rank: the shards' records merged, the shards copied into CACHE/<split>.h5, then deleted."""
+    path = schema.store_path(cache_dir, split)
+    faults_path, tokens_path = side_records(path)
+    check_shards_complete(paths, aggregates=options.aggregates is not None)
+    merge_lines([side_records(p)[0] for p in paths], faults_path)
+    merge_lines([side_records(p)[1] for p in paths], tokens_path)
+    n = stitch(paths, path, aggregates=options.aggregates is not None)     # renamed into place last
+    remove_shards(cache_dir, split)
+    return split_report(path, split, n, faults_path, tokens_path, options)
+
+
+def _agg_summary(path, n_shards):
+    """The aggregates report of a stitched store (its rows were aggregated shard by shard)."""
+    with h5py.File(path, "r") as h5:
+        widths = json.loads(h5.attrs["agg_widths"])
+        return {"rows": len(h5[schema.IDS]), "shards": n_shards, "widths": widths,
+                "total_width": int(sum(widths.values()))}
 
 
 def split_report(path, split, n_videos, faults_path, tokens_path, options):
@@ -270,7 +404,6 @@ def _check_same_ids(path, videos):
 
 def _environment(options):
     """What the store was made on and with; recorded, never compared (the config is the identity)."""
-    import h5py
     import transformers
     device = torch.device(resolve_device(options.device))
     versions = {"torch": torch.__version__, "numpy": np.__version__, "h5py": h5py.__version__,
