@@ -204,7 +204,7 @@ class _ModelsOption(click.Option):
 def train_neural(cache_dir, out_dir, models, overwrite, **options):
     """Train fusion models out-of-fold on the cached features; resumable per model and fold. Under
     `torchrun --nproc-per-node N` the fold fits are spread over the N processes (same result)."""
-    from features.world import current_world
+    from core.world import current_world
     from neural.models import parse_models
     from neural.options import NeuralOptions
     from neural.pipeline import available_models, describe_models, train_neural as run_train

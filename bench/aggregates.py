@@ -26,7 +26,7 @@ BENCHMARK = {"kind": "speed", "summary": "computing every agg/* feature against 
 def generate(path, n, n_frames, dim, chunk, seed):
     """Clustered random frames, 1..F valid per video, 1 % of videos with none (media faults)."""
     import numpy as np
-    from features import schema
+    from core import schema
     from features.categories import load_category_map
     from features.store import StoreDims, StoreWriter, create_store
     from tqdm import tqdm
@@ -52,7 +52,7 @@ def generate(path, n, n_frames, dim, chunk, seed):
 def read_pass(path, batch_size, threads):
     import h5py
     import torch                      # imported so the RSS baseline matches the aggregate phase
-    from features import schema
+    from core import schema
     torch.set_num_threads(threads)
     base = _peak_mb()
     t0 = time.perf_counter()
@@ -69,7 +69,7 @@ def codebook_pass(workdir, options_kw, threads):
     import torch
     from features.aggregates import AggregateOptions
     from features.codebook import CODEBOOK_FILE, fit_codebook
-    from features.schema import store_path
+    from core.schema import store_path
     torch.set_num_threads(threads)
     base = _peak_mb()
     t0 = time.perf_counter()

@@ -25,10 +25,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from core import schema
+from core.hdf5 import create_dataset
 from bench.common import REPO, Table, cache_dir, child_env, write_record
-from features import schema
 from features.shards import stitch
-from features.store import StoreReader, create_dataset
+from features.store import StoreReader
 
 BENCHMARK = {"kind": "speed", "summary": "extract at 1 and 2 processes (torchrun) and stitching shards by copy vs virtual dataset"}
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from core.device import keep_freed_memory_mapped
 import features.extract as extract_module
 from bench.common import Table, data_dir, measured, peak_rss_mib, write_record
 from features.annotations import annotations_path, read_annotations
 from features.categories import load_category_map
-from features.device import keep_freed_memory_mapped
 from features.encoders import build_frame_encoder, build_text_encoder
 from features.extract import ExtractOptions, VideoItems, encode_batch, extract_split
 from features.frames import detect_source, open_source

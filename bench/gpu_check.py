@@ -288,7 +288,7 @@ def compare_stores(path_a, path_b, rows_per_read=256):
     """Per-item cosines (min / mean) and max |difference| of three feature arrays between two stores."""
     import h5py
     import numpy as np
-    from features import schema
+    from core import schema
     pairs = ((schema.FRAME_EMB, schema.FRAME_MASK), (schema.TEXT_POOLED, schema.TEXT_FIELD_MASK),
              (schema.TEXT_TOKENS, schema.TEXT_TOKEN_MASK))
     out = {}
@@ -318,7 +318,7 @@ def lr_features(path):
     """(N, D + 3 Dt) mean masked frame and the three pooled fields; (N,) fine labels."""
     import h5py
     import numpy as np
-    from features import schema
+    from core import schema
     with h5py.File(path, "r") as h5:
         frames = h5[schema.FRAME_EMB][:].astype(np.float32)
         fmask = h5[schema.FRAME_MASK][:]
@@ -385,7 +385,7 @@ def csv_accuracy(csv_path, annotations):
 # ----------------------------------------------------------------------------- stage 4 helpers
 
 def torchrun_support():
-    """{command: True/False}: whether the command's code uses features.world (torchrun ranks) at all."""
+    """{command: True/False}: whether the command's code uses core.world (torchrun ranks) at all."""
     where = {"extract": ["features/extract.py", "features/aggregates.py"],
              "train-neural": ["neural/pipeline.py", "neural/train.py"]}
     return {cmd: any((REPO / f).is_file() and "current_world" in (REPO / f).read_text() for f in files)
@@ -467,7 +467,7 @@ def main(argv=None):
     import torch
     from features.annotations import read_annotations
     from features.categories import load_category_map
-    from features.device import keep_freed_memory_mapped, resolve_precision
+    from core.device import keep_freed_memory_mapped, resolve_precision
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cpu":
@@ -598,7 +598,7 @@ def main(argv=None):
         cache2, run2 = work / "cache_2p", work / "run_2p"
         if not support["extract"]:
             st4["extract"] = {"skipped": "extract has no torchrun support yet (features/extract.py and "
-                                         "features/aggregates.py do not use features.world.current_world)"}
+                                         "features/aggregates.py do not use core.world.current_world)"}
         else:
             x = st4["extract"] = runner.run("extract_2p", torchrun(*extract_cmd(args, data_dir, cache2, train_precision)[2:]))
             if x["ok"]:
@@ -613,7 +613,7 @@ def main(argv=None):
                     failures.append(f"2-process extract: {r.get('error') or r.get('skipped')}")
         if not support["train-neural"]:
             st4["train_neural"] = {"skipped": "train-neural has no torchrun support yet (neural/pipeline.py and "
-                                              "neural/train.py do not use features.world.current_world)"}
+                                              "neural/train.py do not use core.world.current_world)"}
         else:
             t = st4["train_neural"] = runner.run("train_neural_2p", torchrun(
                 "train-neural", "--cache", cache, "--out", run2, "--models", ",".join(models), "--folds", args.folds,

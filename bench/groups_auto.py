@@ -24,10 +24,10 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score
 
+from core import schema
 from bench.common import Table, write_record
 from bench.protocols import data_dir_of, read_answers
 from bench.ucf14 import TEST, actor_groups, mean_frames
-from features import schema
 from features.store import StoreReader
 from neural.folds import make_folds, make_group_folds
 from neural.metrics import PairedBootstrap, band, challenge_metric

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from core import schema
+from core.records import read_json, write_json
 from bench.common import REPO, Table, cache_dir, write_record
 from bench.protocols import data_dir_of, read_answers
 from bench.train_neural import mean_frame_and_title
-from features import schema
-from features.records import read_json, write_json
 from features.store import StoreReader, rows_of
 from neural.metrics import METRIC_KEYS, PairedBootstrap, band, challenge_metric, metric_from_proba
 from stacking.reweight import PriorReweighter

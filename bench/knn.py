@@ -26,8 +26,8 @@ from pathlib import Path
 import h5py
 import torch
 
+from core import schema
 from bench.common import REPO, Table, peak_rss_mib, write_record
-from features import schema
 from features.store import StoreReader
 from neural.metrics import challenge_metric
 from neural.models.knn import Knn, top_k

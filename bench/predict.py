@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
+from core.device import keep_freed_memory_mapped
 from bench.common import Table, measured, peak_rss_mib, write_record
 from bench.extract import bare_forward_seconds
 from features.annotations import annotations_path, read_annotations
 from features.categories import load_category_map
-from features.device import keep_freed_memory_mapped
 from features.encoders import build_frame_encoder, build_text_encoder
 from inference.model_dir import open_model_dir
 from inference.package import package_model

@@ -6,7 +6,7 @@
 Forward: EfficientNet-Lite0 on 32 images of 224 x 224 and MiniLM on 64 texts of 128 tokens, the arms
 interleaved round by round (torch, onnx, openvino, torch, onnx, ...) so other jobs' load falls on every arm
 alike; a rate is the median over rounds, a ratio the median of the per-round ratios to torch. torch runs
-as `extract` runs it (glibc's mmap threshold raised: features/device.py). Agreement, on the first --n
+as `extract` runs it (glibc's mmap threshold raised: core/device.py). Agreement, on the first --n
 labelled fashion items (first frame, title): per-item cosine against torch fp32 (min, mean) and the share
 of a logistic regression's predictions that change when the features come from the runtime (fitted on torch
 features of half the items, predicting the other half; as bench/gpu_check.py reports for bf16); skipped
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.device import keep_freed_memory_mapped
 from bench.common import Table, data_dir, write_record
-from features.device import keep_freed_memory_mapped
 from features.encoders import build_frame_encoder, build_text_encoder
 from features.runtime import RUNTIMES
 

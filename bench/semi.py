@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from core import schema
+from core.records import read_json, write_json
 from bench.common import Table, write_record
 from bench.heldout import ARGMAX, DECISIONS, check_submitted, decision_name, decision_note, decisions, shift_note
 from bench.protocols import data_dir_of, read_answers
-from features import schema
-from features.records import read_json, write_json
 from features.store import StoreReader, rows_of
 from neural.metrics import PairedBootstrap, band, challenge_metric, metric_from_proba
 from neural.outputs import read_run

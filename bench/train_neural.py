@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core import schema
 from bench.common import REPO, Table, cache_dir, peak_rss_mib, write_record
-from features import schema
 from features.store import StoreReader
 from demo.synthetic_store import write_synthetic_store
 from neural.folds import load_folds
@@ -128,7 +128,7 @@ def bench_options(args, argv):
 def scale_worker(args):
     """One model, one epoch on every row of the store (no folds): seconds and peak RSS of this process."""
     from features.codebook import Codebook
-    from features.device import resolve_device
+    from core.device import resolve_device
     from neural.data import StoreBatches
     from neural.models import model_entry, model_inputs
     from neural.spec import spec_from_store

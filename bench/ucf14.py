@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core import schema
 from bench.common import Table, write_record
 from bench.protocols import by_class, data_dir_of, read_answers, run_boundary
-from features import schema
 from features.store import StoreReader, rows_of
 from neural.metrics import PairedBootstrap, band, challenge_metric
 from stacking.rundir import load_run, split_predictions

@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.records import read_json, write_json
+from core.schema import LABELLED_SPLIT
 from features.aggregates import AggregateOptions
 from features.categories import load_category_map
 from features.extract import ExtractOptions, extract, list_splits
-from features.records import read_json, write_json
-from features.schema import LABELLED_SPLIT
 from demo import DemoError
 from demo.synthetic import generate_demo_dataset
 from inference.package import package_model

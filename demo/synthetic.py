@@ -45,10 +45,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from core.records import write_json
+from core.schema import LABELLED_SPLIT
 from demo import DemoError
 from features.categories import BUILTIN_MAP, load_category_map
-from features.records import write_json
-from features.schema import LABELLED_SPLIT
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)                          # fixed member time: byte-identical zips
 JPEG_QUALITY = 90

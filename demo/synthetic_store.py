@@ -5,8 +5,8 @@ weak planted class centre: it measures time and memory, never a score.
 """
 import numpy as np
 
+from core import schema
 from demo.synthetic import long_tail_counts
-from features import schema
 from features.categories import load_category_map
 from features.store import StoreDims, StoreWriter, create_store
 

@@ -24,12 +24,13 @@ import h5py
 import torch
 from tqdm import tqdm
 
-from features import schema
+from core import schema
+from core.device import resolve_device
+from core.hdf5 import create_dataset
+from core.records import options_diff
 from features.codebook import CODEBOOK_FILE, AggregateError, Codebook, check_finite_frames, fit_codebook
-from features.device import resolve_device
 from features.pooling import POOLINGS, pca_projection
-from features.records import options_diff
-from features.store import StoreReader, create_dataset
+from features.store import StoreReader
 
 SHIFTS = (1, 2, 3)
 SHIFT_STAT_NAMES = [f"shift{s}_{stat}" for s in SHIFTS for stat in ("mean", "std", "min", "max")] \

@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from features.records import atomic_path
+from core.records import atomic_path
 
 CLASS_NAMES_FILE = "class_names.h5"
 NAME_TOKENS = 32                       # class names are a few words

@@ -19,9 +19,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from features import schema
+from core import schema
+from core.records import atomic_path
 from features.pooling import netvlad_init
-from features.records import atomic_path
 from features.store import StoreError, StoreReader
 
 CODEBOOK_FILE = "codebook.h5"

@@ -17,7 +17,7 @@ all go through the same loader. Where weights come from (a file, a directory, a 
 decided once, in `_weights_source`, not in each loader.
 
 Every encoder is frozen (eval mode, no gradients), runs under inference_mode, and in its `precision`
-(features/device.py resolve_precision: "auto" is fp32 on the CPU, bf16 where supported else fp16 on
+(core/device.py resolve_precision: "auto" is fp32 on the CPU, bf16 where supported else fp16 on
 CUDA; bf16 and fp16 run under autocast). Encoders hold no cross-sample operation, so an item's
 embedding does not depend on what else is in its batch. `.checksum` is the sha256 of the weight
 file(s), or of the state_dict bytes when the weights come from a tag, a hub name or random init.
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from features.device import autocast, resolve_precision
+from core.device import autocast, resolve_precision
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

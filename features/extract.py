@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node N run.py extract ...       (the same flags; WORLD_SIZE from the environment)
 
-One driver for one process or many: one process is a world of size one (features/world.py) that fills
+One driver for one process or many: one process is a world of size one (core/world.py) that fills
 each split's own store; the ranks of a torchrun fill the shards of a fixed plan (features/shards.py) and
 the main rank stitches them, bit for bit the store one process writes.
 
@@ -25,22 +25,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from features import schema
+from core import schema
+from core.device import keep_freed_memory_mapped, resolve_device, resolve_precision
+from core.records import write_json
+from core.world import current_world
 from features.aggregates import AggregateOptions, FrameAggregator, store_codebook, write_store_aggregates
 from features.annotations import annotations_path, read_annotations
 from features.categories import BUILTIN_MAP, load_category_map
 from features.class_names import write_class_names
 from features.codebook import CODEBOOK_FILE, Codebook
-from features.device import keep_freed_memory_mapped, resolve_device, resolve_precision
 from features.frames import MediaFault, check_source, detect_source, open_source
-from features.records import write_json
 from features.inputs import input_identity
 from features.store import (StoreDims, StoreMismatch, StoreReader, StoreWriter, check_config, check_inputs,
                             create_store, is_complete, is_store)
 from features.shards import (check_shards_complete, load_or_make_plan, merge_lines, remove_shards, shard_dir,
                              shard_paths, stitch)
 from features.text_coverage import batch_record, field_token_counts, unk_summary, warn_unreadable
-from features.world import current_world
 
 
 class ExtractError(RuntimeError):

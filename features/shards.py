@@ -26,9 +26,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from features import schema
-from features.records import atomic_path, read_json, write_json
-from features.store import StoreError, create_dataset
+from core import schema
+from core.hdf5 import create_dataset
+from core.records import atomic_path, read_json, write_json
+from features.store import StoreError
 
 TARGET_SHARDS = 128          # shards per split at most (beyond, shards grow): 1.1M rows -> ~8.7k per shard
 ROW_BLOCK = 1024             # rows copied per read/write while stitching

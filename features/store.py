@@ -1,6 +1,6 @@
 """The HDF5 feature store: create, resume, write rows, mark complete, and read lazily.
 
-The layout is in features/schema.py. Crash safety comes from the layout never changing after
+The layout is in core/schema.py. Crash safety comes from the layout never changing after
 creation: every dataset is allocated in full when the store is made (HDF5 early allocation), so a
 later write only touches raw chunk bytes, never the file's metadata; a row's `done` flag is written
 and flushed only after its data, and `complete` is set only once every row is done.
@@ -14,8 +14,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from features import schema
-from features.records import atomic_path, options_diff
+from core import schema
+from core.hdf5 import create_dataset
+from core.records import atomic_path, options_diff
 from features.runtime import comparable_config
 
 
@@ -38,20 +39,6 @@ class StoreDims:
     frame_dim: int     # D
     text_dim: int      # Dt
     n_tokens: int      # T
-
-
-def _early_dcpl():
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    return dcpl
-
-
-def create_dataset(h5, name, shape, dtype):
-    """A dataset chunked by row and allocated in full now, so later writes never touch metadata."""
-    chunks = (1,) + tuple(shape[1:]) if len(shape) > 1 else (min(max(shape[0], 1), 4096),)
-    # fill_time never: allocation must not write N rows of zeros; every row is written whole.
-    return h5.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks,
-                             dcpl=_early_dcpl(), fill_time="never")
 
 
 def _video_datasets(n, dims):

@@ -9,7 +9,7 @@ in CACHE/<split>.tokens.jsonl (so a resumed run still counts every row once), pu
 import json
 import sys
 
-from features import schema
+from core import schema
 
 UNK_WARN_SHARE = 0.05                 # warn when more than 5% of a field's tokens are unknown
 

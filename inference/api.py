@@ -107,7 +107,7 @@ class Classifier:
 
     def _device(self, options):
         import torch
-        from features.device import resolve_device
+        from core.device import resolve_device
         device = resolve_device(options.device)
         if device == "cpu" and options.threads:
             torch.set_num_threads(options.threads)
@@ -115,7 +115,7 @@ class Classifier:
 
     def encoders(self, options, device, need_frames=True):
         """(text encoder, frame encoder or None): built as `extract` builds them, at the first call only."""
-        from features.device import resolve_precision
+        from core.device import resolve_precision
         from features.encoders import build_frame_encoder, build_text_encoder
         precision = resolve_precision(options.precision, device)
         if self.text_encoder is None:

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from features.records import read_json, write_json
+from core.records import read_json, write_json
 
 FORMAT, VERSION = "shortvideo-model", 1
 MANIFEST = "manifest.json"

@@ -13,7 +13,7 @@ import csv
 import h5py
 import numpy as np
 
-from features.records import atomic_path
+from core.records import atomic_path
 
 TOP_K_FIELDS = ("id", "rank", "category_id", "level1_id", "probability")
 

@@ -16,10 +16,10 @@ import json
 import shutil
 from pathlib import Path
 
-from features import schema
+from core import schema
+from core.owned import OwnedFiles
+from core.records import read_json, write_json
 from features.categories import BUILTIN_MAP
-from features.owned import OwnedFiles
-from features.records import read_json, write_json
 from features.store import StoreReader
 from inference.model_dir import (CATEGORY_MAP, CODEBOOK, FORMAT, MODEL_JSON, NEURAL, STACK, VERSION,
                                  file_digest, write_manifest)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from features import schema
+from core import schema
+from core.records import options_diff, write_json
 from features.frames import detect_source
-from features.records import options_diff, write_json
 from features.store import NOT_FEATURES, StoreMismatch, StoreReader, feature_identity
 from inference.model_dir import MODEL_JSON, open_model_dir
 from inference.package import store_dims

@@ -6,7 +6,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from features.records import atomic_path, read_json, write_json
+from core.records import atomic_path, read_json, write_json
 from neural.models import build_model
 from neural.outputs import RunError
 from neural.spec import ModelSpec, SpecError

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from features import schema
+from core import schema
 
 AGG_COMMAND = "python run.py extract"      # the aggregates stage of extract writes agg/*
 

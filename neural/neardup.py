@@ -31,7 +31,7 @@ from sklearn import config_context
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
-from features import schema
+from core import schema
 
 AUTO = "auto"
 NONE = "none"

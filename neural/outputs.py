@@ -25,10 +25,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from features import schema
-from features.owned import OwnedFiles
-from features.records import atomic_path, options_diff, read_json, write_json
-from features.store import create_dataset
+from core import schema
+from core.hdf5 import create_dataset
+from core.owned import OwnedFiles
+from core.records import atomic_path, options_diff, read_json, write_json
 from neural.options import NeuralOptions, OptionsError
 
 RUN_FILE = "run.json"

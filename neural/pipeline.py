@@ -4,7 +4,7 @@ RUN_DIR layout: the "Neural run directory" contract in notes/CONTRACTS.md (run.j
 <model>/predictions.h5, <model>/fold<k>.{safetensors,json}). Training uses no early stopping on the held-out fold (a
 fixed number of epochs), so out-of-fold predictions are honest estimates.
 
-Under torchrun (features/world.py) the (model, fold) fits are spread over the ranks (neural/distributed.py):
+Under torchrun (core/world.py) the (model, fold) fits are spread over the ranks (neural/distributed.py):
 the main rank writes folds.h5 and run.json and creates each predictions.h5, every rank fits its share and
 saves its fold files, a rank other than the main one leaves its out-of-fold rows in a per-fold file, and
 after a barrier each model's owner rank merges those rows, predicts the other splits and writes the
@@ -17,13 +17,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from features import schema
+from core import schema
+from core.device import resolve_device
+from core.owned import check_apart
+from core.records import options_diff
+from core.world import current_world
 from features.class_names import CLASS_NAMES_FILE, load_class_names
 from features.codebook import CODEBOOK_FILE, Codebook
-from features.device import resolve_device
-from features.owned import check_apart
-from features.world import current_world
-from features.records import options_diff
 from features.store import StoreReader
 from neural import outputs
 from neural.checkpoint import fold_paths, fold_saved, load_fold, read_record, save_fold
@@ -340,7 +340,7 @@ def open_predictions(runs, ids, labels_lab, split_ids):
 
 def train_neural(cache_dir, out_dir, models, options=None, overwrite=False, world=None):
     """Train each model out-of-fold on CACHE_DIR/labeled.h5 and predict the other splits; under torchrun
-    (`world`, default: features.world.current_world()) the fold fits are spread over the ranks.
+    (`world`, default: core.world.current_world()) the fold fits are spread over the ranks.
 
     -> {model name: metrics dict (per fold and out-of-fold challenge metric, seconds per epoch)}, on every rank."""
     options = (options or NeuralOptions()).check()

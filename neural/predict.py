@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features.device import resolve_device
+from core.device import resolve_device
 from features.store import StoreReader
 from neural.checkpoint import load_fold
 from neural.data import StoreBatches

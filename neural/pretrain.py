@@ -39,8 +39,8 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from features import schema
-from features.records import atomic_path, options_diff, read_json, write_json
+from core import schema
+from core.records import atomic_path, options_diff, read_json, write_json
 from features.store import feature_identity
 from neural.checkpoint import read_tensors, tensor_mismatch
 from neural.data import StoreBatches, loader, shuffled_batches, to_device

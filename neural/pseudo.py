@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from features.records import atomic_path, options_diff, read_json
-from features.store import StoreReader, create_dataset
+from core.hdf5 import create_dataset
+from core.records import atomic_path, options_diff, read_json
+from features.store import StoreReader
 from neural.checkpoint import fold_paths, fold_saved, load_fold
 from neural.data import StoreBatches
 from neural.folds import load_folds

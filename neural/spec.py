@@ -2,7 +2,7 @@
 with a JSON round trip; written into each RUN_DIR/<model>/fold<k>.json."""
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
-from features import schema
+from core import schema
 
 
 class SpecError(ValueError):

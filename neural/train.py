@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from features import schema
+from core import schema
 from neural.data import loader, ordered_batches, shuffled_batches, to_device
 from neural.models import FitContext, build_model
 

@@ -9,8 +9,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from features import schema
-from features.records import options_diff
+from core import schema
+from core.records import options_diff
 from features.store import StoreReader, feature_identity
 from neural.outputs import RunError
 

@@ -25,9 +25,9 @@ from sklearn.metrics import f1_score
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from features import schema
-from features.owned import OwnedFiles
-from features.records import write_json
+from core import schema
+from core.owned import OwnedFiles
+from core.records import write_json
 from features.store import StoreReader, rows_of
 from neural.metrics import PairedBootstrap, band, metric_from_proba
 from stacking.decode import decode

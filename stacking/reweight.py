@@ -9,7 +9,7 @@ stacker's cross-validation).
 """
 import numpy as np
 
-from features.records import read_json, write_json
+from core.records import read_json, write_json
 
 
 TAUS = tuple(np.round(np.arange(0.0, 1.51, 0.05), 2))

@@ -13,8 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from features import schema
-from features.records import options_diff
+from core import schema
+from core.records import options_diff
 from features.store import StoreReader, rows_of
 from neural.outputs import labelled_store_path, read_blocked, read_run
 

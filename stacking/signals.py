@@ -6,7 +6,7 @@ low-dimensional agg/shift_stats.
 """
 import numpy as np
 
-from features import schema
+from core import schema
 from stacking.stackers import StackInput
 
 SHIFT_STATS = f"{schema.AGG_GROUP}/shift_stats"

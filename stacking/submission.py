@@ -3,7 +3,7 @@ from collections import Counter
 
 import numpy as np
 
-from features.records import atomic_path
+from core.records import atomic_path
 
 
 class SubmissionError(ValueError):

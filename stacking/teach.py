@@ -23,8 +23,9 @@ import h5py
 import numpy as np
 import torch
 
-from features.records import atomic_path
-from features.store import StoreReader, create_dataset
+from core.hdf5 import create_dataset
+from core.records import atomic_path
+from features.store import StoreReader
 from neural.pseudo import PSEUDO_DIR, Teacher, pseudo_path, pseudo_record, teacher_proba
 from neural.checkpoint import fold_paths, fold_saved
 from neural.unlabelled import open_unlabelled, unlabelled_path

@@ -1,7 +1,7 @@
 """Small, complete feature stores with planted class signal, for tests of the stages after extract."""
 import numpy as np
 
-from features import schema
+from core import schema
 from features.categories import CategoryMap
 from features.class_names import save_class_names
 from features.store import StoreDims, StoreWriter, create_store

@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 
+from core import schema
 from bench.common import run_child
-from features import schema
 from features.store import StoreReader
 from demo.synthetic_store import write_synthetic_store
 from neural.models import model_inputs

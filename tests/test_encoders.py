@@ -268,7 +268,7 @@ def test_bf16_on_the_cpu_changes_features_only_a_little(real_items):
 
 
 def test_a_precision_the_device_cannot_run_is_refused():
-    from features.device import DeviceError, resolve_precision
+    from core.device import DeviceError, resolve_precision
     with pytest.raises(DeviceError, match="fp16 on the CPU"):
         resolve_precision("fp16", "cpu")
     with pytest.raises(DeviceError, match="fp64.*auto, fp32, bf16, fp16"):

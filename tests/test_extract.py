@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from features import schema
+from core import schema
 from features.aggregates import AggregateOptions
 from features.encoders import FrameEncoder
 from features.extract import ExtractError, extract

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from features import aggregates, schema
+from core import schema
+from core.world import World
+from features import aggregates
 from features.categories import load_category_map
 from features.shards import ShardError, load_or_make_plan, plan_shards, stitch
 from features.store import StoreDims, StoreWriter, create_store
-from features.world import World
 from tests.commands import rank_pid, start, subprocess_ok, torchrun
 from tests.media import make_npy_dataset
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from features import schema
+from core import schema
 from neural.folds import folds_groups_auto, load_folds, make_folds
 from neural.neardup import NearDupRule, find_groups
 from neural.options import NeuralOptions

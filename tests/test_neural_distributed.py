@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from features.world import World
+from core.world import World
 from neural import outputs, pipeline
 from neural.checkpoint import fold_paths
 from neural.distributed import rank_jobs

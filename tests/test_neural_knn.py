@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from features import schema
+from core import schema
 from features.store import StoreReader
 from neural import outputs, pipeline
 from neural.checkpoint import load_fold

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from features import schema
+from core import schema
 from features.categories import load_category_map
 from features.store import StoreDims, StoreReader, StoreWriter, create_store
 from neural import outputs

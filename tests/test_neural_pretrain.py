@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from features import schema
+from core import schema
 from features.store import StoreDims, StoreReader, StoreWriter, create_store
 from neural import pretrain as pretrain_module
 from neural.data import StoreBatches

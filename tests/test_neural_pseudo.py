@@ -230,7 +230,7 @@ def test_pseudo_batches_are_confident_class_balanced_seeded_and_carry_their_rows
 
 def _two_modality_batch(n=400):
     """Rows 0..n/2 have text and frames; the next quarter text only, the last frames only."""
-    from features import schema
+    from core import schema
     g = torch.Generator().manual_seed(3)
     text_mask = torch.ones(n, 5, dtype=torch.bool)
     frame_mask = torch.ones(n, 4, dtype=torch.bool)
@@ -242,7 +242,7 @@ def _two_modality_batch(n=400):
 
 
 def test_modality_drop_takes_one_modality_from_the_share_of_rows_that_have_both():
-    from features import schema
+    from core import schema
     from neural.train import drop_modality
     batch = _two_modality_batch()
     out = drop_modality(batch, 0.5, torch.Generator().manual_seed(0))

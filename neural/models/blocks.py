@@ -6,7 +6,7 @@ C1 coarse classes. Masks are bool, True for a real position.
 import torch
 import torch.nn as nn
 
-from features import schema
+from core import schema
 
 
 def ensure_one(mask):

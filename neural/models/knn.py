@@ -15,7 +15,7 @@ is bounded by the block size, not by the bank.
 import torch
 import torch.nn.functional as F
 
-from features import schema
+from core import schema
 from neural.data import loader, ordered_batches
 from neural.models.base import FoldModel, ModelEntry
 from neural.models.blocks import FRAMES_AND_POOLED_TEXT, masked_mean

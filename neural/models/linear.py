@@ -12,7 +12,7 @@ text field empty in every video) gets scale 0, so it adds nothing rather than di
 """
 import torch
 
-from features import schema
+from core import schema
 from neural.data import loader, ordered_batches
 from neural.models.base import FoldModel, ModelEntry
 from neural.models.blocks import FRAMES_AND_POOLED_TEXT, Heads, masked_mean, pooled_text

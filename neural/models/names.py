@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from features import schema
+from core import schema
 from neural.models.base import FoldModel, ModelEntry
 from neural.models.blocks import POOLED_TEXT
 

@@ -9,7 +9,7 @@ training (`initialise`), so a saved fold model predicts without the cache.
 import torch
 import torch.nn as nn
 
-from features import schema
+from core import schema
 from features.pooling import CodebookPooling, NetVLAD, NeXtVLAD
 from neural.models.base import FoldModel, ModelEntry
 from neural.models.blocks import FRAMES_AND_POOLED_TEXT, ContextGating, Heads, Projection, ensure_one, pooled_text

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features.records import atomic_path, read_json, write_json
+from core.records import atomic_path, read_json, write_json
 
 
 class StackerError(ValueError):

@@ -3,7 +3,7 @@
 lightgbm is imported on use: importing it costs ~2 s, which every `run.py` command would pay for the
 stackers' help text otherwise.
 """
-from features.records import atomic_path
+from core.records import atomic_path
 from stacking.stackers.base import StackerError
 
 BOOSTER_FILE = "booster.txt"

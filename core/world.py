@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from features.device import resolve_device
+from core.device import resolve_device
 
 # a rank may wait at a barrier while another finishes hours of extraction: far above torch's 30 min default
 BARRIER_TIMEOUT = datetime.timedelta(hours=48)
