@@ -164,6 +164,10 @@ class Session:
             ort = _runtime_module("onnx")
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            # no spin-waiting between ops: a spinning pool thread takes the core extract's decode worker
+            # and writer thread need (onnxruntime spins by default, for a machine it has to itself)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
             self._ort = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         else:
             ov = _runtime_module("openvino")
