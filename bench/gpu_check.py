@@ -22,6 +22,11 @@ Stages (each subprocess is the real CLI, `python run.py ...`, timed by its wall 
   4  when torch.cuda.device_count() >= 2 (or --two-process force): `torchrun --nproc-per-node 2` extract
      and train-neural, compared with the 1-process results; skipped, saying why, when the code has no
      torchrun support yet.
+  5  the frame encoder exported to ONNX (features/runtime.py's cached export, as `--runtime onnx` uses on the
+     CPU) on onnxruntime-gpu's CUDA execution provider (fp32) and its TensorRT provider (fp16), against torch
+     on the same GPU in bf16 (extract's GPU default) and fp32: images/s at extract's GPU frame batch and the
+     per-item cosine against torch fp32. Each provider is skipped, saying why, when onnxruntime does not list
+     it (pip install onnxruntime-gpu; TensorRT's libraries for the second) or --device is cpu.
 Everything runs under a deadline (--budget, default 540 s): a stage that cannot start in time is skipped.
 Writes OUT/gpu_check.json, OUT/gpu_check.txt (the table) and OUT/logs/*.log (each subprocess's output);
 OUT is --out, else $OUT, else ./bench_out/gpu_check. Bulky stores go to --work (deleted at the end unless
@@ -510,6 +515,7 @@ def main(argv=None):
         row = st1[p] = {"bare": bare_forward(batches, args, p)}
         print(f"  bare {p}: frame encoder {row['bare']['frame_videos_per_s']} videos/s, every encoder "
               f"{row['bare']['all_videos_per_s']} videos/s", flush=True)
+    runtime_images = torch.cat([it["frames"] for b in batches for it in b if it["frames"] is not None])[:512]
     del batches
     for p in PRECISIONS:
         row = st1[p]
@@ -623,6 +629,10 @@ def main(argv=None):
                 st4["oof_max_abs_diff"] = oof_differences(run_dir, run2, models)
             else:
                 failures.append(f"2-process train-neural: {t.get('error') or t.get('skipped')}")
+    # 5 ------------------------------------------------------------------ onnxruntime-gpu, TensorRT
+    print("stage 5: the frame encoder on onnxruntime's CUDA and TensorRT providers", flush=True)
+    st5 = res["stages"]["5_runtime_gpu"] = gpu_runtime_stage(args, runtime_images, work, runner)
+    failures += [f"{name}: {r['failure']}" for name, r in st5.items() if isinstance(r, dict) and "failure" in r]
     res["failures"] = failures
     save()
     text = format_table(res)
@@ -631,6 +641,107 @@ def main(argv=None):
     if not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failures else 0
+
+
+# ----------------------------------------------------------------------------- stage 5: ORT on the GPU
+
+# provider -> (its options, the precision it runs, the least per-item cosine against torch fp32 that passes)
+GPU_PROVIDERS = {
+    "CUDAExecutionProvider": ({}, "fp32", 0.999),          # cuDNN may pick TF32 convolutions: ~1e-4 off
+    "TensorrtExecutionProvider": ({"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                   "trt_profile_min_shapes": "images:1x3x{s}x{s}",
+                                   "trt_profile_opt_shapes": "images:{b}x3x{s}x{s}",
+                                   "trt_profile_max_shapes": "images:{b}x3x{s}x{s}"}, "fp16", 0.99),
+}
+
+
+def provider_skip_reason(provider, device, available):
+    """Why `provider` cannot be checked here (None when it can): the device, or onnxruntime's own list."""
+    if device != "cuda":
+        return f"--device {device}: onnxruntime's GPU providers need --device cuda"
+    if available is None:
+        return "onnxruntime is not installed (pip install onnxruntime-gpu)"
+    if provider not in available:
+        how = ("pip install onnxruntime-gpu (it replaces the CPU-only onnxruntime)" if provider == "CUDAExecutionProvider"
+               else "onnxruntime-gpu built with TensorRT, and TensorRT's libraries on LD_LIBRARY_PATH")
+        return f"onnxruntime lists {', '.join(available)}, not {provider}: {how}"
+    return None
+
+
+def _timed(fn, images, step, reps=3):
+    """(best images/s over `reps` passes after one warm-up pass, (n, D) float32 outputs of the last pass)."""
+    import numpy as np
+    fn(images[:step])
+    best, out = None, None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = np.concatenate([fn(images[s:s + step]) for s in range(0, len(images), step)])
+        rate = len(images) / (time.perf_counter() - t0)
+        best = rate if best is None else max(best, rate)
+    return round(best, 1), out
+
+
+def _row_cosines(a, b):
+    import numpy as np
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return {"cos_min": round(float(cos.min()), 6), "cos_mean": round(float(cos.mean()), 6)}
+
+
+def gpu_runtime_stage(args, images, work, runner):
+    """{torch bf16/fp32 images/s, provider: result or {"skipped": why}} for the frame encoder on onnxruntime's
+    GPU providers (GPU_PROVIDERS), images (n, 3, H, W), at extract's GPU frame batch. A provider whose features
+    fall below its cosine floor against torch fp32 gets "failure"."""
+    try:
+        import onnxruntime as ort
+        available = ort.get_available_providers()
+    except ImportError:
+        available = None
+    out = {name: {"skipped": why} for name in GPU_PROVIDERS
+           if (why := provider_skip_reason(name, args.device, available))}
+    if len(out) == len(GPU_PROVIDERS):
+        return out
+    if runner.left() < 120:
+        return {name: {"skipped": f"{runner.left():.0f} s of --budget left (< 120)"} for name in GPU_PROVIDERS}
+    import torch
+    from features.encoders import build_frame_encoder
+    from features.extract import FRAME_BATCH
+    from features.runtime import ENV_CACHE
+    os.environ.setdefault(ENV_CACHE, str(work / "encoders"))     # the check's own export cache
+    spec, step = "efficientnet-lite0", FRAME_BATCH["cuda"]
+    path = build_frame_encoder(spec, "cpu", "fp32", "onnx").exported          # the graph --runtime onnx runs
+    for precision in ("bf16", "fp32"):
+        fe = build_frame_encoder(spec, "cuda", precision)
+
+        def forward(x, fe=fe):
+            return fe.encode(x.to("cuda")).float().cpu().numpy()
+        out[f"torch_{precision}_images_per_s"], ref = _timed(forward, images, step)
+        del fe
+    torch.cuda.empty_cache()
+    size = images.shape[-1]
+    for name, (options, precision, floor) in GPU_PROVIDERS.items():
+        if name in out:
+            continue
+        try:
+            options = {k: v.format(s=size, b=step) if isinstance(v, str) else v for k, v in options.items()}
+            if name == "TensorrtExecutionProvider":
+                options["trt_engine_cache_path"] = str(work / "trt_engines")
+            session = ort.InferenceSession(str(path), providers=[(name, options), "CPUExecutionProvider"])
+            if session.get_providers()[0] != name:
+                out[name] = {"skipped": f"onnxruntime fell back to {session.get_providers()[0]} (see its log)"}
+                continue
+
+            def forward(x, session=session):
+                return session.run(None, {"images": x.numpy()})[0]
+            rate, feats = _timed(forward, images, step)
+        except Exception as err:            # a provider that lists itself but cannot build this graph
+            out[name] = {"failure": f"{type(err).__name__}: {str(err)[:300]}"}
+            continue
+        r = out[name] = {"precision": precision, "images_per_s": rate, **_row_cosines(feats, ref),
+                         "speedup_vs_torch_bf16": ratio(rate, out["torch_bf16_images_per_s"])}
+        if r["cos_min"] < floor:
+            r["failure"] = f"per-item cosine against torch fp32 {r['cos_min']} < {floor}"
+    return out
 
 
 # ----------------------------------------------------------------------------- the table
@@ -725,6 +836,20 @@ def format_table(res):
     if "oof_max_abs_diff" in st4:
         lines.append(f"{'4 2-process OOF vs 1-process, max |diff|':58s} "
                      + ", ".join(f"{k} {v:.2e}" for k, v in st4["oof_max_abs_diff"].items()))
+    st5 = st.get("5_runtime_gpu", {})
+    for key in ("torch_bf16_images_per_s", "torch_fp32_images_per_s"):
+        if key in st5:
+            lines.append(f"{'5 frame encoder on torch ' + key.split('_')[1] + ', images/s':58s} {st5[key]}")
+    for name in GPU_PROVIDERS:
+        r = st5.get(name)
+        if r is None:
+            continue
+        if "images_per_s" in r:
+            status = (f"{r['images_per_s']} images/s ({r['precision']}), {fmt(r['speedup_vs_torch_bf16'], '.2f')}x "
+                      f"torch bf16; cosine vs torch fp32 min {r['cos_min']}")
+        else:
+            status = f"skipped: {r['skipped']}" if "skipped" in r else f"FAILED {r['failure']}"
+        lines.append(f"{'5 onnxruntime ' + name:58s} {status}")
     lines.append("failures: " + ("; ".join(res.get("failures", [])) or "none"))
     return "\n".join(lines)
 

@@ -138,3 +138,28 @@ def test_cpu_dry_run(tmp_path):
     table = (out / "gpu_check.txt").read_text()
     assert "failures: none" in table and "2 bf16 vs fp32 cosine per item frame_emb" in table
     assert not work.exists()                              # bulky stores removed without --keep-work
+
+
+def test_gpu_providers_skipped_with_their_reason():
+    """Stage 5 (onnxruntime-gpu / TensorRT) never fails a machine without them: each provider is skipped
+    saying why (the device, or the providers onnxruntime lists), and the table shows the reasons and figures."""
+    assert "--device cuda" in gc.provider_skip_reason("CUDAExecutionProvider", "cpu", ["CPUExecutionProvider"])
+    why = gc.provider_skip_reason("CUDAExecutionProvider", "cuda", ["CPUExecutionProvider"])
+    assert "not CUDAExecutionProvider" in why and "onnxruntime-gpu" in why
+    assert "TensorRT" in gc.provider_skip_reason("TensorrtExecutionProvider", "cuda", ["CUDAExecutionProvider"])
+    assert "not installed" in gc.provider_skip_reason("CUDAExecutionProvider", "cuda", None)
+    assert gc.provider_skip_reason("CUDAExecutionProvider", "cuda", ["CUDAExecutionProvider"]) is None
+    args = type("Args", (), {"device": "cpu"})()
+    st5 = gc.gpu_runtime_stage(args, None, Path("unused"), runner=None)      # returns before any work
+    assert set(st5) == set(gc.GPU_PROVIDERS) and all("--device cpu" in r["skipped"] for r in st5.values())
+    res = {"args": {"items": 10, "holdout": 4, "frames": 1, "models": "mlp", "folds": 3, "epochs": 1},
+           "machine": {"gpu_count": 1, "device": "cuda", "torch": "x", "cuda": "12", "cpu_count": 2},
+           "train_precision": "bf16", "total_s": 1.0, "failures": [],
+           "stages": {"5_runtime_gpu": {"torch_bf16_images_per_s": 900.0, "torch_fp32_images_per_s": 500.0,
+                                        "CUDAExecutionProvider": {"precision": "fp32", "images_per_s": 1200.0,
+                                                                  "cos_min": 0.99998, "cos_mean": 0.99999,
+                                                                  "speedup_vs_torch_bf16": 1.333},
+                                        "TensorrtExecutionProvider": {"skipped": "no TensorRT"}}}}
+    text = gc.format_table(res)
+    assert "1200.0 images/s (fp32), 1.33x torch bf16" in text and "skipped: no TensorRT" in text
+    assert "5 frame encoder on torch bf16, images/s" in text
