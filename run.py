@@ -120,6 +120,26 @@ class _ModelsOption(click.Option):
         return super().get_help_record(ctx)
 
 
+class _ParamsOption(click.Option):
+    """--param, whose help lists every model's declared parameters (from the registry, when help is shown)."""
+
+    def get_help_record(self, ctx):
+        from neural.models import params_help
+        self.help = params_help()
+        return super().get_help_record(ctx)
+
+
+def _model_params(ctx, param, values):
+    """--param [MODEL.]NAME=VALUE strings -> {"[model.]name": typed value}; a bad one is a usage error."""
+    if not values:
+        return {}
+    from neural.models import ModelNameError, ModelParamError, parse_params
+    try:
+        return parse_params(values)
+    except (ModelNameError, ModelParamError) as err:
+        raise click.BadParameter(str(err)) from err
+
+
 @cli.command("train-neural")
 @click.option("--cache", "cache_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Cache directory of `extract` (labeled.h5, other splits, codebook.h5).")
@@ -150,13 +170,8 @@ class _ModelsOption(click.Option):
 @click.option("--max-tokens", default=_NEURAL.max_tokens, show_default=True,
               help="Text tokens the token models read: the first of the ones extract cached (its --max-tokens, 128 "
                    "by default); fewer is faster.")
-@click.option("--vlad-pooling", type=click.Choice(["nextvlad", "netvlad"]), default=_NEURAL.vlad_pooling,
-              show_default=True, help="vlad: the trainable pooling of its frames.")
-@click.option("--knn-k", default=_NEURAL.knn_k, show_default=True, help="knn: neighbours that vote.")
-@click.option("--knn-temperature", default=_NEURAL.knn_temperature, show_default=True,
-              help="knn: a neighbour's vote weighs exp(cosine / temperature).")
-@click.option("--knn-dim", default=_NEURAL.knn_dim, show_default=True,
-              help="knn: PCA width of the bank of training vectors (0: none).")
+@click.option("--param", "params", multiple=True, metavar="[MODEL.]NAME=VALUE", cls=_ParamsOption,
+              callback=_model_params, help="A model's own parameter (repeatable; the list: --help).")
 @click.option("--label-smoothing", default=_NEURAL.label_smoothing, show_default=True,
               help="Label smoothing of the cross-entropy.")
 @click.option("--class-balanced/--no-class-balanced", default=_NEURAL.class_balanced, show_default=True,
@@ -205,13 +220,17 @@ def train_neural(cache_dir, out_dir, models, overwrite, **options):
     """Train fusion models out-of-fold on the cached features; resumable per model and fold. Under
     `torchrun --nproc-per-node N` the fold fits are spread over the N processes (same result)."""
     from core.world import current_world
-    from neural.models import parse_models
+    from neural.models import check_params, parse_models
     from neural.options import NeuralOptions
     from neural.pipeline import available_models, describe_models, train_neural as run_train
     from neural.pretrain import pretrainable
     from neural.unlabelled import describe_unlabelled, unlabelled_path
     names = available_models(cache_dir) if models is None else parse_models(models)
     neural_options = NeuralOptions(**options).check()
+    try:
+        check_params(neural_options.params, names)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--param") from err
     world = current_world()
     if models is None and world.is_main:
         click.echo(describe_models(names))

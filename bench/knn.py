@@ -79,9 +79,20 @@ def search(args, argv):
 
 
 def parse_variant(text, base):
-    """'knn_k=20,knn_temperature=0.1' -> (that text, the options with those values)."""
-    values = dict(part.split("=") for part in text.split(","))
-    return text, replace(base, **{k: type(getattr(base, k))(v) for k, v in values.items()})
+    """'k=20,temperature=0.1' (knn's declared parameters) -> (that text, the options with those values)."""
+    from neural.models import parse_params
+    values = parse_params(f"knn.{part}" for part in text.split(","))
+    return text, with_knn(base, **{k.partition(".")[2]: v for k, v in values.items()})
+
+
+def with_knn(base, **values):
+    """`base` (NeuralOptions) with knn's parameters `values` set over its own."""
+    return replace(base, params={**base.params, **{f"knn.{k}": v for k, v in values.items()}})
+
+
+def knn_value(base, name):
+    from neural.models import model_params
+    return getattr(model_params("knn", base.params), name)
 
 
 def variants(base, extra=(), grid=True):
@@ -89,10 +100,10 @@ def variants(base, extra=(), grid=True):
     out = [("default", base)]
     if not grid:
         return out + [parse_variant(v, base) for v in extra]
-    out += [(f"knn_dim={d}", replace(base, knn_dim=d)) for d in (0, 32, 64, 256) if d != base.knn_dim]
-    out += [(f"knn_k={k}", replace(base, knn_k=k)) for k in (1, 5, 20, 50) if k != base.knn_k]
-    out += [(f"knn_temperature={t}", replace(base, knn_temperature=t)) for t in (0.01, 0.02, 0.1, 1.0)
-            if t != base.knn_temperature]
+    out += [(f"dim={d}", with_knn(base, dim=d)) for d in (0, 32, 64, 256) if d != knn_value(base, "dim")]
+    out += [(f"k={k}", with_knn(base, k=k)) for k in (1, 5, 20, 50) if k != knn_value(base, "k")]
+    out += [(f"temperature={t}", with_knn(base, temperature=t)) for t in (0.01, 0.02, 0.1, 1.0)
+            if t != knn_value(base, "temperature")]
     return out + [parse_variant(v, base) for v in extra]
 
 
@@ -192,7 +203,7 @@ def main(argv=None):
     h.add_argument("--threads", type=int, default=1)
     for p in (c, h):
         p.add_argument("--variant", action="append", default=[],
-                       help="knn options, e.g. knn_k=20,knn_temperature=0.1 (repeatable)")
+                       help="knn parameters, e.g. k=20,temperature=0.1 (repeatable)")
         p.add_argument("--no-grid", dest="grid", action="store_false", help="only the defaults and each --variant")
     args = parser.parse_args(argv)
     if args.command == "search":

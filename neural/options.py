@@ -1,6 +1,7 @@
 """Options of a `train-neural` run: one plain dataclass, recorded in run.json and every predictions.h5.
-The model names are the registry's (neural/models/__init__.py)."""
-from dataclasses import asdict, dataclass, fields
+The model names are the registry's (neural/models/__init__.py); a model's own parameters are declared in
+its module (its Params) and set here through `params` ({"[model.]name": value}, `--param`)."""
+from dataclasses import asdict, dataclass, field, fields
 
 class OptionsError(ValueError):
     """Options of a train-neural run that cannot be used (unknown, out of range)."""
@@ -24,10 +25,8 @@ class NeuralOptions:
     dropout: float = 0.2
     max_tokens: int = 64              # text tokens kept (T is also trimmed per batch to the longest)
     coarse_weight: float = 0.5        # auxiliary coarse-head loss weight (multi-task)
-    vlad_pooling: str = "nextvlad"    # "nextvlad" or "netvlad", initialised from CACHE_DIR/codebook.h5
-    knn_k: int = 20                   # knn: neighbours that vote (k, temperature: python -m bench knn heldout)
-    knn_temperature: float = 0.1      # knn: a neighbour's vote weighs exp(cosine / temperature)
-    knn_dim: int = 128                # knn: PCA width of the bank of training vectors (0: no projection)
+    params: dict = field(default_factory=dict)   # models' own parameters: {"[model.]name": value} over
+                                      # their declared defaults (neural/models/<model>.py Params)
     # regularisers, each measured by `python -m bench train_neural options` (fashion, masked titles): only
     # class-balanced weights helped clearly (+0.008..+0.026 OOF mean-F1, via macro-F1); the others moved
     # it by less than the fold noise (about 0.005) or hurt, so they are off by default
@@ -78,6 +77,7 @@ class NeuralOptions:
 
     @classmethod
     def from_dict(cls, values):
+        values = _from_flat(values)
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -90,11 +90,6 @@ class NeuralOptions:
     def check(self):
         if self.n_folds < 2:
             raise OptionsError(f"n_folds must be at least 2, got {self.n_folds}")
-        if self.vlad_pooling not in ("nextvlad", "netvlad"):
-            raise OptionsError(f"vlad_pooling must be 'nextvlad' or 'netvlad', got {self.vlad_pooling!r}")
-        if self.knn_k < 1 or self.knn_temperature <= 0 or self.knn_dim < 0:
-            raise OptionsError(f"knn_k must be >= 1, knn_temperature > 0 and knn_dim >= 0, got "
-                               f"{self.knn_k}, {self.knn_temperature} and {self.knn_dim}")
         if self.pretrain_epochs < 1 or not 0 < self.pretrain_mask_ratio < 1:
             raise OptionsError(f"pretrain_epochs must be >= 1 and pretrain_mask_ratio in (0, 1), got "
                                f"{self.pretrain_epochs} and {self.pretrain_mask_ratio}")
@@ -111,3 +106,22 @@ class NeuralOptions:
             raise OptionsError(f"hidden ({self.hidden}) must be a multiple of n_heads ({self.n_heads})")
         return self
 
+
+
+def _from_flat(values):
+    """Options recorded before models declared their parameters (flat vlad_pooling, knn_k, ...): each
+    such field becomes "model.name" in params, left out at its declared default, so an old run resumes
+    and compares equal to the same options given today."""
+    from neural.models import legacy_fields, model_entry
+    legacy = legacy_fields()
+    if not any(name in legacy for name in values):
+        return values
+    values = dict(values)
+    params = dict(values.get("params", {}))
+    for name in [n for n in values if n in legacy]:
+        model, new = legacy[name]
+        value = values.pop(name)
+        if value != getattr(model_entry(model).Params(), new):
+            params[f"{model}.{new}"] = value
+    values["params"] = params
+    return values

@@ -33,7 +33,7 @@ from neural.folds import (GroupsError, file_sha256, folds_groups_auto, folds_gro
                           make_folds, make_group_folds, rare_classes_warning, read_groups, save_folds)
 from neural.metrics import challenge_metric
 from neural.neardup import AUTO, NONE, NearDupRule, store_groups
-from neural.models import REGISTRY, model_entry, model_inputs
+from neural.models import check_params, model_entry, model_inputs, registry
 from neural.options import NeuralOptions
 from neural.outputs import RunError
 from neural.predict import check_classes, predict_split
@@ -68,9 +68,11 @@ def pretrain_splits(cache_dir):
 
 
 def available_models(cache_dir):
-    """Every model of the registry, less one that needs class names when CACHE_DIR has none."""
+    """Every model of the registry that is not optional (ENTRY.default), less one that needs class names
+    when CACHE_DIR has none."""
     has_names = (Path(cache_dir) / CLASS_NAMES_FILE).exists()
-    return tuple(name for name, entry in REGISTRY.items() if has_names or not entry.needs_class_names)
+    return tuple(name for name, entry in registry().items()
+                 if entry.default and (has_names or not entry.needs_class_names))
 
 
 def describe_models(models):
@@ -344,6 +346,7 @@ def train_neural(cache_dir, out_dir, models, options=None, overwrite=False, worl
 
     -> {model name: metrics dict (per fold and out-of-fold challenge metric, seconds per epoch)}, on every rank."""
     options = (options or NeuralOptions()).check()
+    check_params(options.params, models)
     world = world or current_world()
     set_threads(options.threads, world)
     run_dir = Path(out_dir)

@@ -44,7 +44,7 @@ from core.records import atomic_path, options_diff, read_json, write_json
 from features.store import feature_identity
 from neural.checkpoint import read_tensors, tensor_mismatch
 from neural.data import StoreBatches, loader, shuffled_batches, to_device
-from neural.models import MODEL_NAMES, build_model, model_entry, model_inputs
+from neural.models import build_model, model_entry, model_inputs, registry
 from neural.models.blocks import masked_mean
 from neural.outputs import RUN_FILE, RunError, read_run
 from neural.train import autocast, schedule
@@ -412,7 +412,7 @@ def pretrain_models(run_dir, specs, readers, options, device="cpu", say=print):
     names = [n for n in specs if pretrainable(n)]
     ignored = [n for n in specs if n not in names]
     if ignored:
-        say(f"pretrain: {', '.join(ignored)} not pretrainable (only {', '.join(n for n in MODEL_NAMES if pretrainable(n))}): "
+        say(f"pretrain: {', '.join(ignored)} not pretrainable (only {', '.join(n for n in registry() if pretrainable(n))}): "
             "--pretrain ignored for them")
     summaries = {n: pretrain(run_dir, specs[n], readers, options, device, say).summary() for n in names}
     done = sorted((Path(run_dir) / PRETRAIN_DIR).glob("*.json"))          # this call's and earlier calls'

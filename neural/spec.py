@@ -1,5 +1,7 @@
-"""ModelSpec: everything needed to rebuild a fold model before loading its tensors (dims and options),
-with a JSON round trip; written into each RUN_DIR/<model>/fold<k>.json."""
+"""ModelSpec: everything needed to rebuild a fold model before loading its tensors (the shared dims and
+that model's own declared parameters), with a JSON round trip; written into each RUN_DIR/<model>/fold<k>.json.
+A spec written before models declared their parameters (flat vlad_*/knn_* fields for every model) is read
+into the new form: its own model's fields become its params, the others' are dropped."""
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from core import schema
@@ -24,14 +26,7 @@ class ModelSpec:
     frame_dim: int = 0                 # D; 0 when the model reads no frames
     aggregates: list = field(default_factory=list)         # agg/* dataset names the model reads (mlp)
     aggregate_widths: list = field(default_factory=list)   # their widths, same order
-    vlad_pooling: str = "nextvlad"     # vlad: "nextvlad" or "netvlad"
-    vlad_pca_dim: int = 0              # vlad: d of the PCA projection in front of the pooling
-    vlad_clusters: int = 0             # vlad: K
-    vlad_expansion: int = 0            # vlad, nextvlad: lambda
-    vlad_groups: int = 0               # vlad, nextvlad: G
-    knn_k: int = 20                    # knn: neighbours that vote
-    knn_temperature: float = 0.1       # knn: a vote weighs exp(cosine / temperature)
-    knn_dim: int = 128                 # knn: PCA width of the bank (0: no projection)
+    params: dict = field(default_factory=dict)             # the model's own Params (neural/models/<model>.py)
 
     def to_dict(self):
         return asdict(self)
@@ -41,6 +36,7 @@ class ModelSpec:
         """The spec in `values` (a dict from JSON); `source` (a file name) starts every error message."""
         if not isinstance(values, dict):
             raise SpecError(f"{source}: the model spec should be a JSON object, found {type(values).__name__}")
+        values = _from_flat(values)
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
@@ -56,25 +52,40 @@ class ModelSpec:
         return cls(**values)
 
 
-_KINDS = {str: str, int: int, float: (int, float), list: list}      # JSON writes 1.0 as 1.0, but accept 1
+_KINDS = {str: str, int: int, float: (int, float), list: list, dict: dict}   # JSON writes 1.0 as 1.0, but accept 1
+
+
+def _from_flat(values):
+    """An old spec's flat per-model fields (the entries' `legacy` names) moved into `params`."""
+    from neural.models import legacy_fields        # the registry imports the models, which do not import this
+    legacy = legacy_fields()
+    if not any(name in legacy for name in values):
+        return values
+    values = dict(values)
+    params = dict(values.get("params", {}))
+    for name in [n for n in values if n in legacy]:
+        model, new = legacy[name]
+        value = values.pop(name)
+        if model == values.get("model"):
+            params[new] = value
+    values["params"] = params
+    return values
 
 
 def spec_from_store(model, reader, options, names, codebook=None):
-    """The spec of `model` reading datasets `names` of this store, with `options` (NeuralOptions); vlad
-    also takes its pooling's sizes from the codebook that initialises it."""
+    """The spec of `model` reading datasets `names` of this store, with `options` (NeuralOptions, whose
+    `params` overrides the model's declared defaults); a model initialised from a cache file completes
+    its params from it (vlad: its pooling's sizes from the codebook)."""
+    from neural.models import model_entry, model_params
+    params = model_entry(model).cls.params_from_cache(model_params(model, options.params), codebook)
     h5 = reader.h5
     text = schema.TEXT_TOKENS if schema.TEXT_TOKENS in names else schema.TEXT_POOLED
     spec = ModelSpec(model=model, n_fine=len(reader.fine_classes), n_coarse=len(reader.coarse_classes),
                      hidden=options.hidden, n_layers=options.n_layers, n_heads=options.n_heads,
                      dropout=options.dropout, max_tokens=options.max_tokens, text_dim=int(h5[text].shape[-1]),
-                     vlad_pooling=options.vlad_pooling, knn_k=options.knn_k,
-                     knn_temperature=options.knn_temperature, knn_dim=options.knn_dim)
+                     params=asdict(params))
     if schema.FRAME_EMB in names:
         spec.n_frames, spec.frame_dim = (int(v) for v in h5[schema.FRAME_EMB].shape[1:])
     spec.aggregates = [n for n in names if n.startswith(schema.AGG_GROUP + "/")]
     spec.aggregate_widths = [int(h5[n].shape[1]) for n in spec.aggregates]
-    if codebook is not None:
-        o = codebook.options
-        spec.vlad_pca_dim, spec.vlad_clusters = int(o["pca_dim"]), int(o["n_clusters"])
-        spec.vlad_expansion, spec.vlad_groups = int(o["nextvlad_expansion"]), int(o["nextvlad_groups"])
     return spec

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from demo import DemoError
 from demo.run import DemoOptions, accuracy_by_kind, predict_like_submission, run_demo, score_submission
 from features.categories import load_category_map
-from neural.models import MODEL_NAMES
+from neural.models import DEFAULT_MODELS
 from run import cli
 
 
@@ -51,7 +51,7 @@ def test_metrics_has_every_model_and_the_stack_beats_chance(tiny_demo):
     out, summary, text = tiny_demo
     metrics = json.loads((out / "stack" / "metrics.json").read_text())
     table, chosen = metrics["table"], metrics["stacker"]
-    assert {f"base:{m}" for m in MODEL_NAMES} <= set(table)
+    assert {f"base:{m}" for m in DEFAULT_MODELS} <= set(table)
     assert {"average", "rerank", "logreg", f"{chosen}+reweight"} <= set(table)
     assert chosen == "rerank" and "auto" not in metrics and "auto: chose" not in text     # the default stacker
     # 14 classes: chance l2 micro-F1 is ~0.07 (0.16 for always predicting the largest class)
@@ -65,8 +65,8 @@ def test_per_kind_table_covers_every_kind_and_model(tiny_demo):
     _, summary, text = tiny_demo
     kinds = summary["kinds"]
     assert set(kinds["chance_within_kind"]) == {"text-only", "frame-only", "order", "mix"}
-    assert set(kinds["test"]) == {*MODEL_NAMES, "average", "stack (submission)"}
-    assert set(kinds["oof"]) == {*MODEL_NAMES, "average"}
+    assert set(kinds["test"]) == {*DEFAULT_MODELS, "average", "stack (submission)"}
+    assert set(kinds["oof"]) == {*DEFAULT_MODELS, "average"}
     # text classes are the easiest (keywords in 90% of titles); a blind guess is right 1 time in 14 and
     # knowing only that a video is text-only 1 time in 4
     assert kinds["oof"]["average"]["text-only"] > 0.4

@@ -119,7 +119,7 @@ def test_a_class_of_one_group_is_left_out_of_a_fold_models_training_and_the_run_
 def test_the_stack_cross_validates_on_the_runs_grouped_folds(cache, tmp_path, monkeypatch):
     d, _, _, _, groups_file = cache
     run = tmp_path / "run"
-    train_neural(d, run, ["linear", "knn"], run_opts(groups_file, epochs=1, knn_k=5, knn_dim=8))
+    train_neural(d, run, ["linear", "knn"], run_opts(groups_file, epochs=1, params={"knn.k": 5, "knn.dim": 8}))
     seen = []
     real = stack_pipeline.cross_val_predict
 

@@ -22,7 +22,7 @@ from tests.fakes import killed_on_call, write_fake_store
 
 torch.set_num_threads(1)
 
-TINY = dict(n_folds=3, batch_size=16, knn_k=5, knn_dim=8, threads=1)
+TINY = dict(n_folds=3, batch_size=16, params={"knn.k": 5, "knn.dim": 8}, threads=1)
 
 
 def accuracy(run_dir, model="knn"):
@@ -97,7 +97,7 @@ def test_fold_model_votes_like_numpy_on_its_own_bank(tmp_path):
     and forward gives log of numpy's vote over that bank, fine and coarse, whatever the block size."""
     write_fake_store(tmp_path / "labeled.h5", n=60)
     reader = StoreReader(tmp_path / "labeled.h5")
-    opts = NeuralOptions(**dict(TINY, knn_k=7, knn_temperature=0.1))
+    opts = NeuralOptions(**dict(TINY, params={"knn.k": 7, "knn.dim": 8, "knn.temperature": 0.1}))
     names = model_inputs("knn", reader)
     labels = reader.read(schema.LABEL_FINE, slice(None))
     dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, opts.max_tokens)
@@ -170,7 +170,8 @@ def test_a_killed_knn_run_resumes_to_the_same_oof(tmp_path, monkeypatch):
 
 
 def test_bad_knn_options_are_refused_naming_them():
-    with pytest.raises(ValueError, match="knn_k"):
-        NeuralOptions(knn_k=0).check()
-    with pytest.raises(ValueError, match="knn_temperature"):
-        NeuralOptions(knn_temperature=0.0).check()
+    from neural.models import check_params
+    with pytest.raises(ValueError, match=r"knn\.k must"):
+        check_params({"knn.k": 0}, ["knn"])
+    with pytest.raises(ValueError, match=r"knn\.temperature > 0"):
+        check_params({"temperature": 0.0}, ["linear", "knn"])

@@ -1,6 +1,7 @@
 """The contract of a model: FoldModel (built from its ModelSpec alone, optionally initialised from a
-FitContext), and ModelEntry, its line in the registry (neural/models/__init__.py)."""
-from dataclasses import dataclass
+FitContext), ModelEntry, its line in the registry (neural/models/__init__.py), and Params, its own
+parameters declared as a dataclass (defaults and one line of help each, via `param`)."""
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch.nn as nn
@@ -30,6 +31,29 @@ class FoldModel(nn.Module):
         """Before a checkpoint's tensors are checked and loaded: resize the buffers whose size was learned,
         not given by the spec (knn's bank: the fold's training rows); the default has none."""
 
+    @classmethod
+    def params_from_cache(cls, params, codebook=None):
+        """The Params a new spec records, completed from the cache files the entry asks for (vlad: its
+        pooling's sizes from codebook.h5); the default keeps them."""
+        return params
+
+
+def param(default, help, fixed=""):
+    """A declared model parameter: its default and one line of help (`train-neural --help`). fixed: where
+    its value comes from when not from --param (e.g. "codebook.h5"); such a parameter is not settable."""
+    return field(default=default, metadata={"help": help, "fixed": fixed})
+
+
+@dataclass
+class NoParams:
+    """A model without parameters of its own."""
+
+
+def settable(params_cls):
+    """[(name, type, default, help)] of the parameters --param may set, in declaration order."""
+    return [(f.name, f.type, f.default, f.metadata.get("help", "")) for f in fields(params_cls)
+            if not f.metadata.get("fixed")]
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -41,3 +65,7 @@ class ModelEntry:
     reads_aggregates: bool = False     # also reads every 2-D agg/* dataset of the store
     needs_codebook: bool = False       # initialised from CACHE_DIR/codebook.h5 when training
     needs_class_names: bool = False    # initialised from CACHE_DIR/class_names.h5 (not trained by default without it)
+    order: int = 100                   # place in the default training order (lower first; ties by name)
+    default: bool = True               # trained when --models is not given; False: only when named
+    Params: type = NoParams            # its own parameters (a dataclass of `param` fields; may define check())
+    legacy: tuple = ()                 # (old ModelSpec/NeuralOptions field, its Params name): old runs still load

@@ -49,4 +49,4 @@ class CrossAttention(FoldModel):
 
 
 ENTRY = ModelEntry("cross", CrossAttention, TOKENS_AND_FRAMES,
-                   "video attends to text and text to video")
+                   "video attends to text and text to video", order=30)

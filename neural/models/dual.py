@@ -28,4 +28,4 @@ class DualStream(FoldModel):
 
 
 ENTRY = ModelEntry("dual", DualStream, TOKENS_AND_FRAMES,
-                   "a text and a video transformer, then a fusion transformer")
+                   "a text and a video transformer, then a fusion transformer", order=20)

@@ -138,4 +138,4 @@ class FrameProbe(FoldModel):
 
 ENTRY = ModelEntry("frames", FrameProbe, (schema.FRAME_EMB, schema.FRAME_MASK),
                    "softmax regression on every frame (L2-optimal, solved by L-BFGS when the fold starts), "
-                   "frame probabilities averaged")
+                   "frame probabilities averaged", order=70, default=False)

@@ -3,7 +3,7 @@ vote weighted by exp(similarity / temperature); the coarse votes are the fine vo
 
 The representation: the mean frame and the pooled text fields (absent fields zeroed), each block
 L2-normalised and concatenated (a block that is empty in a row, as text is throughout a frames-only
-store, is zero there and adds nothing), centred and projected onto the top `knn_dim` principal axes of
+store, is zero there and adds nothing), centred and projected onto the top `dim` principal axes of
 the fold's training rows, then L2-normalised. Nothing is trained: `initialise` fits the projection and
 fills the bank (the training rows' vectors, float16, and their labels), all of it buffers, so the fold
 checkpoint carries the whole model. Out-of-fold by construction: the pipeline gives `initialise` only the
@@ -12,15 +12,29 @@ fold's training rows, so a held-out row never finds itself.
 The search is blocked: queries against `block_rows` bank rows at a time with a running top-k, so memory
 is bounded by the block size, not by the bank.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from core import schema
 from neural.data import loader, ordered_batches
-from neural.models.base import FoldModel, ModelEntry
+from neural.models.base import FoldModel, ModelEntry, param
 from neural.models.blocks import FRAMES_AND_POOLED_TEXT, masked_mean
 
 FLOOR = 1e-6                   # mixed into the vote probabilities so their log is finite
+
+
+@dataclass
+class KnnParams:                # k, temperature: measured by `python -m bench knn heldout`
+    k: int = param(20, "neighbours that vote")
+    temperature: float = param(0.1, "a neighbour's vote weighs exp(cosine / temperature)")
+    dim: int = param(128, "PCA width of the bank of training vectors (0: no projection)")
+
+    def check(self):
+        if self.k < 1 or self.temperature <= 0 or self.dim < 0:
+            raise ValueError(f"knn.k must be >= 1, knn.temperature > 0 and knn.dim >= 0, got "
+                             f"{self.k}, {self.temperature} and {self.dim}")
 
 
 def representation(batch):
@@ -60,9 +74,11 @@ class Knn(FoldModel):
 
     def __init__(self, spec):
         super().__init__()
-        self.k, self.temperature = spec.knn_k, spec.knn_temperature
+        from neural.models import spec_params
+        params = spec_params(spec)
+        self.k, self.temperature = params.k, params.temperature
         width = spec.frame_dim + 3 * spec.text_dim                                         # W
-        dim = min(spec.knn_dim, width) if spec.knn_dim > 0 else width                      # d
+        dim = min(params.dim, width) if params.dim > 0 else width                          # d
         self.register_buffer("mean", torch.zeros(width))                                   # (W,)
         self.register_buffer("projection", torch.eye(width, dim))                          # (W, d)
         self.register_buffer("fine_to_coarse", torch.zeros(spec.n_fine, dtype=torch.long))  # (C,)
@@ -126,4 +142,5 @@ class Knn(FoldModel):
 ENTRY = ModelEntry("knn", Knn, FRAMES_AND_POOLED_TEXT,
                    "retrieval votes: the k nearest training videos (cosine on the PCA'd mean frame and "
                    "pooled text) vote for their classes, weighted by exp(similarity / temperature); "
-                   "nothing trained")
+                   "nothing trained", order=90, Params=KnnParams,
+                   legacy=(("knn_k", "k"), ("knn_temperature", "temperature"), ("knn_dim", "dim")))

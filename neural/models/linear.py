@@ -61,4 +61,4 @@ class Linear(FoldModel):
 
 ENTRY = ModelEntry("linear", Linear, FRAMES_AND_POOLED_TEXT,
                    "softmax regression on the mean frame and the pooled text fields, centred and scaled "
-                   "per input block")
+                   "per input block", order=60)

@@ -41,4 +41,4 @@ class GatedMLP(FoldModel):
 
 
 ENTRY = ModelEntry("mlp", GatedMLP, POOLED_TEXT, "a gated MLP on pooled text and the cached aggregates",
-                   reads_aggregates=True)
+                   reads_aggregates=True, order=50)

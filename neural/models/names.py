@@ -38,4 +38,4 @@ class NamePrior(FoldModel):
 ENTRY = ModelEntry("names", NamePrior, POOLED_TEXT,
                    "zero-shot: cosine of each pooled text field with each class name's vector, a learned "
                    "temperature per field; only when the cache has class_names.h5",
-                   needs_class_names=True)
+                   needs_class_names=True, order=80)

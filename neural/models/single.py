@@ -24,4 +24,4 @@ class SingleStream(FoldModel):
 
 
 ENTRY = ModelEntry("single", SingleStream, TOKENS_AND_FRAMES,
-                   "text tokens and frames, tagged by modality, in one transformer")
+                   "text tokens and frames, tagged by modality, in one transformer", order=10)

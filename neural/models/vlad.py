@@ -2,16 +2,18 @@
 the challenge baseline's design on cached features.
 
 The pooling (with the PCA projection in front) is the aggregates stage's layer (features/pooling.py).
-Its structure comes from the ModelSpec (vlad_pooling, vlad_pca_dim, vlad_clusters, vlad_expansion,
-vlad_groups) and its weights from the checkpoint; the cache's codebook only initialises it for
-training (`initialise`), so a saved fold model predicts without the cache.
+Its structure comes from the spec's VladParams (pooling, chosen with --param vlad.pooling; pca_dim,
+clusters, expansion, groups, taken from the codebook) and its weights from the checkpoint; the cache's
+codebook only initialises it for training (`initialise`), so a saved fold model predicts without the cache.
 """
+from dataclasses import dataclass, replace
+
 import torch
 import torch.nn as nn
 
 from core import schema
 from features.pooling import CodebookPooling, NetVLAD, NeXtVLAD
-from neural.models.base import FoldModel, ModelEntry
+from neural.models.base import FoldModel, ModelEntry, param
 from neural.models.blocks import FRAMES_AND_POOLED_TEXT, ContextGating, Heads, Projection, ensure_one, pooled_text
 
 POOLINGS = ("nextvlad", "netvlad")
@@ -21,29 +23,49 @@ class VladError(ValueError):
     """A vlad spec or codebook that cannot make the pooling."""
 
 
-def empty_pooling(spec):
-    """(B, F, D) -> (B, W): the PCA projection (D -> d) and the pooling, shaped by the spec, weights unset."""
-    d, k = spec.vlad_pca_dim, spec.vlad_clusters
-    if spec.vlad_pooling not in POOLINGS or d < 1 or k < 1:
-        raise VladError(f"vlad spec: pooling {spec.vlad_pooling!r} with pca_dim {d} and {k} clusters cannot be "
+@dataclass
+class VladParams:
+    pooling: str = param("nextvlad", f"the trainable pooling of the frames: {' or '.join(POOLINGS)}")
+    pca_dim: int = param(0, "d of the PCA projection in front of the pooling", fixed="codebook.h5 (extract --pca-dim)")
+    clusters: int = param(0, "K, clusters of the pooling", fixed="codebook.h5 (extract --clusters)")
+    expansion: int = param(0, "nextvlad: lambda", fixed="codebook.h5")
+    groups: int = param(0, "nextvlad: G", fixed="codebook.h5")
+
+    def check(self):
+        if self.pooling not in POOLINGS:
+            raise VladError(f"vlad.pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+
+
+def empty_pooling(params, frame_dim):
+    """(B, F, D) -> (B, W): the PCA projection (D -> d) and the pooling, shaped by VladParams, weights unset."""
+    d, k = params.pca_dim, params.clusters
+    if params.pooling not in POOLINGS or d < 1 or k < 1:
+        raise VladError(f"vlad spec: pooling {params.pooling!r} with pca_dim {d} and {k} clusters cannot be "
                         f"built; pooling is one of {', '.join(POOLINGS)}")
-    pool = (NeXtVLAD(d, k, spec.vlad_expansion, spec.vlad_groups) if spec.vlad_pooling == "nextvlad"
-            else NetVLAD(d, k))
-    return CodebookPooling(nn.Linear(spec.frame_dim, d), pool)
+    pool = NeXtVLAD(d, k, params.expansion, params.groups) if params.pooling == "nextvlad" else NetVLAD(d, k)
+    return CodebookPooling(nn.Linear(frame_dim, d), pool)
 
 
 class VladFusion(FoldModel):
     def __init__(self, spec):
         super().__init__()
-        h, p = spec.hidden, spec.dropout
-        self.spec_pooling, self.frame_dim = spec.vlad_pooling, spec.frame_dim
-        self.pooling = empty_pooling(spec)                             # (B, F, D) -> (B, W)
+        from neural.models import spec_params
+        h, p, params = spec.hidden, spec.dropout, spec_params(spec)
+        self.spec_pooling, self.frame_dim = params.pooling, spec.frame_dim
+        self.pooling = empty_pooling(params, spec.frame_dim)           # (B, F, D) -> (B, W)
         self.video = nn.Sequential(nn.Dropout(p), nn.Linear(self.pooling.out_dim, h), nn.LayerNorm(h))
         self.video_gate = ContextGating(h)
         self.text = Projection(3 * spec.text_dim + 3, h, p)
         self.fuse = nn.Sequential(nn.Linear(2 * h, h), nn.GELU())
         self.fuse_gate = ContextGating(h)
         self.heads = Heads(h, spec.n_fine, spec.n_coarse, p)
+
+    @classmethod
+    def params_from_cache(cls, params, codebook=None):
+        """The pooling's sizes are the codebook's (CACHE_DIR/codebook.h5), which initialises it."""
+        o = codebook.options
+        return replace(params, pca_dim=int(o["pca_dim"]), clusters=int(o["n_clusters"]),
+                       expansion=int(o["nextvlad_expansion"]), groups=int(o["nextvlad_groups"]))
 
     def initialise(self, context):
         """The pooling starts as the one `extract` fitted without labels (CACHE_DIR/codebook.h5)."""
@@ -64,4 +86,6 @@ class VladFusion(FoldModel):
 
 ENTRY = ModelEntry("vlad", VladFusion, FRAMES_AND_POOLED_TEXT,
                    "a trainable NeXtVLAD/NetVLAD head initialised from the cached codebook, SE context "
-                   "gating, fused with pooled text", needs_codebook=True)
+                   "gating, fused with pooled text", needs_codebook=True, order=40, Params=VladParams,
+                   legacy=(("vlad_pooling", "pooling"), ("vlad_pca_dim", "pca_dim"), ("vlad_clusters", "clusters"),
+                           ("vlad_expansion", "expansion"), ("vlad_groups", "groups")))

@@ -1,7 +1,10 @@
-"""The registry of stackers: one module each, listed once here; `stack --stacker/--compare/--param` read it.
+"""The registry of stackers: one module each, listed once here, plus every stacker an installed package
+registers under the entry-point group `shortvideo.stackers` (core/components.py);
+`stack --stacker/--compare/--param` read it.
 
 A new stacker is a module with a `Stacker` subclass (kind, summary, Params; fit, predict_proba, and
-its arrays' save/restore) and its line in STACKERS.
+its arrays' save/restore) and its line in BUILT_IN, or, from the user's own package, an entry point
+`KIND = package.module:Class`.
 
 Parameters come from three places, later ones winning: the stacker's declared defaults; the values
 the stack itself supplies to every stacker that declares them (SHARED: --threads, --seed, the run's
@@ -10,16 +13,42 @@ or `kind.name=value` (that stacker only).
 """
 from dataclasses import fields
 
+from core.components import installed, origin
 from stacking.stackers.average import AverageStacker
-from stacking.stackers.base import StackerError, StackInput, declared, load_stacker
+from stacking.stackers.base import Stacker, StackerError, StackInput, declared, load_stacker
 from stacking.stackers.lgbm import LGBMStacker
 from stacking.stackers.logreg import LogisticStacker
 from stacking.stackers.rerank import RerankStacker
 
-STACKERS = {cls.kind: cls for cls in (RerankStacker, LGBMStacker, LogisticStacker, AverageStacker)}
+BUILT_IN = (RerankStacker, LGBMStacker, LogisticStacker, AverageStacker)
+
+
+def _discover():
+    """{kind: (class, origin)}: the built-in stackers, then the installed ones; a kind declared twice, or
+    an entry point that is not a Stacker of its own name, is refused naming it."""
+    found = {cls.kind: (cls, origin(cls)) for cls in BUILT_IN}
+    for name, cls, where in installed("stackers"):
+        if not (isinstance(cls, type) and issubclass(cls, Stacker)) or cls.kind != name:
+            raise StackerError(f"entry point '{name}' of group shortvideo.stackers ({where['module']} of "
+                               f"{where['package']} {where['version']}) is not a Stacker subclass of kind '{name}'")
+        if name in found:
+            raise StackerError(f"stacker '{name}' is declared twice: by {found[name][1]['module']} and by "
+                               f"{where['module']} of {where['package']}")
+        found[name] = (cls, where)
+    return found
+
+
+_FOUND = _discover()
+STACKERS = {kind: cls for kind, (cls, _) in _FOUND.items()}
+
+
+def stacker_origin(kind):
+    """{"module", "package", "version"} of the stacker `kind` (what stacker.json records)."""
+    _class(kind)
+    return _FOUND[kind][1]
 SHARED = ("threads", "seed", "fine_to_coarse")       # set by the stack, not by overrides
 
-__all__ = ["STACKERS", "SHARED", "StackInput", "StackerError", "load_stacker", "make_stacker",
+__all__ = ["STACKERS", "SHARED", "stacker_origin", "StackInput", "StackerError", "load_stacker", "make_stacker",
            "stacker_params", "parse_overrides", "check_overrides", "describe_stackers", "describe_params"]
 
 

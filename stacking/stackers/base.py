@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.components import not_installed
 from core.records import atomic_path, read_json, write_json
 
 
@@ -91,8 +92,9 @@ class Stacker:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self._save_arrays(path)
+        from stacking.stackers import stacker_origin      # the registry imports this module
         write_json(path / "stacker.json", {"kind": self.kind, "params": asdict(self.params),
-                                           "learned": self.learned()})
+                                           "learned": self.learned(), "component": stacker_origin(self.kind)})
         return path
 
 
@@ -116,12 +118,14 @@ def load_npz(path, names):
 
 def load_stacker(path):
     """The fitted stacker saved in directory `path` by `Stacker.save`."""
-    from stacking.stackers import make_stacker           # the registry imports this module
+    from stacking.stackers import STACKERS, make_stacker  # the registry imports this module
     path = Path(path)
     meta = read_json(path / "stacker.json", error=StackerError, hint="no fitted stacker here")
     for key in ("kind", "params", "learned"):
         if key not in meta:
             raise StackerError(f"{path}/stacker.json: field '{key}' is missing")
+    if meta["kind"] not in STACKERS:                      # made by a stacker whose package is not installed
+        raise StackerError(str(not_installed(path / "stacker.json", "stacker", meta["kind"], meta.get("component"))))
     stacker = make_stacker(meta["kind"], **meta["params"])
     try:
         stacker.restore(path, meta["learned"])
