@@ -9,7 +9,7 @@ optimum (the `linear` model, trained so on the mean frame, scores 0.830 there), 
 solves the convex problem
 
     min_W,b  mean over videos of (mean over its real frames of CE(W x_f + b, y))  +  l2 / 2 ||W||^2,
-    l2 = 1 / (C * N_train)          (scikit-learn's C, counted in videos)
+    l2 = 1 / (C * N_train)          (scikit-learn's C, counted in videos; --param frames.C)
 
 by full-batch L-BFGS on frames centred and divided by their RMS spread (fitted on the fold's training
 rows, kept as buffers, as in linear.py), and freezes W and b. The loop then trains one scalar only,
@@ -24,6 +24,7 @@ Coarse logits are log of the fine probabilities summed per coarse class, so the 
 A large store is subsampled to at most MAX_FRAMES training frames (every k-th frame position).
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -31,12 +32,20 @@ import torch.nn.functional as F
 
 from core import schema
 from neural.data import loader, ordered_batches
-from neural.models.base import FoldModel, ModelEntry
+from neural.models.base import FoldModel, ModelEntry, param
 from neural.models.blocks import ensure_one
 
-C = 0.3                  # grouped-CV on ucf14 (train part): 0.966 at 0.1, 0.967 at 0.3 and 1.0
 MAX_FRAMES = 200_000     # training frames held for the L-BFGS fit (at most MAX_FRAMES x D float32)
 LBFGS_STEPS = 100
+
+
+@dataclass
+class FramesParams:              # C: grouped-CV on ucf14 (train part): 0.966 at 0.1, 0.967 at 0.3 and 1.0
+    C: float = param(0.3, "inverse L2 strength of the probe, counted in videos (scikit-learn's C)")
+
+    def check(self):
+        if self.C <= 0:
+            raise ValueError(f"frames.C must be > 0, got {self.C}")
 
 
 def frame_probe_fit(frames, mask, targets, n_classes, l2, video_weight=None, steps=LBFGS_STEPS):
@@ -66,6 +75,8 @@ def frame_probe_fit(frames, mask, targets, n_classes, l2, video_weight=None, ste
 class FrameProbe(FoldModel):
     def __init__(self, spec):
         super().__init__()
+        from neural.models import spec_params
+        self.C = spec_params(spec).C
         d = spec.frame_dim
         self.register_buffer("mean", torch.zeros(d))                          # (D,)
         self.register_buffer("scale", torch.ones(()))                         # 1 / RMS spread of the frames
@@ -100,7 +111,7 @@ class FrameProbe(FoldModel):
         spread = ((real - mean) ** 2).sum(dtype=torch.float64) / real.numel()             # mean variance
         scale = spread.clamp(min=1e-12).rsqrt().float()
         W, b = frame_probe_fit((frames - mean) * scale, mask, targets, self.probe.out_features,
-                               1.0 / (C * len(rows)), video_weight)
+                               1.0 / (self.C * len(rows)), video_weight)
         self.mean.copy_(mean)
         self.scale.copy_(scale)
         self.probe.weight.copy_(W)
@@ -138,4 +149,5 @@ class FrameProbe(FoldModel):
 
 ENTRY = ModelEntry("frames", FrameProbe, (schema.FRAME_EMB, schema.FRAME_MASK),
                    "softmax regression on every frame (L2-optimal, solved by L-BFGS when the fold starts), "
-                   "frame probabilities averaged", order=70, default=False)
+                   "frame probabilities averaged", order=70, default=False,
+                   Params=FramesParams)
