@@ -1,5 +1,4 @@
 """Training of one fold model: one loop, read top to bottom (multi-task loss, EMA, FGM, R-Drop)."""
-import copy
 import itertools
 import math
 import time
@@ -32,24 +31,34 @@ def class_weights(train_labels, n_classes, beta):
     return torch.tensor(w, dtype=torch.float32)
 
 
-class EMA:
-    """Exponential moving average of a model's weights and buffers; the average is what gets predicted."""
+def ema_model(model, decay):
+    """An exponential moving average of `model`'s weights and floating-point buffers (torch's AveragedModel;
+    integer buffers are copied): `ema.update_parameters(model)` after each step, predict with `ema.module`.
 
-    def __init__(self, model, decay):
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.decay, self.steps = decay, 0
+    Not torch's get_ema_multi_avg_fn: that averages with `decay` from the first update on, so after a short
+    run (tens of steps at decay 0.995) the average is still mostly the first steps' weights. Here the decay
+    warms up, min(decay, (1 + n) / (10 + n)) at update n, as this project's EMA always did
+    (tests/test_neural_ema_schedule.py checks the weights equal that formula's, bit for bit)."""
+    from torch.optim.swa_utils import AveragedModel
+    ema = AveragedModel(model, multi_avg_fn=_warmed_up_ema(decay), use_buffers=True)
+    ema.update_parameters(model)           # update 0 copies the weights: the average starts at them
+    for p in ema.module.parameters():
+        p.requires_grad_(False)
+    return ema
 
+
+def _warmed_up_ema(decay):
+    """AveragedModel's multi_avg_fn: shadow <- d * shadow + (1 - d) * live, d = min(decay, (1 + n) / (10 + n))."""
     @torch.no_grad()
-    def update(self, model):
-        self.steps += 1
-        d = min(self.decay, (1 + self.steps) / (10 + self.steps))      # short warm-up of the average
-        for shadow, live in zip(self.model.state_dict().values(), model.state_dict().values()):
-            if shadow.dtype.is_floating_point:
-                shadow.mul_(d).add_(live.detach(), alpha=1 - d)
+    def update(shadows, lives, n_averaged):
+        n = int(n_averaged)                 # updates so far, counting update 0's copy
+        d = min(decay, (1 + n) / (10 + n))
+        for shadow, live in zip(shadows, lives):
+            if shadow.is_floating_point():
+                shadow.mul_(d).add_(live, alpha=1 - d)
             else:
                 shadow.copy_(live)
+    return update
 
 
 def task_loss(model, batch, weights, options):
@@ -125,6 +134,10 @@ def fgm_inputs(batch, grads, eps):
 
 
 def schedule(total_steps, warmup_frac):
+    """LambdaLR's factor of step s (0-based): a linear warm-up (s + 1) / warm over the first warm steps, then
+    cosine decay to zero. Not transformers' get_cosine_schedule_with_warmup: its warm-up is s / warm, so its
+    first step has learning rate 0 and every warm-up step is one behind this one
+    (tests/test_neural_ema_schedule.py shows where the two differ; the cosine part is the same)."""
     warm = max(1, int(total_steps * warmup_frac))
 
     def factor(step):
@@ -187,7 +200,7 @@ def fit_fold(spec, dataset, train_rows, options, seed, device, codebook=None, de
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, schedule(epochs * n_batches, options.warmup_frac))
-    ema = EMA(model, options.ema_decay) if options.ema else None
+    ema = ema_model(model, options.ema_decay) if options.ema else None
     info = {"epoch_loss": [], "seconds_per_epoch": []}
     if pseudo is not None:
         info["pseudo"] = pseudo.info()
@@ -207,13 +220,13 @@ def fit_fold(spec, dataset, train_rows, options, seed, device, codebook=None, de
                                      unlabelled))
             scheduler.step()
             if ema:
-                ema.update(model)
+                ema.update_parameters(model)
             bar.update(1)
         info["epoch_loss"].append(float(np.mean(losses)))
         info["seconds_per_epoch"].append(time.perf_counter() - start)
         bar.set_postfix(loss=f"{info['epoch_loss'][-1]:.3f}")
     bar.close()
-    final = ema.model if ema else model
+    final = ema.module if ema else model
     return final.eval(), info
 
 
