@@ -246,21 +246,17 @@ def extract_split(data_dir, split, cache_dir, options, kind, category_map, frame
 def _fill_split_store(cache_dir, job, category_map, frame_encoder, text_encoder, options, device):
     """Create (or check, to resume) the split's own store, fill every row, write its report."""
     path = schema.store_path(cache_dir, job.split)
-    _prepare_store(path, job.split, job.videos, category_map, job.config, options, job.dims, job.inputs)
-    faults_path, tokens_path = side_records(path)
-    fill_store(path, job, 0, len(job.videos), frame_encoder, text_encoder, options, device,
-               faults_path, tokens_path)
-    return split_report(path, job.split, len(job.videos), faults_path, tokens_path, options)
+    _prepare_store(path, job, category_map, options)
+    fill_store(path, job, (0, len(job.videos)), frame_encoder, text_encoder, options, device)
+    return split_report(path, job.split, len(job.videos), options)
 
 
 def _fill_shard(path, job, bounds, category_map, frame_encoder, text_encoder, options, device):
     """Rows `bounds` (start, end) of the split into the shard store at `path`, resuming it when there."""
-    start, end = bounds
-    create_or_check_store(path, job.split, job.videos[start:end], category_map, job.config, options, job.dims,
-                          job.inputs)
+    create_or_check_store(path, job, bounds, category_map, options)
     if is_complete(path):
         return
-    fill_store(path, job, start, end, frame_encoder, text_encoder, options, device, *side_records(path))
+    fill_store(path, job, bounds, frame_encoder, text_encoder, options, device)
 
 
 def _aggregate(world, cache_dir, stores, options, device):
@@ -294,7 +290,7 @@ def _stitch_split(cache_dir, split, paths, options):
     merge_lines([side_records(p)[1] for p in paths], tokens_path)
     n = stitch(paths, path, aggregates=options.aggregates is not None)     # renamed into place last
     remove_shards(cache_dir, split)
-    return split_report(path, split, n, faults_path, tokens_path, options)
+    return split_report(path, split, n, options)
 
 
 def _agg_summary(path, n_shards):
@@ -305,16 +301,21 @@ def _agg_summary(path, n_shards):
                 "total_width": int(sum(widths.values()))}
 
 
-def split_report(path, split, n_videos, faults_path, tokens_path, options):
+def split_report(path, split, n_videos, options):
+    """The report of the store at `path` from its side records, written beside it (<split>.report.json)."""
+    faults_path, tokens_path = side_records(path)
     report = _write_report(path, split, n_videos, faults_path, unk_summary(tokens_path))
     warn_unreadable(split, report["text_unk"], options.text_encoder)
     return report
 
 
-def fill_store(path, job, start, end, frame_encoder, text_encoder, options, device, faults_path, tokens_path):
-    """Encode rows start..end of the split into the store at `path` (its row 0 is the split's row
-    `start`), skipping batches already done, and mark it complete. Batches begin at multiples of
-    --batch-size from `start`, so with `start` such a multiple they are the one-process run's batches."""
+def fill_store(path, job, rows, frame_encoder, text_encoder, options, device):
+    """Encode the split's rows `rows` = (start, end) into the store at `path` (its row 0 is the split's row
+    `start`), skipping batches already done, and mark it complete; faults and token counts go to the store's
+    side records. Batches begin at multiples of --batch-size from `start`, so with `start` such a multiple
+    they are the one-process run's batches."""
+    start, end = rows
+    faults_path, tokens_path = side_records(path)
     writer = StoreWriter(path)
     try:
         done = writer.done_rows()
@@ -376,25 +377,27 @@ def remove_store(store_path):
         path.unlink(missing_ok=True)
 
 
-def _prepare_store(path, split, videos, category_map, config, options, dims, inputs):
-    """Create the store, or check that an existing one is this run's to resume."""
+def _prepare_store(path, job, category_map, options):
+    """Create the split's own store, or check that an existing one is this run's to resume."""
     if options.overwrite:
         remove_store(path)
-    create_or_check_store(path, split, videos, category_map, config, options, dims, inputs)
+    create_or_check_store(path, job, (0, len(job.videos)), category_map, options)
 
 
-def create_or_check_store(path, split, videos, category_map, config, options, dims, inputs=None):
-    """A new empty store for `videos`, or the existing one when it was made for them, from the same inputs
-    (annotations and media unchanged), with this config; else StoreMismatch."""
+def create_or_check_store(path, job, rows, category_map, options):
+    """A new empty store for the split's rows `rows` = (start, end) of `job` (its videos, identity, dims and
+    inputs), or the existing one when it was made for them, from the same inputs (annotations and media
+    unchanged), with this config; else StoreMismatch."""
+    videos = job.videos[rows[0]:rows[1]]
     if path.exists():
-        check_config(path, config)
+        check_config(path, job.config)
         _check_same_ids(path, videos)
-        check_inputs(path, inputs)
+        check_inputs(path, job.inputs)
         return
     fine = [category_map.fine_index(v.category_id) if v.category_id else -1 for v in videos]
     coarse = [int(category_map.fine_to_coarse[f]) if f >= 0 else -1 for f in fine]
-    create_store(path, split, [v.id for v in videos], fine, coarse, dims, config, category_map,
-                 environment=_environment(options), inputs=inputs)
+    create_store(path, job.split, [v.id for v in videos], fine, coarse, job.dims, job.config, category_map,
+                 environment=_environment(options), inputs=job.inputs)
 
 
 def _check_same_ids(path, videos):
