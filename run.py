@@ -250,7 +250,7 @@ def train_neural(cache_dir, out_dir, models, overwrite, **options):
 
 
 def _stackers():
-    import stacking.stackers          # the registry (light: lightgbm and scikit-learn load on use)
+    import stacking.stackers          # the registry; its Stacker base imports sklearn (~1.5 s), lightgbm on use
     return stacking.stackers
 
 

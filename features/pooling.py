@@ -3,7 +3,9 @@
 One implementation of each, used frozen by `extract` (features/aggregates.py) and trainable by the
 neural models; each is initialised from the unsupervised codebook (features/codebook.py) by its own
 `from_codebook` classmethod, and `pooling_from_codebook(name, codebook)` puts the codebook's PCA
-projection in front (POOLINGS is the one place a pooling is named). Every module maps
+projection in front (POOLINGS is the one place a pooling is named; a new pooling is one class here with
+`sizes(options)` and `from_codebook`, then `extract --poolings` caches it and `train-neural --param
+vlad.pooling=NAME` trains it). Every module maps
 x (B, F, d) float, mask (B, F) bool -> (B, out_dim). Padding frames (mask False) count nowhere: not in
 the soft assignment's sums, not in the attention, not in the batch-norm statistics. A video with no
 valid frame pools to zeros (finite), never NaN.
@@ -105,9 +107,14 @@ class NetVLAD(nn.Module):
         self.centers = nn.Parameter(torch.randn(n_clusters, dim) / math.sqrt(dim))     # c (K, d)
         self.out_dim = n_clusters * dim
 
+    @staticmethod
+    def sizes(options):
+        """Constructor arguments from the codebook's options (features/aggregates.py AggregateOptions)."""
+        return {"dim": options["pca_dim"], "n_clusters": options["n_clusters"]}
+
     @classmethod
     def from_codebook(cls, codebook):
-        pool = cls(codebook.options["pca_dim"], codebook.options["n_clusters"])
+        pool = cls(**cls.sizes(codebook.options))
         pool.assign.init_from_centers(codebook.centers, codebook.alpha)
         _set(pool.centers, codebook.centers)
         return pool
@@ -124,9 +131,14 @@ class NetRVLAD(nn.Module):
         self.assign = SoftAssign(dim, n_clusters)
         self.out_dim = n_clusters * dim
 
+    @staticmethod
+    def sizes(options):
+        """Constructor arguments from the codebook's options (features/aggregates.py AggregateOptions)."""
+        return {"dim": options["pca_dim"], "n_clusters": options["n_clusters"]}
+
     @classmethod
     def from_codebook(cls, codebook):
-        pool = cls(codebook.options["pca_dim"], codebook.options["n_clusters"])
+        pool = cls(**cls.sizes(codebook.options))
         pool.assign.init_from_centers(codebook.centers, codebook.alpha)
         return pool
 
@@ -141,9 +153,14 @@ class SoftDBoW(nn.Module):
         self.assign = SoftAssign(dim, n_clusters)
         self.out_dim = n_clusters
 
+    @staticmethod
+    def sizes(options):
+        """Constructor arguments from the codebook's options (features/aggregates.py AggregateOptions)."""
+        return {"dim": options["pca_dim"], "n_clusters": options["n_clusters"]}
+
     @classmethod
     def from_codebook(cls, codebook):
-        pool = cls(codebook.options["pca_dim"], codebook.options["n_clusters"])
+        pool = cls(**cls.sizes(codebook.options))
         pool.assign.init_from_centers(codebook.centers, codebook.alpha)
         return pool
 
@@ -160,10 +177,15 @@ class NetFV(nn.Module):
         self.std = nn.Parameter(torch.ones(n_clusters, dim))                             # s (K, d)
         self.out_dim = 2 * n_clusters * dim
 
+    @staticmethod
+    def sizes(options):
+        """Constructor arguments from the codebook's options: its GMM's components are the clusters."""
+        return {"dim": options["pca_dim"], "n_clusters": options["n_gmm"]}
+
     @classmethod
     def from_codebook(cls, codebook):
         """Assignment, centres and variances of the codebook's diagonal GMM."""
-        pool = cls(codebook.options["pca_dim"], codebook.options["n_gmm"])
+        pool = cls(**cls.sizes(codebook.options))
         pool.assign.init_from_centers(codebook.gmm_means, codebook.gmm_alpha)
         _set(pool.centers, codebook.gmm_means)
         _set(pool.std, np.sqrt(np.maximum(codebook.gmm_vars - pool.eps, 0)))   # std^2 + eps = GMM variance
@@ -206,10 +228,16 @@ class NeXtVLAD(nn.Module):
         self.centers = nn.Parameter(torch.randn(n_clusters, self.group_dim) / math.sqrt(self.group_dim))
         self.out_dim = n_clusters * self.group_dim
 
+    @staticmethod
+    def sizes(options):
+        """Constructor arguments from the codebook's options."""
+        return {"dim": options["pca_dim"], "n_clusters": options["n_clusters"],
+                "expansion": options["nextvlad_expansion"], "groups": options["nextvlad_groups"]}
+
     @classmethod
     def from_codebook(cls, codebook):
         o = codebook.options
-        pool = cls(o["pca_dim"], o["n_clusters"], o["nextvlad_expansion"], o["nextvlad_groups"])
+        pool = cls(**cls.sizes(o))
         w, b = netvlad_init(codebook.nextvlad_centers, codebook.nextvlad_alpha)   # (lam d / G, K), (K,)
         _set(pool.expand.weight, codebook.nextvlad_expansion.T)
         _set(pool.expand.bias, np.zeros(pool.expand.bias.shape))
@@ -258,8 +286,20 @@ def pca_projection(codebook):
     return linear
 
 
-def pooling_from_codebook(name, codebook):
-    """CodebookPooling of the pooling `name` initialised from `codebook` (features/codebook.py), eval mode."""
+def pooling_class(name):
+    """The pooling layer class named `name` in POOLINGS; another name is refused, naming the choices."""
     if name not in POOLINGS:
         raise PoolingError(f"unknown pooling {name!r}; choose from {sorted(POOLINGS)}")
-    return CodebookPooling(pca_projection(codebook), POOLINGS[name].from_codebook(codebook)).eval()
+    return POOLINGS[name]
+
+
+def pooling_from_codebook(name, codebook):
+    """CodebookPooling of the pooling `name` initialised from `codebook` (features/codebook.py), eval mode."""
+    return CodebookPooling(pca_projection(codebook), pooling_class(name).from_codebook(codebook)).eval()
+
+
+def empty_pooling(name, frame_dim, options):
+    """The structure pooling_from_codebook(name, codebook) builds, from the codebook's options alone
+    (weights unset, to be loaded): (B, F, D = frame_dim) -> (B, out_dim)."""
+    cls = pooling_class(name)
+    return CodebookPooling(nn.Linear(frame_dim, options["pca_dim"]), cls(**cls.sizes(options)))

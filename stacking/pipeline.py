@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import clone
 from sklearn.metrics import f1_score
+from sklearn.model_selection import PredefinedSplit
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -85,22 +87,26 @@ class StackOptions:
         return [*first, *[k for k in self.compare if k not in first]]
 
 
-def stacker_maker(kind, options, fine_to_coarse):
-    """A function making a fresh, unfitted stacker of `kind`: its declared defaults, the values the stack
-    shares with every stacker declaring them (threads, seed, fine_to_coarse), then the options' params."""
+def stacker_for(kind, options, fine_to_coarse):
+    """A fresh, unfitted stacker (a scikit-learn estimator) of `kind`: its declared defaults, the values the
+    stack shares with every stacker declaring them (threads, seed, fine_to_coarse), then the options' params."""
     shared = {"threads": options.threads, "seed": options.seed,
               "fine_to_coarse": [int(c) for c in fine_to_coarse]}
-    params = stacker_params(kind, shared, options.params)
-    return lambda: make_stacker(kind, **params)
+    return make_stacker(kind, **stacker_params(kind, shared, options.params))
 
 
-def cross_val_predict(make, X, y, fold, desc=None):
-    """(N, C) out-of-fold predictions of a fresh stacker per fold over `fold` (N,)."""
+def oof_proba(stacker, X, y, fold, desc=None):
+    """(N, C) out-of-fold probabilities: per fold of `fold` (N,), a clone of `stacker` fitted on the others.
+
+    Not sklearn's cross_val_predict(stacker, X, y, cv=PredefinedSplit(fold), method="predict_proba"): it
+    refuses X, a StackInput (not an array), and it re-encodes y to the classes present, so a stacker would
+    learn class-map classes under other numbers, and a class of the run's C with no labelled video fails
+    its column alignment (tests/test_stack_sklearn.py shows both)."""
     out = np.zeros((len(X), X.n_classes), np.float32)
-    folds = np.unique(fold)
-    for k in tqdm(folds, desc=desc, leave=False, disable=desc is None):
-        train, held = fold != k, fold == k
-        out[held] = make().fit(X.take(train), y[train]).predict_proba(X.take(held))
+    split = PredefinedSplit(fold)
+    for train, held in tqdm(split.split(), total=split.get_n_splits(), desc=desc, leave=False,
+                            disable=desc is None):
+        out[held] = clone(stacker).fit(X.take(train), y[train]).predict_proba(X.take(held))
     return out
 
 
@@ -110,10 +116,10 @@ def _check_nested_folds(fold):
                           "stacker's cross-validation needs at least 3 (train-neural --folds 3 or more)")
 
 
-def nested_reweight(make, X, y, fold, stack_oof, fine_to_coarse, kind):
+def nested_reweight(stacker, X, y, fold, stack_oof, fine_to_coarse, kind):
     """Reweight each outer fold with a parameter tuned on an inner OOF pass over the other folds:
     nested_choice with one candidate. Returns (reweighted OOF (N, C), per-fold reweights)."""
-    reweighted, rw_folds, *_ = nested_choice({"stack": make}, X, y, fold, {"stack": stack_oof}, "stack",
+    reweighted, rw_folds, *_ = nested_choice({"stack": stacker}, X, y, fold, {"stack": stack_oof}, "stack",
                                              fine_to_coarse, kind)
     return reweighted, rw_folds
 
@@ -133,21 +139,22 @@ def auto_choice(y, oofs, fine_to_coarse, seed):
     return (max(beating, key=scores.get) if beating else INCUMBENT), scores, gains
 
 
-def nested_choice(makers, X, y, fold, oofs, chosen, fine_to_coarse, kind, seed=0):
+def nested_choice(stackers, X, y, fold, oofs, chosen, fine_to_coarse, kind, seed=0):
     """Auto chosen inside each outer fold, and the nested reweighting of the stacker chosen on all folds.
 
-    For outer fold k, every candidate in `makers` gets an inner OOF pass over the other folds; AUTO_RULE
-    on those passes is fold k's choice (one candidate: it), and its outer OOF rows `oofs[choice][k]`
-    (fitted without fold k) are its predictions, reweighted as tuned on its inner pass. The stacker `chosen` on all folds is
-    reweighted from the same inner passes, as nested_reweight does. Returns (chosen's reweighted OOF,
-    its per-fold reweights, auto's nested OOF, auto's nested reweighted OOF, per-fold choices).
+    For outer fold k, every candidate in `stackers` ({kind: unfitted stacker}) gets an inner OOF pass over
+    the other folds; AUTO_RULE on those passes is fold k's choice (one candidate: it), and its outer OOF rows
+    `oofs[choice][k]` (fitted without fold k) are its predictions, reweighted as tuned on its inner pass. The
+    stacker `chosen` on all folds is reweighted from the same inner passes, as nested_reweight does. Returns
+    (chosen's reweighted OOF, its per-fold reweights, auto's nested OOF, auto's nested reweighted OOF,
+    per-fold choices).
     """
     _check_nested_folds(fold)
     reweighted, rw_folds = np.zeros_like(oofs[chosen]), []
     auto_oof, auto_rw, picks = np.zeros_like(oofs[chosen]), np.zeros_like(oofs[chosen]), []
     for k in tqdm(np.unique(fold), desc="nested choice and reweighting", leave=False):
         train, held = fold != k, fold == k
-        inner = {c: cross_val_predict(make, X.take(train), y[train], fold[train]) for c, make in makers.items()}
+        inner = {c: oof_proba(s, X.take(train), y[train], fold[train]) for c, s in stackers.items()}
         pick, scores, gains = auto_choice(y[train], inner, fine_to_coarse, seed) if len(inner) > 1 else \
             (chosen, None, None)
         counts = np.bincount(y[train], minlength=X.n_classes)
@@ -202,10 +209,10 @@ def evaluate(run, X, options, timings):
     table["average"] = metric_from_proba(y, X.probas.mean(axis=0), f2c)
     auto = options.stacker == AUTO
     scored = options.kinds if auto else [*[k for k in options.compare if k != options.stacker], options.stacker]
-    makers = {kind: stacker_maker(kind, options, f2c) for kind in scored}
+    stackers = {kind: stacker_for(kind, options, f2c) for kind in scored}
     oofs = {}
     for kind in scored:
-        oofs[kind] = _timed(timings, f"oof_{kind}", cross_val_predict, makers[kind], X, y, fold, kind)
+        oofs[kind] = _timed(timings, f"oof_{kind}", oof_proba, stackers[kind], X, y, fold, kind)
         table[kind] = metric_from_proba(y, oofs[kind], f2c)
     extra = {}
     if auto:
@@ -218,7 +225,7 @@ def evaluate(run, X, options, timings):
     stack_oof = oofs[chosen]
     if auto and options.nested_choice:
         reweighted, per_fold, auto_oof, auto_rw, picks = _timed(
-            timings, "nested_choice_and_reweight", nested_choice, makers, X, y, fold, oofs, chosen, f2c,
+            timings, "nested_choice_and_reweight", nested_choice, stackers, X, y, fold, oofs, chosen, f2c,
             options.reweight, options.seed)
         table["auto (chosen inside each outer fold; honest)"] = metric_from_proba(y, auto_oof, f2c)
         table["auto+reweight (both inside each outer fold; honest)"] = metric_from_proba(y, auto_rw, f2c)
@@ -227,7 +234,7 @@ def evaluate(run, X, options, timings):
             "mean": nested, "reweighted_mean": table["auto+reweight (both inside each outer fold; honest)"]["mean"],
             "optimism": extra["auto"]["chosen_oof_mean"] - nested, "per_fold": picks}
     else:
-        reweighted, per_fold = _timed(timings, "nested_reweight", nested_reweight, makers[chosen], X, y, fold,
+        reweighted, per_fold = _timed(timings, "nested_reweight", nested_reweight, stackers[chosen], X, y, fold,
                                       stack_oof, f2c, options.reweight)
         if auto:
             extra["auto"]["nested_not_measured"] = ("nested_choice is off: auto was not chosen inside the "
@@ -270,7 +277,7 @@ def stack(run_dir, out_dir, options=None):
         clear_pseudo(out_dir)                           # an earlier stack's teacher files are stale now
         if options.teach:
             extra["teach"] = _timed(timings, "teach", teach, run, X, names,
-                                    stacker_maker(chosen, options, run.fine_to_coarse), chosen, options.teach,
+                                    stacker_for(chosen, options, run.fine_to_coarse), chosen, options.teach,
                                     out_dir, options.threads)
     counts = np.bincount(run.label, minlength=run.n_classes)
     plot_per_class_f1(out_dir / "per_class_f1.png", run.label, stack_oof.argmax(1), reweighted.argmax(1),
@@ -308,7 +315,7 @@ def _check_split(run, split):
 
 def refit(run, X, stack_oof, options):
     """The stacker on all labelled videos; the reweighting tuned on its full out-of-fold predictions."""
-    stacker = stacker_maker(options.stacker, options, run.fine_to_coarse)().fit(X, run.label)
+    stacker = stacker_for(options.stacker, options, run.fine_to_coarse).fit(X, run.label)
     counts = np.bincount(run.label, minlength=run.n_classes)
     reweighter = PriorReweighter(options.reweight).fit(stack_oof, run.label, counts, run.fine_to_coarse)
     return stacker, reweighter

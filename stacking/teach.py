@@ -4,7 +4,7 @@
     stacker_k = the stack's stacker kind fitted on the OOF rows of the folds other than k only
 
 The base models' fold-k models never saw fold k's labelled rows, and neither did stacker_k (it is the fit
-cross_val_predict scores fold k with), so an unlabelled near-duplicate of a fold-k video carries no label of
+oof_proba scores fold k with), so an unlabelled near-duplicate of a fold-k video carries no label of
 fold k into fold k's student. The stack's final stacker (fitted on every fold) would: it is never used here.
 
     STACK_DIR/pseudo/fold<k>.h5   proba (N_unlab, C) float16 and its record (JSON attr): neural/pseudo.py's
@@ -22,6 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from sklearn.base import clone
 
 from core.hdf5 import create_dataset
 from core.records import atomic_path
@@ -47,10 +48,11 @@ def check_teach(run, split):
                                   "fold model of the stacked base models")
 
 
-def fold_stacker(make, X, y, fold, k):
-    """Fold k's stacker: a fresh one fitted on the rows of the other folds only (X: StackInput, y, fold (N,))."""
+def fold_stacker(stacker, X, y, fold, k):
+    """Fold k's stacker: a clone of the unfitted `stacker` fitted on the rows of the other folds only
+    (X: StackInput, y, fold (N,))."""
     train = fold != k
-    return make().fit(X.take(train), y[train])
+    return clone(stacker).fit(X.take(train), y[train])
 
 
 def fold_probas(run, k, reader, device):
@@ -71,8 +73,8 @@ def clear_pseudo(out_dir):
         folder.rmdir()
 
 
-def teach(run, X, signal_names, make, kind, split, out_dir, threads=1):
-    """Write STACK_DIR/pseudo/fold<k>.h5 for every fold: stacker kind `kind` (made by `make`) fitted per fold
+def teach(run, X, signal_names, stacker, kind, split, out_dir, threads=1):
+    """Write STACK_DIR/pseudo/fold<k>.h5 for every fold: stacker kind `kind` (a clone of `stacker`) fitted per fold
     on the labelled StackInput X (N rows, run.fold) and applied to SPLIT of the run's cache.
     -> summary for metrics.json (split, rows, files, per fold: mean max-probability, classes predicted)."""
     out_dir = Path(out_dir).resolve()
@@ -88,9 +90,9 @@ def teach(run, X, signal_names, make, kind, split, out_dir, threads=1):
         with StoreReader(unlabelled.path) as reader:
             rows = np.arange(len(reader))
             for k in range(run.n_folds):
-                stacker = fold_stacker(make, X, run.label, run.fold, k)
+                fitted = fold_stacker(stacker, X, run.label, run.fold, k)
                 X_unlab = build_input(run.models, fold_probas(run, k, reader, device), reader, rows, signal_names)
-                proba = stacker.predict_proba(X_unlab)                       # (N_unlab, C)
+                proba = fitted.predict_proba(X_unlab)                        # (N_unlab, C)
                 record = {**pseudo_record(teacher, k, unlabelled),
                           "stacker": {"kind": kind, "fitted_on": FITTED_ON, "n_rows": int((run.fold != k).sum()),
                                       "run_fingerprint": run.fingerprint}}

@@ -228,3 +228,19 @@ def test_old_flat_run_options_become_model_params_left_out_at_their_default():
     old = NeuralOptions.from_dict({"epochs": 3, "vlad_pooling": "nextvlad", "knn_k": 20, "knn_temperature": 0.1,
                                    "knn_dim": 8})
     assert old.params == {"knn.dim": 8} and old.epochs == 3
+
+
+@pytest.mark.parametrize("pooling", ["netfv", "softdbow"])
+def test_every_pooling_of_features_pooling_trains_in_vlad_and_its_checkpoint_rebuilds_from_the_spec(
+        fake_cache, tmp_path, pooling):
+    """A pooling is one class in features/pooling.py (POOLINGS): vlad trains any of them, sized from the
+    codebook, and a saved fold model is rebuilt from its spec alone."""
+    from neural.checkpoint import load_fold
+    from neural.options import NeuralOptions
+    from neural.pipeline import train_neural
+    from tests.fakes import TINY
+    train_neural(fake_cache, tmp_path / "run", ["vlad"], NeuralOptions(**TINY, threads=1,
+                                                                         params={"vlad.pooling": pooling}))
+    model, spec, _ = load_fold(tmp_path / "run" / "vlad", 0)
+    assert spec.params["pooling"] == pooling and spec.params["pca_dim"] > 0
+    assert type(model.pooling.pool).__name__ == {"netfv": "NetFV", "softdbow": "SoftDBoW"}[pooling]

@@ -121,13 +121,13 @@ def test_the_stack_cross_validates_on_the_runs_grouped_folds(cache, tmp_path, mo
     run = tmp_path / "run"
     train_neural(d, run, ["linear", "knn"], run_opts(groups_file, epochs=1, params={"knn.k": 5, "knn.dim": 8}))
     seen = []
-    real = stack_pipeline.cross_val_predict
+    real = stack_pipeline.oof_proba
 
-    def spy(make, X, y, fold, desc=None):
+    def spy(stacker, X, y, fold, desc=None):
         seen.append(np.array(fold))
-        return real(make, X, y, fold, desc)
+        return real(stacker, X, y, fold, desc)
 
-    monkeypatch.setattr(stack_pipeline, "cross_val_predict", spy)
+    monkeypatch.setattr(stack_pipeline, "oof_proba", spy)
     stack(run, tmp_path / "stack", StackOptions(threads=1, stacker="logreg", compare=(), split=""))
     _, fold, _, _ = load_folds(run / "folds.h5")
     assert seen and np.array_equal(seen[0], fold)       # the outer pass: exactly the run's grouped folds

@@ -51,22 +51,19 @@ def test_stacker_oof_pass_never_sees_the_scored_fold(stacked, monkeypatch):
     run = load_run(run_dir)
     seen = []
 
-    class Spy:
+    class Spy(STACKERS["average"]):
         def fit(self, X, y):
             seen.append(len(y))
-            return self
-
-        def predict_proba(self, X):
-            return np.full((len(X), X.n_classes), 1.0 / X.n_classes, np.float32)
+            return super().fit(X, y)
 
     X = StackInput(np.stack([run.oof[m] for m in run.models]), np.zeros((len(run.ids), 1), np.float32))
-    pipeline.cross_val_predict(Spy, X, run.label, run.fold)
+    pipeline.oof_proba(Spy(), X, run.label, run.fold)
     assert seen == [int((run.fold != k).sum()) for k in range(run.n_folds)]
     seen.clear()
     fits = []
     monkeypatch.setattr(pipeline.PriorReweighter, "fit",
                         lambda self, proba, y, counts, f2c: (fits.append(len(y)), _identity(self, proba))[1])
-    pipeline.nested_reweight(Spy, X, run.label, run.fold, X.probas.mean(0), run.fine_to_coarse, "auto")
+    pipeline.nested_reweight(Spy(), X, run.label, run.fold, X.probas.mean(0), run.fine_to_coarse, "auto")
     # the reweighting of outer fold k is tuned only on the other folds' rows (an inner OOF pass there)
     assert fits == [int((run.fold != k).sum()) for k in range(run.n_folds)]
     assert len(seen) == run.n_folds * (run.n_folds - 1)

@@ -55,8 +55,8 @@ def test_auto_records_every_candidate_and_fits_by_the_rule(auto):
         names = signal_names_for(reader, len(run.models), run.n_classes, True)
         X = build_input(run.models, run.oof, reader, rows_of(reader.ids, run.ids, reader.path), names)
     options = StackOptions(threads=1, params=PARAMS)
-    oofs = {kind: pipeline.cross_val_predict(pipeline.stacker_maker(kind, options, run.fine_to_coarse), X,
-                                             run.label, run.fold) for kind in scores}
+    oofs = {kind: pipeline.oof_proba(pipeline.stacker_for(kind, options, run.fine_to_coarse), X, run.label, run.fold)
+            for kind in scores}
     boot = PairedBootstrap(run.label, run.fine_to_coarse, AUTO_RESAMPLES, seed=0)
     for kind, oof in oofs.items():
         assert scores[kind] == pytest.approx(metric_from_proba(run.label, oof, run.fine_to_coarse)["mean"])

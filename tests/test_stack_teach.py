@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from sklearn.base import clone
 
 from neural import outputs
 from neural.folds import load_folds
@@ -81,7 +82,7 @@ def test_stack_teacher_stays_at_chance_on_planted_duplicates_and_an_all_folds_st
             assert np.array_equal(a["proba"][:], b["proba"][:])
 
     # dishonest: every fold's stacker fitted on all folds' OOF rows, fold k's own included
-    monkeypatch.setattr(teach_module, "fold_stacker", lambda make, X, y, fold_, k: make().fit(X, y))
+    monkeypatch.setattr(teach_module, "fold_stacker", lambda stacker, X, y, fold_, k: clone(stacker).fit(X, y))
     stack(run, tmp_path / "leaky_stack", StackOptions(**STACK))
     leaky = teacher_argmax(tmp_path / "leaky_stack", 3)
     for k in range(3):

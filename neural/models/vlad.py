@@ -1,9 +1,9 @@
-"""vlad: a trainable NeXtVLAD (or NetVLAD) over frames, SE context gating, fused with the pooled text:
-the challenge baseline's design on cached features.
+"""vlad: a trainable NeXtVLAD (or any pooling of features/pooling.py) over frames, SE context gating, fused
+with the pooled text: the challenge baseline's design on cached features.
 
 The pooling (with the PCA projection in front) is the aggregates stage's layer (features/pooling.py).
-Its structure comes from the spec's VladParams (pooling, chosen with --param vlad.pooling; pca_dim,
-clusters, expansion, groups, taken from the codebook) and its weights from the checkpoint; the cache's
+Its structure comes from the spec's VladParams (pooling, chosen with --param vlad.pooling; its sizes,
+taken from the codebook) and its weights from the checkpoint; the cache's
 codebook only initialises it for training (`initialise`), so a saved fold model predicts without the cache.
 """
 from dataclasses import dataclass, replace
@@ -12,11 +12,9 @@ import torch
 import torch.nn as nn
 
 from core import schema
-from features.pooling import CodebookPooling, NetVLAD, NeXtVLAD
+from features.pooling import POOLINGS, empty_pooling
 from neural.models.base import FoldModel, ModelEntry, param
 from neural.models.blocks import FRAMES_AND_POOLED_TEXT, ContextGating, Heads, Projection, ensure_one, pooled_text
-
-POOLINGS = ("nextvlad", "netvlad")
 
 
 class VladError(ValueError):
@@ -25,25 +23,34 @@ class VladError(ValueError):
 
 @dataclass
 class VladParams:
-    pooling: str = param("nextvlad", f"the trainable pooling of the frames: {' or '.join(POOLINGS)}")
+    pooling: str = param("nextvlad", f"the trainable pooling of the frames, one of features/pooling.py's: "
+                                     f"{', '.join(POOLINGS)}")
     pca_dim: int = param(0, "d of the PCA projection in front of the pooling", fixed="codebook.h5 (extract --pca-dim)")
     clusters: int = param(0, "K, clusters of the pooling", fixed="codebook.h5 (extract --clusters)")
     expansion: int = param(0, "nextvlad: lambda", fixed="codebook.h5")
     groups: int = param(0, "nextvlad: G", fixed="codebook.h5")
+    gmm: int = param(0, "netfv: GMM components", fixed="codebook.h5 (extract --gmm-components)")
 
     def check(self):
         if self.pooling not in POOLINGS:
             raise VladError(f"vlad.pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
 
+    def codebook_options(self):
+        """The codebook options the pooling's structure is built from (features/pooling.py `sizes`)."""
+        return {"pca_dim": self.pca_dim, "n_clusters": self.clusters, "nextvlad_expansion": self.expansion,
+                "nextvlad_groups": self.groups, "n_gmm": self.gmm}
 
-def empty_pooling(params, frame_dim):
+
+def pooling_of(params, frame_dim):
     """(B, F, D) -> (B, W): the PCA projection (D -> d) and the pooling, shaped by VladParams, weights unset."""
-    d, k = params.pca_dim, params.clusters
-    if params.pooling not in POOLINGS or d < 1 or k < 1:
-        raise VladError(f"vlad spec: pooling {params.pooling!r} with pca_dim {d} and {k} clusters cannot be "
-                        f"built; pooling is one of {', '.join(POOLINGS)}")
-    pool = NeXtVLAD(d, k, params.expansion, params.groups) if params.pooling == "nextvlad" else NetVLAD(d, k)
-    return CodebookPooling(nn.Linear(frame_dim, d), pool)
+    try:
+        params.check()
+        if params.pca_dim < 1:
+            raise VladError(f"pca_dim is {params.pca_dim}")
+        return empty_pooling(params.pooling, frame_dim, params.codebook_options())
+    except (ValueError, TypeError, ZeroDivisionError) as err:
+        raise VladError(f"vlad spec: pooling {params.pooling!r} with sizes {params.codebook_options()} cannot be "
+                        f"built ({err})") from err
 
 
 class VladFusion(FoldModel):
@@ -52,7 +59,7 @@ class VladFusion(FoldModel):
         from neural.models import spec_params
         h, p, params = spec.hidden, spec.dropout, spec_params(spec)
         self.spec_pooling, self.frame_dim = params.pooling, spec.frame_dim
-        self.pooling = empty_pooling(params, spec.frame_dim)           # (B, F, D) -> (B, W)
+        self.pooling = pooling_of(params, spec.frame_dim)             # (B, F, D) -> (B, W)
         self.video = nn.Sequential(nn.Dropout(p), nn.Linear(self.pooling.out_dim, h), nn.LayerNorm(h))
         self.video_gate = ContextGating(h)
         self.text = Projection(3 * spec.text_dim + 3, h, p)
@@ -65,7 +72,7 @@ class VladFusion(FoldModel):
         """The pooling's sizes are the codebook's (CACHE_DIR/codebook.h5), which initialises it."""
         o = codebook.options
         return replace(params, pca_dim=int(o["pca_dim"]), clusters=int(o["n_clusters"]),
-                       expansion=int(o["nextvlad_expansion"]), groups=int(o["nextvlad_groups"]))
+                       expansion=int(o["nextvlad_expansion"]), groups=int(o["nextvlad_groups"]), gmm=int(o["n_gmm"]))
 
     def initialise(self, context):
         """The pooling starts as the one `extract` fitted without labels (CACHE_DIR/codebook.h5)."""
@@ -85,7 +92,7 @@ class VladFusion(FoldModel):
 
 
 ENTRY = ModelEntry("vlad", VladFusion, FRAMES_AND_POOLED_TEXT,
-                   "a trainable NeXtVLAD/NetVLAD head initialised from the cached codebook, SE context "
+                   "a trainable NeXtVLAD (or another pooling) initialised from the cached codebook, SE context "
                    "gating, fused with pooled text", needs_codebook=True, order=40, Params=VladParams,
                    legacy=(("vlad_pooling", "pooling"), ("vlad_pca_dim", "pca_dim"), ("vlad_clusters", "clusters"),
                            ("vlad_expansion", "expansion"), ("vlad_groups", "groups")))

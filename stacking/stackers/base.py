@@ -3,16 +3,20 @@
     stacker = Kind(**params);  stacker.fit(X, y) -> self;  stacker.predict_proba(X) -> (N, C)
     stacker.save(dir);  load_stacker(dir) -> the same predictions
 
-X is a StackInput: the base models' probabilities (M, N, C) and per-video signals (N, S). A stacker
-declares its parameters as a dataclass `Params` (defaults and help, via `param`); what it learns ends
+X is a StackInput: the base models' probabilities (M, N, C) and per-video signals (N, S); y (N,) the
+class of each video in the run's class map. A stacker declares its parameters as a dataclass `Params`
+(defaults and help, via `param`): they become the keyword arguments of its __init__ and attributes of
+the same names, so it is a scikit-learn estimator (get_params, set_params, clone). What it learns ends
 in `_`. A saved stacker is a directory: its arrays (`_save_arrays`: .npz, a booster's text file) and
 stacker.json ({"kind", "params", "learned"}), written last, so a directory with stacker.json is whole.
 No pickle: loading runs no code from the directory.
 """
+import inspect
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from core.components import not_installed
 from core.records import atomic_path, read_json, write_json
@@ -53,11 +57,30 @@ def declared(params_cls):
     return [(f.name, f.default, f.metadata.get("help", "")) for f in fields(params_cls)]
 
 
-class Stacker:
-    """Base class: parameters checked against `Params`, save/load of stacker.json; subclasses fit and predict."""
+def _signature(params_cls):
+    """The keyword-only __init__ signature of a stacker with parameters `params_cls` (what scikit-learn's
+    get_params reads): one keyword per field of Params, with its default."""
+    keywords = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+                for f in fields(params_cls)]
+    return inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *keywords])
+
+
+class Stacker(ClassifierMixin, BaseEstimator):
+    """Base class: a scikit-learn classifier whose parameters are its `Params` fields (keyword arguments of
+    __init__, attributes of the same names; get_params, set_params and clone work), with save/load of
+    stacker.json; subclasses fit and predict_proba. The columns of predict_proba are the run's classes
+    (classes_ = 0..C-1), whether fit saw a class or not."""
     kind = ""
     summary = ""                     # one line for `stack --help`
     Params = NoParams
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" not in vars(cls):          # each stacker's __init__ says its own Params' keywords
+            def __init__(self, **params):
+                Stacker.__init__(self, **params)
+            __init__.__signature__ = _signature(cls.Params)
+            cls.__init__ = __init__
 
     def __init__(self, **params):
         names = [f.name for f in fields(self.Params)]
@@ -65,7 +88,22 @@ class Stacker:
         if unknown:
             raise StackerError(f"stacker '{self.kind}' has no parameter {', '.join(unknown)}; "
                                f"it has: {', '.join(names) or 'none'}")
-        self.params = self.Params(**params)
+        for f in fields(self.Params):            # as given: scikit-learn's clone checks they are the same objects
+            setattr(self, f.name, params.get(f.name, f.default))
+
+    @property
+    def params(self):
+        """The parameters as the stacker's Params dataclass (what stacker.json records)."""
+        return self.Params(**self.get_params(deep=False))
+
+    @property
+    def classes_(self):
+        """(C,) the class of each predict_proba column: every class of the run, seen in fit or not."""
+        return np.arange(self.n_classes_)
+
+    def predict(self, X):
+        """(N,) the most probable class of each video (ClassifierMixin's score uses it)."""
+        return self.predict_proba(X).argmax(axis=1)
 
     def fit(self, X, y):
         raise NotImplementedError

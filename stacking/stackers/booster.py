@@ -9,12 +9,12 @@ from stacking.stackers.base import StackerError
 BOOSTER_FILE = "booster.txt"
 
 
-def lgb_params(objective, params, extra=None):
-    """LightGBM's parameter dict from a boosted stacker's Params (deterministic, row-wise, silent)."""
-    out = {"objective": objective, "learning_rate": params.learning_rate, "num_leaves": params.num_leaves,
-           "min_data_in_leaf": params.min_data_in_leaf, "feature_fraction": params.feature_fraction,
-           "lambda_l2": params.lambda_l2, "max_bin": params.max_bin, "num_threads": params.threads,
-           "seed": params.seed, "deterministic": True, "force_row_wise": True, "verbose": -1}
+def lgb_params(objective, stacker, extra=None):
+    """LightGBM's parameter dict from a boosted stacker's parameters (deterministic, row-wise, silent)."""
+    out = {"objective": objective, "learning_rate": stacker.learning_rate, "num_leaves": stacker.num_leaves,
+           "min_data_in_leaf": stacker.min_data_in_leaf, "feature_fraction": stacker.feature_fraction,
+           "lambda_l2": stacker.lambda_l2, "max_bin": stacker.max_bin, "num_threads": stacker.threads,
+           "seed": stacker.seed, "deterministic": True, "force_row_wise": True, "verbose": -1}
     out.update(extra or {})
     return out
 

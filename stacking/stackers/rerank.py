@@ -54,7 +54,7 @@ class RerankStacker(Stacker):
 
     def candidates(self, X):
         """(N, K) class indices: the top-k of the average, best first."""
-        k = min(self.params.top_k, X.n_classes)
+        k = min(self.top_k, X.n_classes)
         mean = X.probas.mean(axis=0)                                     # (N, C)
         top = np.argpartition(-mean, k - 1, axis=1)[:, :k]
         order = np.argsort(-np.take_along_axis(mean, top, axis=1), axis=1)
@@ -63,7 +63,7 @@ class RerankStacker(Stacker):
     def _features(self, X, cand):
         """(N*K, F) rows for (video, candidate) pairs; the last column is the class id (categorical)."""
         n, k = cand.shape
-        f2c = self.params.fine_to_coarse
+        f2c = self.fine_to_coarse
         cols = []
         for proba in X.probas:                                           # proba (N, C)
             p = np.take_along_axis(proba, cand, axis=1)                  # (N, K)
@@ -85,14 +85,14 @@ class RerankStacker(Stacker):
         self.train_recall_ = float((cand == y[:, None]).any(axis=1).mean())
         target = (cand == y[:, None]).reshape(-1).astype(np.float32)
         features = self._features(X, cand)
-        self.booster_ = booster.train(booster.lgb_params("binary", self.params), features, target,
-                                      self.params.n_rounds, categorical=[features.shape[1] - 1])
+        self.booster_ = booster.train(booster.lgb_params("binary", self), features, target,
+                                      self.n_rounds, categorical=[features.shape[1] - 1])
         return self
 
     def predict_proba(self, X):
         """(N, C): candidates' scores normalised per video; classes outside the top-k get 0."""
         out = np.zeros((len(X), self.n_classes_), np.float32)
-        step = self.params.batch_size
+        step = self.batch_size
         for start in range(0, len(X), step):
             part = X.take(slice(start, start + step))
             cand = self.candidates(part)
