@@ -11,7 +11,7 @@ after a barrier each model's owner rank merges those rows, predicts the other sp
 metrics. The result equals a one-process run.
 """
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -177,16 +177,34 @@ def write_run_json(run_dir, cache_dir, reader, models, options, pseudo=None):
     return outputs.write_run(run_dir, run, options.result_dict())
 
 
+@dataclass
+class RunShared:
+    """What every model of one train-neural run shares: where it reads and writes, the labelled store and
+    its folds, the options, the device, and the teacher when the folds distil one."""
+    run_dir: Path
+    cache_dir: Path
+    reader: StoreReader               # the labelled split's store
+    split_readers: dict               # {split: StoreReader} of the splits predicted beside it
+    options: NeuralOptions
+    fold: np.ndarray                  # (N_lab,) fold of each labelled id
+    rows: np.ndarray                  # (N_lab,) store row of each labelled id
+    labels: np.ndarray                # (N,) fine label of each store row
+    device: str | None = None         # None: resolve_device()
+    writes_predictions: bool = True   # fold rows go into predictions.h5 (the main rank), else a per-fold file
+    desc: str = ""                    # after "<model> fold k" in the progress bar (the rank)
+    pseudo: tuple | None = None       # (Teacher, Unlabelled) when the folds distil pseudo-labels (neural/pseudo.py)
+
+
 class ModelRun:
     """One model's folds and outputs inside RUN_DIR/<model>/."""
 
-    def __init__(self, name, run_dir, cache_dir, reader, split_readers, options, fold, rows, labels,
-                 device=None, writes_predictions=True, desc="", pseudo=None):
-        """writes_predictions: fold rows go into predictions.h5 (the main rank), else into a per-fold file;
-        pseudo: (Teacher, Unlabelled) when the folds distil the teacher's pseudo-labels (neural/pseudo.py)."""
-        self.name, self.options, self.fold, self.rows = name, options, fold, rows
-        self.writes_predictions, self.desc = writes_predictions, desc
-        self.dir = Path(run_dir) / name
+    def __init__(self, name, shared):
+        """Model `name` of the run `shared` (RunShared)."""
+        options, reader, split_readers = shared.options, shared.reader, shared.split_readers
+        cache_dir = shared.cache_dir
+        self.name, self.options, self.fold, self.rows = name, options, shared.fold, shared.rows
+        self.writes_predictions, self.desc = shared.writes_predictions, shared.desc
+        self.dir = Path(shared.run_dir) / name
         self.reader, self.split_readers = reader, split_readers
         entry = model_entry(name)
         names = model_inputs(name, reader)
@@ -196,15 +214,15 @@ class ModelRun:
         self.codebook = Codebook.load(Path(cache_dir) / CODEBOOK_FILE) if entry.needs_codebook else None
         self.class_names = load_class_names(cache_dir, reader.fine_classes) if entry.needs_class_names else None
         self.spec = spec_from_store(name, reader, options, names, self.codebook)
-        self.dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, options.max_tokens)
-        self.device = device or resolve_device()
+        self.dataset = StoreBatches(reader, names, shared.labels, reader.fine_to_coarse, options.max_tokens)
+        self.device = shared.device or resolve_device()
         self.preds = self.dir / "predictions.h5"
         self.record = dict(options.result_dict(), model=name, spec=self.spec.to_dict())
         self.pretrained = None                      # neural.pretrain.Pretrained: set by use_pretrained
         self.unlabelled_reader = None
-        if pseudo is not None:                      # what this model learns from beside its labels
-            teacher, unlabelled = pseudo
-            self.run_dir, self.unlabelled_reader = Path(run_dir), StoreReader(unlabelled.path)
+        if shared.pseudo is not None:               # what this model learns from beside its labels
+            teacher, unlabelled = shared.pseudo
+            self.run_dir, self.unlabelled_reader = Path(shared.run_dir), StoreReader(unlabelled.path)
             self.unlabelled_names = model_inputs(name, self.unlabelled_reader, self.spec.aggregates)
             self.record["pseudo"] = {"teacher": teacher.record(), "unlabelled": unlabelled.record()}
 
@@ -372,8 +390,9 @@ def train_neural(cache_dir, out_dir, models, options=None, overwrite=False, worl
     fold = on_main(world, lambda: prepare_run_dir(run_dir, cache_dir, reader, ids, labels[rows], models,
                                                   options, overwrite, pseudo, drawn))
     device, desc = world.device(), f" (rank {world.rank})" if world.distributed else ""
-    runs = [ModelRun(name, run_dir, cache_dir, reader, split_readers, options, fold, rows, labels, device,
-                     writes_predictions=world.is_main, desc=desc, pseudo=pseudo) for name in models]
+    shared = RunShared(run_dir, cache_dir, reader, split_readers, options, fold, rows, labels, device,
+                       writes_predictions=world.is_main, desc=desc, pseudo=pseudo)
+    runs = [ModelRun(name, shared) for name in models]
     if options.pretrain:                # once per pretrainable model, on the main rank, before any fold
         opened = {schema.LABELLED_SPLIT: reader, **split_readers}
         stores = {s: opened[s] if s in opened else StoreReader(schema.store_path(cache_dir, s))

@@ -65,8 +65,9 @@ def test_oof_rows_come_only_from_the_fold_model_that_did_not_see_them(fake_cache
     ids, fold, n_folds, _ = load_folds(tmp_path / "run" / "folds.h5")
     assert n_folds == 3 and len(ids) == 60
     oof, _ = outputs.read_oof(tmp_path / "run" / "mlp" / "predictions.h5")
-    run = pipeline.ModelRun("mlp", tmp_path / "run", fake_cache, StoreReader(fake_cache / "labeled.h5"), {}, opts,
-                            fold, np.arange(60), StoreReader(fake_cache / "labeled.h5").read("label_fine", slice(None)))
+    reader = StoreReader(fake_cache / "labeled.h5")
+    run = pipeline.ModelRun("mlp", pipeline.RunShared(tmp_path / "run", fake_cache, reader, {}, opts, fold,
+                                                      np.arange(60), reader.read("label_fine", slice(None))))
     for k in range(n_folds):
         held = np.flatnonzero(fold == k)
         assert not seen[k] & set(held.tolist())                      # never trained on its OOF rows
