@@ -80,8 +80,9 @@ def cli():
                    "directory instead).")
 @click.option("--aggregates/--no-aggregates", default=True, show_default=True,
               help="Also cache first frame, VLAD-family aggregates and frame-shift similarities.")
-@click.option("--poolings", default="netvlad,netrvlad,softdbow,netfv,nextvlad", show_default=True,
-              help="Comma-separated frozen poolings cached as aggregates (features/pooling.py).")
+@click.option("--poolings", default="all", show_default=True,
+              help="Comma-separated frozen poolings cached as aggregates; all: every one of features/pooling.py's "
+                   "POOLINGS.")
 @click.option("--pca-dim", default=64, show_default=True, help="Frames are PCA-reduced to this before pooling.")
 @click.option("--clusters", default=16, show_default=True, help="k-means clusters of the VLAD family.")
 @click.option("--gmm-components", default=8, show_default=True, help="Diagonal-GMM components of NetFV.")
@@ -91,8 +92,9 @@ def extract(data_dir, splits, cache_dir, aggregates, poolings, pca_dim, clusters
     """Cache frame and text embeddings (and video aggregates) in one HDF5 store per split."""
     from features.aggregates import AggregateOptions
     from features.extract import ExtractOptions, extract as run_extract, list_splits
-    agg = AggregateOptions(poolings=tuple(p.strip() for p in poolings.split(",") if p.strip()), pca_dim=pca_dim,
-                           n_clusters=clusters, n_gmm=gmm_components, sample_size=codebook_sample)
+    named = {} if poolings == "all" else {"poolings": tuple(p.strip() for p in poolings.split(",") if p.strip())}
+    agg = AggregateOptions(**named, pca_dim=pca_dim, n_clusters=clusters, n_gmm=gmm_components,
+                           sample_size=codebook_sample)
     opts = ExtractOptions(**options, aggregates=agg if aggregates else None)
     reports = run_extract(data_dir, list(splits) or list_splits(data_dir), cache_dir, opts)
     for split, report in reports.items():

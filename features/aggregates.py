@@ -44,7 +44,7 @@ class AggregateOptionsError(ValueError):
 
 @dataclass
 class AggregateOptions:
-    poolings: tuple = ("netvlad", "netrvlad", "softdbow", "netfv", "nextvlad")  # pooling layers cached under agg/
+    poolings: tuple = tuple(POOLINGS)  # pooling layers cached under agg/: every one of features/pooling.py
     pca_dim: int = 64              # d: frames are PCA-reduced from D to d before pooling
     n_clusters: int = 16           # K: k-means clusters of NetVLAD, NetRVLAD, SoftDBoW and NeXtVLAD
     n_gmm: int = 8                 # diagonal-GMM components of NetFV (its width is 2 * n_gmm * pca_dim)
