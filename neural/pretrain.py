@@ -272,18 +272,36 @@ def choose_objectives(options, present):
     return used, skipped
 
 
-def run_epoch(model, heads, optimizer, stores, plan, weights, options, lr_at, first_step, seed, device, bar):
-    """One pass over `plan`; every randomness (dropout, masks, swaps) drawn from `seed`. -> {objective:
-    mean loss} plus "total" (the weighted sum)."""
+@dataclass
+class PretrainLoop:
+    """What every pretraining epoch uses: the model and its objective heads, their optimizer, the learning
+    rate schedule (lr_at(step) scales options.lr), the stores read, each objective's weight, the device
+    and the progress bar."""
+    model: nn.Module
+    heads: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_at: object                     # step -> LR factor
+    stores: Dataset
+    weights: dict                     # {objective: weight}
+    options: object                   # NeuralOptions
+    device: str
+    bar: object                       # tqdm
+
+
+def run_epoch(loop, plan, first_step, seed):
+    """One pass over `plan` (its first batch is global step `first_step`); every randomness (dropout,
+    masks, swaps) drawn from `seed`. -> {objective: mean loss} plus "total" (the weighted sum)."""
+    model, heads, optimizer, weights, options, device = (loop.model, loop.heads, loop.optimizer, loop.weights,
+                                                         loop.options, loop.device)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     heads.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sums = {}
-    for i, batch in enumerate(loader(stores, plan, options.num_workers)):
+    for i, batch in enumerate(loader(loop.stores, plan, options.num_workers)):
         for group in optimizer.param_groups:
-            group["lr"] = options.lr * lr_at(first_step + i)
+            group["lr"] = options.lr * loop.lr_at(first_step + i)
         batch = to_device(batch, device)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device):
@@ -296,7 +314,7 @@ def run_epoch(model, heads, optimizer, stores, plan, weights, options, lr_at, fi
             losses["total"] = total
         for name, value in losses.items():
             sums.setdefault(name, []).append(float(value.detach()))
-        bar.update(1)
+        loop.bar.update(1)
     return {name: float(np.mean(values)) for name, values in sums.items()}
 
 
@@ -387,11 +405,11 @@ def pretrain(run_dir, spec, readers, options, device="cpu", say=print):
     stores = Stores(datasets)
     bar = tqdm(total=(options.pretrain_epochs - start) * steps, desc=f"pretrain {spec.model}", leave=False,
                mininterval=2)
+    loop = PretrainLoop(model, heads, optimizer, lr_at, stores, weights, options, device, bar)
     for epoch in range(start, options.pretrain_epochs):
         began = time.perf_counter()
         plan = epoch_batches(sizes, options.batch_size, seed * 1000 + epoch)
-        losses = run_epoch(model, heads, optimizer, stores, plan, weights, options, lr_at, epoch * steps,
-                           seed * 1000 + epoch, device, bar)
+        losses = run_epoch(loop, plan, epoch * steps, seed * 1000 + epoch)
         record["epoch_loss"].append(losses)
         record["seconds_per_epoch"].append(time.perf_counter() - began)
         save_resume(resume_path, model, heads, optimizer, record, epoch + 1)
