@@ -244,3 +244,36 @@ def test_every_pooling_of_features_pooling_trains_in_vlad_and_its_checkpoint_reb
     model, spec, _ = load_fold(tmp_path / "run" / "vlad", 0)
     assert spec.params["pooling"] == pooling and spec.params["pca_dim"] > 0
     assert type(model.pooling.pool).__name__ == {"netfv": "NetFV", "softdbow": "SoftDBoW"}[pooling]
+
+
+def test_a_model_from_an_installed_package_is_discovered_and_its_files_name_that_package(
+        fake_cache, tmp_path, monkeypatch):
+    """A user's package registers a model module under shortvideo.models (entry_points.txt in its
+    dist-info): the registry finds it, and its fold records name the package and version."""
+    from neural.checkpoint import load_fold
+    from neural.options import NeuralOptions
+    from neural.pipeline import train_neural
+    from tests.fakes import TINY
+    site = tmp_path / "site"
+    (site / "user_models").mkdir(parents=True)
+    (site / "user_models" / "__init__.py").write_text("")
+    (site / "user_models" / "scaled.py").write_text(PROBE.replace('"probe"', '"scaled"'))
+    info = site / "user_models-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: user-models\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text("[shortvideo.models]\nscaled = user_models.scaled\n")
+    monkeypatch.syspath_prepend(str(site))
+    neural.models.rediscover()
+    try:
+        assert neural.models.model_origin("scaled") == {"module": "user_models.scaled", "package": "user-models",
+                                                         "version": "0.3"}
+        train_neural(fake_cache, tmp_path / "run", ["scaled"], NeuralOptions(**TINY, threads=1,
+                                                                             params={"scale": 0.5}))
+        _, spec, record = load_fold(tmp_path / "run" / "scaled", 1)
+        assert spec.params == {"scale": 0.5} and record["component"]["package"] == "user-models"
+    finally:
+        monkeypatch.undo()
+        for name in ("user_models.scaled", "user_models"):
+            sys.modules.pop(name, None)
+        neural.models.rediscover()
+    assert "scaled" not in neural.models.MODEL_NAMES
