@@ -130,7 +130,7 @@ def scale_worker(args):
     from features.codebook import Codebook
     from core.device import resolve_device
     from neural.data import StoreBatches
-    from neural.models import model_entry, model_inputs
+    from neural.models import FitContext, model_entry, model_inputs
     from neural.spec import spec_from_store
     from neural.train import fit_fold
     torch.set_num_threads(args.threads)
@@ -144,7 +144,7 @@ def scale_worker(args):
     dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, opts.max_tokens)
     codebook = Codebook.load(Path(args.cache[0]) / "codebook.h5") if model_entry(args.models).needs_codebook else None
     spec = spec_from_store(args.models, reader, opts, names, codebook)
-    _, info = fit_fold(spec, dataset, rows, opts, 0, resolve_device(), codebook)
+    _, info = fit_fold(spec, FitContext(dataset, rows, opts.batch_size, codebook), opts, 0, resolve_device())
     peak_mb = peak_rss_mib()
     print(json.dumps({"seconds": info["seconds_per_epoch"][0], "rows": len(rows), "peak_rss_mb": peak_mb,
                       "imports_rss_mb": imports_mb}))

@@ -33,7 +33,7 @@ from neural.folds import (GroupsError, file_sha256, folds_groups_auto, folds_gro
                           make_folds, make_group_folds, rare_classes_warning, read_groups, save_folds)
 from neural.metrics import challenge_metric
 from neural.neardup import AUTO, NONE, NearDupRule, store_groups
-from neural.models import check_params, model_entry, model_inputs, registry
+from neural.models import FitContext, check_params, model_entry, model_inputs, registry
 from neural.options import NeuralOptions
 from neural.outputs import RunError
 from neural.predict import check_classes, predict_split
@@ -250,9 +250,10 @@ class ModelRun:
             seed = self.options.seed * 100 + k
             pseudo = None if self.unlabelled_reader is None else PseudoLabels(
                 pseudo_path(self.run_dir, k), self.unlabelled_reader, self.unlabelled_names, self.options)
-            model, info = fit_fold(self.spec, self.dataset, self.rows[train], self.options, seed,
-                                   self.device, self.codebook, desc=f"{self.name} fold {k}{self.desc}",
-                                   class_names=self.class_names, pseudo=pseudo, pretrained=self.pretrained)
+            context = FitContext(self.dataset, self.rows[train], self.options.batch_size, self.codebook,
+                                 self.class_names, self.pretrained, pseudo)
+            model, info = fit_fold(self.spec, context, self.options, seed, self.device,
+                                   desc=f"{self.name} fold {k}{self.desc}")
             save_fold(self.dir, k, model, self.spec, info, self.options)
         if self.writes_predictions:         # batch by batch: the fold's (N_held, C) rows are never held whole
             outputs.write_fold_batches(self.preds, k, self.held_batches(model, held))

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from core import schema
 from neural.data import loader, ordered_batches, shuffled_batches, to_device
-from neural.models import FitContext, build_model
+from neural.models import build_model
 
 LABEL_KEYS = ("rows", "label_fine", "label_coarse")
 TEXT_KEYS = (schema.TEXT_TOKENS, schema.TEXT_TOKEN_MASK, schema.TEXT_POOLED, schema.TEXT_FIELD_MASK, schema.TEXT_LEN)
@@ -170,23 +170,23 @@ def train_step(model, batch, weights, options, optimizer, device, unlabelled=Non
     return float(loss.detach())
 
 
-def fit_fold(spec, dataset, train_rows, options, seed, device, codebook=None, desc="fold", class_names=None,
-             pretrained=None, pseudo=None):
-    """Train one model (ModelSpec) on `train_rows` (store rows). -> (model to predict with, info dict).
-    `codebook` (features.codebook.Codebook) and `class_names` initialise the models that need them;
-    `pretrained` (neural.pretrain.Pretrained) then replaces every weight but the heads.
-    `pseudo` (neural.pseudo.PseudoLabels): each step of the first options.epochs also distils one batch
+def fit_fold(spec, context, options, seed, device, desc="fold"):
+    """Train one model (ModelSpec) on the fold `context` (FitContext: the dataset and the store rows it
+    trains on, and what else it learns from). -> (model to predict with, info dict).
+    `context.codebook` and `context.class_names` initialise the models that need them;
+    `context.pretrained` (neural.pretrain.Pretrained) then replaces every weight but the heads.
+    `context.pseudo` (neural.pseudo.PseudoLabels): each step of the first options.epochs also distils one batch
     of the teacher's pseudo-labels (options.pseudo_modality_drop of them without their text or their
     frames, drop_modality); then options.pseudo_finetune_epochs on labelled rows only (one LR
     schedule over all of them). Without it, nothing below draws or computes anything more.
 
     Everything random is drawn from `seed`, so a fold trains identically whether or not the folds
     before it ran in the same process (what makes resuming exact)."""
+    dataset, train_rows, pretrained, pseudo = context.dataset, context.rows, context.pretrained, context.pseudo
     torch.manual_seed(seed)
     model = build_model(spec)
     start = time.perf_counter()
-    model.initialise(FitContext(dataset, train_rows, options.batch_size, codebook, class_names, pretrained,
-                                pseudo))
+    model.initialise(context)
     if pretrained is not None:                  # every fold starts from the self-supervised weights
         pretrained.load_into(model)
     model = model.to(device)

@@ -11,7 +11,7 @@ from features.codebook import Codebook
 from neural.checkpoint import fold_saved
 from neural.data import StoreBatches
 from neural.folds import load_folds, make_folds
-from neural.models import model_inputs
+from neural.models import FitContext, model_inputs
 from neural.options import NeuralOptions
 from neural.pipeline import available_models, train_neural
 from neural.predict import predict_store
@@ -34,7 +34,8 @@ def test_each_model_loss_falls(fake_cache, model):
     dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, opts.max_tokens)
     codebook = Codebook.load(fake_cache / "codebook.h5") if model == "vlad" else None
     spec = spec_from_store(model, reader, opts, names, codebook)
-    _, info = fit_fold(spec, dataset, np.arange(len(reader)), opts, seed=0, device="cpu", codebook=codebook)
+    context = FitContext(dataset, np.arange(len(reader)), opts.batch_size, codebook=codebook)
+    _, info = fit_fold(spec, context, opts, seed=0, device="cpu")
     losses = info["epoch_loss"]
     assert losses[-1] < 0.7 * losses[0], losses
 
@@ -55,9 +56,9 @@ def test_oof_rows_come_only_from_the_fold_model_that_did_not_see_them(fake_cache
     seen = {}                                          # fold seed -> store rows the model trained on
     real_fit = pipeline.fit_fold
 
-    def recording_fit(spec, dataset, train_rows, options, seed, *args, **kw):
-        seen[seed] = set(train_rows.tolist())
-        return real_fit(spec, dataset, train_rows, options, seed, *args, **kw)
+    def recording_fit(spec, context, options, seed, *args, **kw):
+        seen[seed] = set(context.rows.tolist())
+        return real_fit(spec, context, options, seed, *args, **kw)
 
     monkeypatch.setattr(pipeline, "fit_fold", recording_fit)
     opts = NeuralOptions(**TINY)
@@ -91,7 +92,7 @@ def test_resume_after_a_killed_fold_gives_the_same_oof(fake_cache, tmp_path, mon
     assert done.tolist() == [True, True, False] and not complete
 
     trained = []
-    monkeypatch.setattr(pipeline, "fit_fold", lambda *a, **kw: trained.append(a[4]) or real_fit(*a, **kw))
+    monkeypatch.setattr(pipeline, "fit_fold", lambda *a, **kw: trained.append(a[3]) or real_fit(*a, **kw))
     metrics = train_neural(fake_cache, tmp_path / "resumed", ["single"], opts)
     assert trained == [2]                              # folds 0 and 1 were skipped
     resumed, _ = outputs.read_oof(tmp_path / "resumed" / "single" / "predictions.h5")
@@ -152,7 +153,7 @@ def test_a_fold_killed_after_its_checkpoint_is_not_retrained(fake_cache, tmp_pat
     assert fold_saved(tmp_path / "resumed" / "mlp", 1)
     monkeypatch.setattr(outputs, "write_fold_batches", real_write)
     trained, real_fit = [], pipeline.fit_fold
-    monkeypatch.setattr(pipeline, "fit_fold", lambda *a, **kw: trained.append(a[4]) or real_fit(*a, **kw))
+    monkeypatch.setattr(pipeline, "fit_fold", lambda *a, **kw: trained.append(a[3]) or real_fit(*a, **kw))
     train_neural(fake_cache, tmp_path / "resumed", ["mlp"], opts)
     assert trained == [2]                              # fold 1 came back from its checkpoint
     resumed, _ = outputs.read_oof(tmp_path / "resumed" / "mlp" / "predictions.h5")
@@ -176,8 +177,8 @@ def test_names_model_recognises_a_class_it_never_trained_on(fake_cache):
     opts = NeuralOptions(**dict(TINY, epochs=4))
     names = model_inputs("names", reader)
     dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, opts.max_tokens)
-    net, _ = fit_fold(spec_from_store("names", reader, opts, names), dataset, seen, opts, seed=0, device="cpu",
-                      class_names=load_class_names(fake_cache, reader.fine_classes))
+    context = FitContext(dataset, seen, opts.batch_size, class_names=load_class_names(fake_cache, reader.fine_classes))
+    net, _ = fit_fold(spec_from_store("names", reader, opts, names), context, opts, seed=0, device="cpu")
     predicted = predict_rows([net], dataset, unseen, 16, "cpu").argmax(axis=1)
     assert (predicted == 5).mean() >= 0.8, predicted
 

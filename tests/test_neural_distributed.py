@@ -137,7 +137,7 @@ def test_rows_a_rank_left_in_a_per_fold_file_are_merged_on_resume_not_refitted(f
     half_written = run / "linear" / "oof_fold2.h5.tmp"               # a rank killed while writing its rows
     half_written.write_bytes(b"\x89HDF")
     fits = []
-    monkeypatch.setattr(pipeline, "fit_fold", lambda *a, **kw: fits.append(a[4]))
+    monkeypatch.setattr(pipeline, "fit_fold", lambda *a, **kw: fits.append(a[3]))
     train_neural(fake_cache, run, ["linear"], opts)
     assert fits == [] and not list((run / "linear").glob("oof_fold*"))
     with h5py.File(preds, "r") as h5:

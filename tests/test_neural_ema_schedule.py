@@ -12,7 +12,7 @@ from features.codebook import Codebook
 from features.store import StoreReader
 from neural import train
 from neural.data import StoreBatches
-from neural.models import model_inputs
+from neural.models import FitContext, model_inputs
 from neural.options import NeuralOptions
 from neural.spec import spec_from_store
 from neural.train import ema_model, fit_fold, predict_rows, schedule
@@ -98,7 +98,8 @@ def test_fit_fold_with_ema_predicts_exactly_as_with_the_old_ema(fake_cache, monk
     rows = np.arange(len(reader))
 
     def fitted():
-        model, _ = fit_fold(spec, dataset, rows, opts, seed=0, device="cpu", codebook=codebook)
+        model, _ = fit_fold(spec, FitContext(dataset, rows, opts.batch_size, codebook=codebook), opts, seed=0,
+                            device="cpu")
         return predict_rows([model], dataset, rows, 16, "cpu")
 
     new = fitted()

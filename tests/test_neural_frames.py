@@ -6,7 +6,7 @@ import torch
 from features.store import StoreReader
 from neural.checkpoint import load_fold, save_fold
 from neural.data import StoreBatches
-from neural.models import model_inputs
+from neural.models import FitContext, model_inputs
 from neural.models.frames import frame_probe_fit
 from neural.options import NeuralOptions
 from neural.pipeline import train_neural
@@ -27,7 +27,7 @@ def fitted(tmp_path, n=60, rows=None):
     dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, opts.max_tokens)
     spec = spec_from_store("frames", reader, opts, names)
     rows = np.arange(n) if rows is None else rows
-    model, info = fit_fold(spec, dataset, rows, opts, seed=0, device="cpu")
+    model, info = fit_fold(spec, FitContext(dataset, rows, opts.batch_size), opts, seed=0, device="cpu")
     return model, info, spec, dataset, labels
 
 

@@ -1,5 +1,7 @@
 """knn (retrieval votes): honest out-of-fold, the vote maths against a brute-force numpy kNN, the blocked
 search equal to the unblocked one, a checkpoint that predicts alone, stores with one modality, resume."""
+from dataclasses import replace
+
 import h5py
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from neural import outputs, pipeline
 from neural.checkpoint import load_fold
 from neural.data import StoreBatches
 from neural.folds import load_folds
-from neural.models import model_inputs
+from neural.models import FitContext, model_inputs
 from neural.models.knn import FLOOR, top_k, vote
 from neural.options import NeuralOptions
 from neural.pipeline import train_neural
@@ -52,8 +54,8 @@ def test_held_out_rows_never_find_themselves(tmp_path, monkeypatch):
 
     real_fit = pipeline.fit_fold
 
-    def leaky_fit(spec, dataset, train_rows, *args, **kw):
-        return real_fit(spec, dataset, np.arange(120), *args, **kw)        # banks the held-out rows too
+    def leaky_fit(spec, context, *args, **kw):
+        return real_fit(spec, replace(context, rows=np.arange(120)), *args, **kw)   # banks the held-out rows too
 
     monkeypatch.setattr(pipeline, "fit_fold", leaky_fit)
     train_neural(cache, tmp_path / "leaky", ["knn"], opts)
@@ -102,7 +104,8 @@ def test_fold_model_votes_like_numpy_on_its_own_bank(tmp_path):
     labels = reader.read(schema.LABEL_FINE, slice(None))
     dataset = StoreBatches(reader, names, labels, reader.fine_to_coarse, opts.max_tokens)
     train = np.arange(0, 60, 2)
-    model, info = fit_fold(spec_from_store("knn", reader, opts, names), dataset, train, opts, 0, "cpu")
+    model, info = fit_fold(spec_from_store("knn", reader, opts, names), FitContext(dataset, train, opts.batch_size),
+                           opts, 0, "cpu")
     assert not list(model.parameters()) and len(info["seconds_per_epoch"]) == 1
     assert model.bank.shape == (30, 8) and model.bank.dtype == torch.float16
     np.testing.assert_array_equal(model.bank_labels.numpy(), labels[train])

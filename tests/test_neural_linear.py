@@ -14,7 +14,7 @@ from features.categories import load_category_map
 from features.store import StoreDims, StoreReader, StoreWriter, create_store
 from neural import outputs
 from neural.data import StoreBatches
-from neural.models import model_inputs
+from neural.models import FitContext, model_inputs
 from neural.options import NeuralOptions
 from neural.pipeline import train_neural
 from neural.spec import spec_from_store
@@ -74,7 +74,8 @@ def test_linear_trains_when_the_last_batch_holds_a_single_row(tmp_path):
     names = model_inputs("linear", reader)
     dataset = StoreBatches(reader, names, fine, reader.fine_to_coarse, opts.max_tokens)
     rows = np.arange(33)
-    model, info = fit_fold(spec_from_store("linear", reader, opts, names), dataset, rows, opts, seed=0, device="cpu")
+    spec = spec_from_store("linear", reader, opts, names)
+    model, info = fit_fold(spec, FitContext(dataset, rows, opts.batch_size), opts, seed=0, device="cpu")
     assert len(info["epoch_loss"]) == 2 and np.isfinite(info["epoch_loss"]).all()
     proba = predict_rows([model], dataset, np.arange(33, 40), 1, "cpu")                   # batches of one too
     np.testing.assert_allclose(proba, predict_rows([model], dataset, np.arange(33, 40), 16, "cpu"), atol=1e-6)
@@ -88,7 +89,8 @@ def test_an_empty_text_field_adds_nothing_to_the_linear_model(tmp_path):
     opts = NeuralOptions(epochs=1, batch_size=16)
     names = model_inputs("linear", reader)
     dataset = StoreBatches(reader, names, fine, reader.fine_to_coarse, opts.max_tokens)
-    model, _ = fit_fold(spec_from_store("linear", reader, opts, names), dataset, np.arange(60), opts, 0, "cpu")
+    context = FitContext(dataset, np.arange(60), opts.batch_size)
+    model, _ = fit_fold(spec_from_store("linear", reader, opts, names), context, opts, 0, "cpu")
     scale = model.scale.numpy()
     assert (scale[96:] == 0).all() and (scale[:96] > 0).all() and len(set(scale[:96])) == 1
 

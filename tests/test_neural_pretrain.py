@@ -15,7 +15,7 @@ from core import schema
 from features.store import StoreDims, StoreReader, StoreWriter, create_store
 from neural import pretrain as pretrain_module
 from neural.data import StoreBatches
-from neural.models import build_model, model_inputs
+from neural.models import FitContext, build_model, model_inputs
 from neural.models.blocks import masked_mean
 from neural.options import NeuralOptions
 from neural.pipeline import train_neural
@@ -170,8 +170,9 @@ def test_folds_start_from_the_pretrained_weights(cache, tmp_path):
                            reader.fine_to_coarse, options.max_tokens)
     untrained = NeuralOptions(**dict(TINY, epochs=0))           # the model as fit_fold starts training it
     rows = np.arange(40)
-    start, _ = fit_fold(spec, dataset, rows, untrained, seed=5, device="cpu", pretrained=done)
-    random, _ = fit_fold(spec, dataset, rows, untrained, seed=5, device="cpu")
+    start, _ = fit_fold(spec, FitContext(dataset, rows, untrained.batch_size, pretrained=done), untrained, seed=5,
+                        device="cpu")
+    random, _ = fit_fold(spec, FitContext(dataset, rows, untrained.batch_size), untrained, seed=5, device="cpu")
     start, random = start.state_dict(), random.state_dict()
     for name, t in saved.items():
         assert torch.equal(start[name], t), name
