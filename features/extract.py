@@ -326,7 +326,8 @@ def fill_store(path, job, rows, frame_encoder, text_encoder, options, device):
         items = VideoItems(job.videos[start:end], job.source, frame_encoder.preprocess if frame_encoder else None,
                            text_encoder.tokenizer, options.max_tokens)
         loader = DataLoader(items, batch_sampler=batches, collate_fn=list, num_workers=options.workers,
-                            persistent_workers=False, prefetch_factor=4 if options.workers else None)
+                            persistent_workers=False, prefetch_factor=4 if options.workers else None,
+                            worker_init_fn=_yield_to_encoder if torch.device(device).type == "cpu" else None)
         desc = f"extract {job.split}" + (f" rows {start}-{end}" if (start, end) != (0, len(job.videos)) else "")
         bar = tqdm(total=n, initial=int(done.sum()), unit="video", desc=desc)
         with _BatchWriter(writer, faults_path, tokens_path, bar) as sink:
@@ -420,6 +421,17 @@ def _environment(options):
     except importlib.metadata.PackageNotFoundError:
         pass
     return versions
+
+
+# niceness of a decode worker on the CPU: it runs batches ahead (prefetch), so it can take the time the
+# encoder leaves, and the encoder's thread (the critical path) is not preempted by its own decoding
+WORKER_NICENESS = 5
+
+
+def _yield_to_encoder(_worker_id):
+    """DataLoader worker_init_fn on the CPU: lower this decode worker's priority (WORKER_NICENESS). On a GPU the
+    workers feed the device and keep theirs."""
+    os.nice(WORKER_NICENESS)
 
 
 class VideoItems(Dataset):

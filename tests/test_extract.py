@@ -1,5 +1,6 @@
 """extract end to end on tiny challenge-layout data with the embedded default encoders."""
 import json
+import os
 import pickle
 import signal
 import time
@@ -366,3 +367,16 @@ def test_a_refused_extract_leaves_the_class_names_as_they_were(extracted, tmp_pa
     with pytest.raises(Exception, match="options.max_tokens: 16 -> 32"):
         extract(root, ["labeled"], cache, options(category_map=str(renamed), max_tokens=32))
     assert (cache / "class_names.h5").stat().st_mtime_ns == before
+
+
+def _niceness(_batch):
+    return os.nice(0)
+
+
+def test_a_decode_worker_on_the_cpu_yields_to_the_encoder():
+    """extract's DataLoader workers on the CPU start with _yield_to_encoder: their niceness is the parent's
+    plus WORKER_NICENESS (capped at 19), so the encoder's thread is not preempted by its own decoding."""
+    from torch.utils.data import DataLoader
+    from features.extract import WORKER_NICENESS, _yield_to_encoder
+    loader = DataLoader(range(2), batch_size=1, num_workers=1, collate_fn=_niceness, worker_init_fn=_yield_to_encoder)
+    assert list(loader) == [min(19, os.nice(0) + WORKER_NICENESS)] * 2
