@@ -298,11 +298,12 @@ def _stacker_kinds(ctx, param, value):
               help="With --stacker auto: also choose inside each outer fold on the other folds only and "
                    "report that honest score (every stacker's OOF pass again per outer fold: about folds-1 "
                    "times the cost of scoring them all once).")
-@click.option("--label-shift", type=click.Choice(["auto", "em", "none"]), default="auto", show_default=True,
-              help="Each predicted split's class priors estimated by EM on the stacker's calibrated probabilities "
+@click.option("--label-shift", type=click.Choice(["auto", "em", "none"]), default="none", show_default=True,
+              help="Each predicted split's class priors are estimated by EM on the stacker's calibrated probabilities "
                    "(Saerens et al. 2002) and recorded in metrics.json; auto applies them (as prior ratios, "
                    "before the reweighting) when the split's priors differ from the labelled ones by more than the "
-                   "estimate differs on the run's own folds (no shift there), em always, none never.")
+                   "estimate differs on the run's own folds (no shift there), em always, none never (the default: "
+                   "applying them has lowered held-out scores so far, docs/results.md).")
 @click.option("--decode/--no-decode", default=True, show_default=True,
               help="Metric-aware decoding: a class the arg-max opens with 1-2 items whose expected count in the "
                    "split is below one is closed (its items go to their next class) when that raises the expected "

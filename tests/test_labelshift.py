@@ -122,3 +122,20 @@ def test_a_class_without_training_items_cannot_capture_the_em_estimate(model):
     assert max(f["tv"] for f in adapter.fold_noise_) < 0.1
     weights, _, record = adapter.adapt(proba)
     assert not record["applied"] and np.array_equal(weights, np.ones(6)), record["tv_from_training_priors"]
+
+
+def test_by_default_a_shift_is_estimated_and_recorded_but_the_labels_stay_the_reweighted_arg_max(model):
+    from stacking.pipeline import StackOptions, decide
+    from stacking.reweight import PriorReweighter
+    lr, oof, y, fold = model
+    adapter = ShiftAdapter().fit(oof, y, fold, 5)
+    shifted, _ = draw(np.array([0.05, 0.05, 0.1, 0.3, 0.5]), 2000, np.random.default_rng(4))
+    proba = lr.predict_proba(shifted)
+    reweighter = PriorReweighter("power", taus=(0.0,)).fit(oof, y, np.bincount(y, minlength=5), np.arange(5))
+    pred, record = decide(proba, reweighter, adapter, np.arange(5), StackOptions(decode=False))
+    assert StackOptions().label_shift == "none"
+    assert np.array_equal(pred, proba.argmax(1))
+    assert not record["label_shift"]["applied"] and record["label_shift"]["auto_would_apply"]
+    assert abs(record["label_shift"]["estimated_priors"][4] - 0.5) < 0.05
+    applied, _ = decide(proba, reweighter, adapter, np.arange(5), StackOptions(decode=False, label_shift="auto"))
+    assert not np.array_equal(applied, pred)
