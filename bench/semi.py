@@ -33,7 +33,7 @@ from neural.outputs import read_run
 from stacking.reweight import PriorReweighter, class_weights
 from stacking.rundir import load_run, split_predictions
 from stacking.signals import build_input
-from stacking.stackers.base import load_stacker
+from stacking.stackers import load_stacker
 from stacking.submission import read_predictions
 
 SPLIT = "unlabeled"

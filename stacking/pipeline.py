@@ -38,7 +38,7 @@ from stacking.plots import plot_per_class_f1
 from stacking.reweight import PriorReweighter
 from stacking.rundir import RunDirError, available_splits, load_run, split_predictions
 from stacking.signals import build_input, signal_names_for
-from stacking.stackers import check_overrides, make_stacker, stacker_params
+from stacking.stackers import check_overrides, make_stacker, stacker_origin, stacker_params
 from stacking.submission import write_predictions
 from stacking.teach import check_teach, clear_pseudo, teach
 
@@ -326,7 +326,7 @@ def refit(run, X, stack_oof, options):
 def save_stack(out_dir, run, stacker, reweighter, signal_names, options, adapter):
     """stacker/, reweight.json, then stack.json (with the label-shift adapter: its calibration, the training
     priors and the folds' no-shift noise): a stack directory with stack.json is whole."""
-    stacker.save(out_dir / "stacker")
+    stacker.save(out_dir / "stacker", stacker_origin(stacker.kind))
     reweighter.save(out_dir / "reweight.json")
     write_json(out_dir / "stack.json",
                {"run_dir": str(run.run_dir), "fingerprint": run.fingerprint, "models": run.models,

@@ -12,10 +12,12 @@ fine_to_coarse); and the user's overrides, `name=value` (every stacker in use th
 or `kind.name=value` (that stacker only).
 """
 from dataclasses import fields
+from pathlib import Path
 
-from core.components import installed, origin
+from core.components import installed, not_installed, origin
+from core.records import read_json
 from stacking.stackers.average import AverageStacker
-from stacking.stackers.base import Stacker, StackerError, StackInput, declared, load_stacker
+from stacking.stackers.base import Stacker, StackerError, StackInput, declared
 from stacking.stackers.lgbm import LGBMStacker
 from stacking.stackers.logreg import LogisticStacker
 from stacking.stackers.rerank import RerankStacker
@@ -131,3 +133,20 @@ def describe_params():
         if settable:
             parts.append(f"{kind}: " + ", ".join(settable))
     return "; ".join(parts)
+
+
+def load_stacker(path):
+    """The fitted stacker saved in directory `path` by `Stacker.save`."""
+    path = Path(path)
+    meta = read_json(path / "stacker.json", error=StackerError, hint="no fitted stacker here")
+    for key in ("kind", "params", "learned"):
+        if key not in meta:
+            raise StackerError(f"{path}/stacker.json: field '{key}' is missing")
+    if meta["kind"] not in STACKERS:                      # made by a stacker whose package is not installed
+        raise StackerError(str(not_installed(path / "stacker.json", "stacker", meta["kind"], meta.get("component"))))
+    stacker = make_stacker(meta["kind"], **meta["params"])
+    try:
+        stacker.restore(path, meta["learned"])
+    except KeyError as err:
+        raise StackerError(f"{path}/stacker.json: field 'learned.{err.args[0]}' is missing") from err
+    return stacker

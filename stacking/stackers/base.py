@@ -1,7 +1,7 @@
 """The contract every stacker keeps, and how a fitted one is saved and loaded.
 
     stacker = Kind(**params);  stacker.fit(X, y) -> self;  stacker.predict_proba(X) -> (N, C)
-    stacker.save(dir);  load_stacker(dir) -> the same predictions
+    stacker.save(dir);  stacking.stackers.load_stacker(dir) -> the same predictions
 
 X is a StackInput: the base models' probabilities (M, N, C) and per-video signals (N, S); y (N,) the
 class of each video in the run's class map. A stacker declares its parameters as a dataclass `Params`
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from core.components import not_installed
-from core.records import atomic_path, read_json, write_json
+from core.components import origin
+from core.records import atomic_path, write_json
 
 
 class StackerError(ValueError):
@@ -126,13 +126,14 @@ class Stacker(ClassifierMixin, BaseEstimator):
     def _save_arrays(self, path):
         """Write the learned arrays into directory `path` (atomically, one file each)."""
 
-    def save(self, path):
+    def save(self, path, component=None):
+        """stacker.json and the arrays into directory `path`; `component`: what made it (the registry's
+        stacker_origin, which knows an entry point's package), else this class's module in this project."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self._save_arrays(path)
-        from stacking.stackers import stacker_origin      # the registry imports this module
         write_json(path / "stacker.json", {"kind": self.kind, "params": asdict(self.params),
-                                           "learned": self.learned(), "component": stacker_origin(self.kind)})
+                                           "learned": self.learned(), "component": component or origin(type(self))})
         return path
 
 
@@ -152,21 +153,3 @@ def load_npz(path, names):
             return {n: arrays[n] for n in names}
     except OSError as err:
         raise StackerError(f"{path}: cannot read the saved stacker's arrays: {err}") from err
-
-
-def load_stacker(path):
-    """The fitted stacker saved in directory `path` by `Stacker.save`."""
-    from stacking.stackers import STACKERS, make_stacker  # the registry imports this module
-    path = Path(path)
-    meta = read_json(path / "stacker.json", error=StackerError, hint="no fitted stacker here")
-    for key in ("kind", "params", "learned"):
-        if key not in meta:
-            raise StackerError(f"{path}/stacker.json: field '{key}' is missing")
-    if meta["kind"] not in STACKERS:                      # made by a stacker whose package is not installed
-        raise StackerError(str(not_installed(path / "stacker.json", "stacker", meta["kind"], meta.get("component"))))
-    stacker = make_stacker(meta["kind"], **meta["params"])
-    try:
-        stacker.restore(path, meta["learned"])
-    except KeyError as err:
-        raise StackerError(f"{path}/stacker.json: field 'learned.{err.args[0]}' is missing") from err
-    return stacker
