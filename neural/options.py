@@ -107,21 +107,10 @@ class NeuralOptions:
         return self
 
 
-
 def _from_flat(values):
     """Options recorded before models declared their parameters (flat vlad_pooling, knn_k, ...): each
     such field becomes "model.name" in params, left out at its declared default, so an old run resumes
     and compares equal to the same options given today."""
-    from neural.models import legacy_fields, model_entry
-    legacy = legacy_fields()
-    if not any(name in legacy for name in values):
-        return values
-    values = dict(values)
-    params = dict(values.get("params", {}))
-    for name in [n for n in values if n in legacy]:
-        model, new = legacy[name]
-        value = values.pop(name)
-        if value != getattr(model_entry(model).Params(), new):
-            params[f"{model}.{new}"] = value
-    values["params"] = params
-    return values
+    from neural.models import lift_legacy, model_entry
+    return lift_legacy(values, lambda model, name, value:
+                       None if value == getattr(model_entry(model).Params(), name) else f"{model}.{name}")

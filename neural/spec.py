@@ -56,20 +56,10 @@ _KINDS = {str: str, int: int, float: (int, float), list: list, dict: dict}   # J
 
 
 def _from_flat(values):
-    """An old spec's flat per-model fields (the entries' `legacy` names) moved into `params`."""
-    from neural.models import legacy_fields        # the registry imports the models, which do not import this
-    legacy = legacy_fields()
-    if not any(name in legacy for name in values):
-        return values
-    values = dict(values)
-    params = dict(values.get("params", {}))
-    for name in [n for n in values if n in legacy]:
-        model, new = legacy[name]
-        value = values.pop(name)
-        if model == values.get("model"):
-            params[new] = value
-    values["params"] = params
-    return values
+    """An old spec's flat per-model fields (the entries' `legacy` names) moved into `params`: its own model's
+    kept, other models' dropped."""
+    from neural.models import lift_legacy        # the registry imports the models, which do not import this
+    return lift_legacy(values, lambda model, name, value: name if model == values.get("model") else None)
 
 
 def spec_from_store(model, reader, options, names, codebook=None):

@@ -209,6 +209,25 @@ def legacy_fields():
     return {old: (entry.name, new) for entry in registry().values() for old, new in entry.legacy}
 
 
+def lift_legacy(values, key_for):
+    """`values` (a spec's or options' fields) with each old flat field (the entries' `legacy` names: vlad_pooling,
+    knn_k, ...) moved into values["params"] under key_for(model, name, value), or dropped where that is None;
+    `values` itself when it has none."""
+    legacy = legacy_fields()
+    if not any(name in legacy for name in values):
+        return values
+    values = dict(values)
+    params = dict(values.get("params", {}))
+    for old in [n for n in values if n in legacy]:
+        model, new = legacy[old]
+        value = values.pop(old)
+        key = key_for(model, new, value)
+        if key is not None:
+            params[key] = value
+    values["params"] = params
+    return values
+
+
 def as_record(params):
     return asdict(params)
 
