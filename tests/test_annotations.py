@@ -30,6 +30,16 @@ def test_unlabelled_entries_have_no_category(tmp_path):
     assert video.category_id is None
 
 
+def assert_refused_naming(tmp_path, entries, words):
+    """The annotations `entries` are refused with an AnnotationError naming the file and every one of `words`."""
+    path = write(tmp_path, entries)
+    with pytest.raises(AnnotationError) as err:
+        read_annotations(path, load_category_map())
+    assert str(path) in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+
+
 @pytest.mark.parametrize("entries, words", [
     ("{not json", ["labeled.json", "cannot read"]),
     ({"id": "x"}, ["expected a JSON list"]),
@@ -42,12 +52,7 @@ def test_unlabelled_entries_have_no_category(tmp_path):
     ([entry("v11", ocr=[{"time": "late", "text": "x"}])], ["'v11'", "ocr[0].time"]),
 ])
 def test_structural_faults_name_file_id_and_field(tmp_path, entries, words):
-    path = write(tmp_path, entries)
-    with pytest.raises(AnnotationError) as err:
-        read_annotations(path, load_category_map())
-    assert str(path) in str(err.value)
-    for word in words:
-        assert word in str(err.value)
+    assert_refused_naming(tmp_path, entries, words)
 
 
 def test_builtin_map_is_the_challenge_200_classes():
@@ -93,12 +98,7 @@ def test_a_video_id_is_a_name_not_a_path(tmp_path, vid, why):
     pytest.param("[" * 100000, ["labeled.json", "cannot read"], id="nested-too-deep"),
 ])
 def test_fields_of_the_wrong_type_name_file_entry_and_field(tmp_path, entries, words):
-    path = write(tmp_path, entries)
-    with pytest.raises(AnnotationError) as err:
-        read_annotations(path, load_category_map())
-    assert str(path) in str(err.value)
-    for word in words:
-        assert word in str(err.value)
+    assert_refused_naming(tmp_path, entries, words)
 
 
 MAP_HEADER = "category_id,level1_id,level1_name,level2_name\n"
